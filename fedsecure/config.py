@@ -1,0 +1,328 @@
+"""Typed, validated configuration.
+
+YAML files in ``configs/`` are parsed once, where an app starts, into frozen dataclasses.
+Validation is strict: an unknown key, a wrong type or an out-of-range value raises
+:class:`~fedsecure.errors.ConfigError` with the dotted key, the value found and the fix.
+
+Flower's run config is flat (``dict[str, bool | int | float | str]``), so a config travels to
+the ServerApp and ClientApp as dotted keys (``"model.lora.r" = 8``) through
+:meth:`SimulationConfig.to_run_config` / :meth:`SimulationConfig.from_run_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin
+
+import yaml
+
+from fedsecure.errors import ConfigError
+
+T = TypeVar("T")
+
+PRESETS = ("deepseek-v3-tiny", "deepseek-v2-tiny", "r1-distill-qwen-tiny")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape. ``targets`` empty means the architecture's default set."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+
+    def validate(self, prefix: str) -> None:
+        _require(self.r >= 1, f"{prefix}.r", self.r, "must be a positive integer, e.g. 8")
+        _require(self.alpha >= 1, f"{prefix}.alpha", self.alpha, "must be a positive integer, e.g. 16")
+        _require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which base model: a built-in tiny ``preset`` or a local Hugging Face ``path``."""
+
+    preset: str | None = "deepseek-v3-tiny"
+    path: str | None = None
+    seed: int = 0  # initialisation seed of a preset's random base weights
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def validate(self, prefix: str) -> None:
+        if self.path is None and self.preset is None:
+            raise ConfigError(f"{prefix}: set either 'preset' (one of {', '.join(PRESETS)}) or 'path' "
+                              "(a local Hugging Face model directory).")
+        if self.path is None:
+            _require(self.preset in PRESETS, f"{prefix}.preset", self.preset,
+                     f"must be one of {', '.join(PRESETS)}, or set {prefix}.path to a local model directory")
+        self.lora.validate(f"{prefix}.lora")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Site datasets. ``dir`` holds ``site-<i>/train.jsonl`` and ``site-<i>/eval.jsonl``;
+    when it is null, ``fedsecure simulate`` synthesises data into the run directory."""
+
+    dir: str | None = None
+    records_per_site: int = 240
+    eval_fraction: float = 0.2
+    max_length: int = 96
+
+    def validate(self, prefix: str) -> None:
+        _require(self.records_per_site >= 4, f"{prefix}.records_per_site", self.records_per_site,
+                 "must be at least 4")
+        _require(0.0 < self.eval_fraction < 1.0, f"{prefix}.eval_fraction", self.eval_fraction,
+                 "must be in (0, 1), e.g. 0.2")
+        _require(8 <= self.max_length <= 32768, f"{prefix}.max_length", self.max_length,
+                 "must be in [8, 32768] tokens")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training at each site, per round."""
+
+    local_steps: int = 8
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    threads: int = 0  # torch intra-op threads at a site; 0 keeps torch's default
+
+    def validate(self, prefix: str) -> None:
+        _require(self.local_steps >= 1, f"{prefix}.local_steps", self.local_steps, "must be >= 1")
+        _require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        _require(0.0 < self.learning_rate < 10.0, f"{prefix}.learning_rate", self.learning_rate,
+                 "must be in (0, 10), e.g. 3e-3")
+        _require(self.weight_decay >= 0.0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.threads >= 0, f"{prefix}.threads", self.threads, "must be >= 0 (0 = torch default)")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """How many sites, and which engine runs them in simulation."""
+
+    sites: int = 3
+    rounds: int = 3
+    engine: Literal["inprocess", "ray"] = "inprocess"
+    fraction_train: float = 1.0
+    min_sites: int = 1
+    round_timeout_s: float = 3600.0
+
+    def validate(self, prefix: str) -> None:
+        _require(1 <= self.sites <= 1000, f"{prefix}.sites", self.sites, "must be in [1, 1000]")
+        _require(1 <= self.rounds <= 100000, f"{prefix}.rounds", self.rounds, "must be >= 1")
+        _require(0.0 < self.fraction_train <= 1.0, f"{prefix}.fraction_train", self.fraction_train,
+                 "must be in (0, 1]")
+        _require(1 <= self.min_sites <= self.sites, f"{prefix}.min_sites", self.min_sites,
+                 f"must be in [1, {prefix}.sites]")
+        _require(self.round_timeout_s > 0, f"{prefix}.round_timeout_s", self.round_timeout_s, "must be > 0")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Everything one federation run needs; ``configs/simulation.yaml`` is the template."""
+
+    seed: int = 42
+    runs_dir: str = "runs"
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def validate(self) -> "SimulationConfig":
+        self.federation.validate("federation")
+        self.model.validate("model")
+        self.data.validate("data")
+        self.train.validate("train")
+        return self
+
+    # ------------------------------------------------------------------ conversions
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> "SimulationConfig":
+        return from_mapping(cls, data or {}).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flatten into Flower's run config: dotted keys, ``None`` as ``""``, tuples comma-joined."""
+        return flatten(self.to_dict())
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "SimulationConfig":
+        """Inverse of :meth:`to_run_config`; keys not owned by this config are ignored."""
+        return cls.from_mapping(unflatten(run_config, cls))
+
+
+# ---------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None,
+                cls: type[T] = SimulationConfig) -> T:  # type: ignore[assignment]
+    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist. Fix: pass an existing YAML file "
+                              "(see configs/simulation.yaml).")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {p} is not valid YAML{where}: "
+                              f"{getattr(e, 'problem', e)}. Fix the syntax and retry.") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of keys at the top level, "
+                              f"found {type(loaded).__name__}.")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key, value)
+    return cls.from_mapping(data)  # type: ignore[attr-defined]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value`` (value read as YAML, so ``8`` is an int and ``null`` is None)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. model.lora.r=4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------- validation
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {rule}; found {value!r}.")
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if tp in names:
+        return names[tp]
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is tuple:
+        return "a list of strings"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}; found {value!r}.")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings; found {value!r}.")
+        return tuple(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a section (mapping of keys); found {value!r}.")
+        return from_mapping(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false; found {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer; found {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number; found {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string; found {value!r}.")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - programming error
+
+
+def from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in known:
+            close = [k for k in known if k.startswith(str(key)[:3])]
+            hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown key.{hint} Known keys here: "
+                              f"{', '.join(prefix + k for k in known)}.")
+    kwargs = {name: _coerce(hints[name], data[name], f"{prefix}{name}") for name in known if name in data}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif value is None:
+            out[name] = ""
+        elif isinstance(value, (list, tuple)):
+            out[name] = ",".join(value)
+        else:
+            out[name] = value
+    return out
+
+
+def unflatten(run_config: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """Rebuild the nested mapping for ``cls`` from dotted keys; ``""`` for an optional is None."""
+    out: dict[str, Any] = {}
+
+    def walk(tp: type, prefix: str, node: dict[str, Any]) -> None:
+        hints = typing.get_type_hints(tp)
+        for f in dataclasses.fields(tp):
+            key, hint = f"{prefix}{f.name}", hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                child: dict[str, Any] = {}
+                walk(hint, f"{key}.", child)
+                if child:
+                    node[f.name] = child
+            elif key in run_config:
+                value = run_config[key]
+                optional = type(None) in get_args(hint)
+                if value == "" and optional:
+                    value = None
+                node[f.name] = value
+
+    walk(cls, "", out)
+    return out

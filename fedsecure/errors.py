@@ -1,0 +1,28 @@
+"""The single exception tree of fedsecure.
+
+Every error a user can cause (bad config, missing file, tampered state, exhausted budget)
+is a :class:`FedSecureError` whose message names the problem *and* the fix. The CLI turns
+these into one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class FedSecureError(Exception):
+    """Base class for all fedsecure errors."""
+
+
+class ConfigError(FedSecureError, ValueError):
+    """A configuration key has an unknown name, a wrong type or an invalid value."""
+
+
+class DataError(FedSecureError, ValueError):
+    """A site dataset is missing, empty or malformed."""
+
+
+class ModelError(FedSecureError, ValueError):
+    """A model directory or preset cannot be used."""
+
+
+class AdapterError(FedSecureError, ValueError):
+    """An adapter state does not match the model it is applied to."""

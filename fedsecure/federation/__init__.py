@@ -1,0 +1,1 @@
+"""Flower glue: the only package of fedsecure that imports ``flwr``."""

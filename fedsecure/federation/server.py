@@ -1,0 +1,196 @@
+"""Coordinator side: the round loop that ``server/app.py`` runs on a Flower Grid.
+
+Flower's ``Strategy.start`` offers a single ``evaluate_fn`` hook; fedsecure needs per-round
+persistence, per-site metrics, federated evaluation of the initial adapter and (later) privacy
+and attestation checks, so it drives Flower's ``FedAvg`` methods (``configure_*`` /
+``aggregate_*``) from its own loop, as FlowerTune does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedsecure.config import SimulationConfig
+from fedsecure.federation import keys
+from fedsecure.federation.records import from_array_record, to_array_record
+from fedsecure.model import adapter_state, apply_delta, attach_lora, load_model_and_tokenizer
+from fedsecure.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def site_name(reply: Message) -> str:
+    site = reply.content.config_records.get(keys.SITE)
+    return str(site[keys.SITE_NAME]) if site and keys.SITE_NAME in site else f"node-{reply.metadata.src_node_id}"
+
+
+class SiteOrderedFedAvg(FedAvg):
+    """FedAvg over adapter *deltas*, weighted by each site's record count.
+
+    Replies are aggregated in site-name order so that the floating-point sum, and hence the
+    global adapter, is identical whatever order the engine delivered them in.
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[override]
+        ok = sorted((m for m in replies if not m.has_error()), key=site_name)
+        return super().aggregate_train(server_round, ok)
+
+
+def initial_adapter(cfg: SimulationConfig) -> dict[str, np.ndarray]:
+    """The round-0 global adapter: LoRA A random (seeded), LoRA B zero, so the model starts as the base."""
+    base, _ = load_model_and_tokenizer(cfg.model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = attach_lora(base, cfg.model.lora)
+    return adapter_state(model)
+
+
+@dataclass
+class RoundLog:
+    """What the coordinator learned in one round, per site."""
+
+    server_round: int
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def site(self, name: str) -> dict[str, Any]:
+        return self.sites.setdefault(name, {"round": self.server_round, "site": name})
+
+
+def _weighted_eval(entries: Iterable[dict[str, Any]]) -> float | None:
+    pairs = [(e["eval_loss"], e["eval_tokens"]) for e in entries if e.get("eval_tokens")]
+    tokens = sum(t for _, t in pairs)
+    return sum(loss * t for loss, t in pairs) / tokens if tokens else None
+
+
+class Coordinator:
+    """Runs ``cfg.federation.rounds`` rounds on ``grid`` and records everything in ``run_dir``."""
+
+    def __init__(self, cfg: SimulationConfig, run_dir: RunDir) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        fed = cfg.federation
+        self.strategy = SiteOrderedFedAvg(
+            fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_train_nodes=fed.min_sites,
+            min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
+            arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
+        self.history: list[dict[str, Any]] = []
+
+    def _evaluate(self, grid: Grid, server_round: int, arrays: ArrayRecord, rl: RoundLog) -> float | None:
+        msgs = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        replies = grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s)
+        for reply in replies:
+            name = site_name(reply)
+            if reply.has_error():
+                rl.failures[name] = reply.error.reason
+                continue
+            m = reply.content[keys.METRICS]
+            entry = rl.site(name)
+            entry.update(eval_loss=float(m[keys.EVAL_LOSS]), eval_tokens=int(m[keys.EVAL_TOKENS]),
+                         eval_records=int(m[keys.NUM_EXAMPLES]))
+            entry["bytes_down"] = entry.get("bytes_down", 0) + arrays.count_bytes()
+        return _weighted_eval(rl.sites.values())
+
+    def run(self, grid: Grid) -> dict[str, Any]:
+        cfg = self.cfg
+        meta = {"model": cfg.model.path or str(cfg.model.preset), "lora_r": str(cfg.model.lora.r)}
+        state = initial_adapter(cfg)
+        self.run_dir.save_global_adapter(0, state, meta)
+        arrays = to_array_record(state)
+        fp32_bytes = arrays.count_bytes()
+
+        rl0 = RoundLog(0)
+        t0 = time.perf_counter()
+        initial_loss = self._evaluate(grid, 0, arrays, rl0)
+        self._record(rl0, initial_loss, time.perf_counter() - t0)
+        log.info("round 0: held-out loss %.4f", initial_loss or float("nan"))
+
+        for server_round in range(1, cfg.federation.rounds + 1):
+            rl = RoundLog(server_round)
+            t_round = time.perf_counter()
+            msgs = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+            replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout_s))
+            answered = {m.metadata.src_node_id for m in replies}
+            for msg in msgs:
+                if msg.metadata.dst_node_id not in answered:
+                    rl.failures[f"node-{msg.metadata.dst_node_id}"] = "no reply before the round timeout"
+            for reply in replies:
+                name = site_name(reply)
+                if reply.has_error():
+                    rl.failures[name] = reply.error.reason
+                    log.warning("round %d: %s failed: %s", server_round, name, reply.error.reason)
+                    continue
+                m = reply.content[keys.METRICS]
+                rl.site(name).update(train_loss=float(m[keys.TRAIN_LOSS]), records=int(m[keys.NUM_EXAMPLES]),
+                                     steps=int(m[keys.STEPS]), train_seconds=round(float(m[keys.SECONDS]), 4),
+                                     bytes_down=arrays.count_bytes(),
+                                     bytes_up=reply.content[keys.ARRAYS].count_bytes(), fp32_bytes=fp32_bytes)
+            ok = [r for r in replies if not r.has_error()]
+            if len(ok) < cfg.federation.min_sites:
+                log.error("round %d: only %d usable replies, fewer than federation.min_sites=%d; stopping",
+                          server_round, len(ok), cfg.federation.min_sites)
+                self._record(rl, None, time.perf_counter() - t_round, stopped="too few sites")
+                break
+            delta_record, _ = self.strategy.aggregate_train(server_round, ok)
+            assert delta_record is not None
+            state = apply_delta(state, from_array_record(delta_record))
+            arrays = to_array_record(state)
+            self.run_dir.save_global_adapter(server_round, state, meta)
+            loss = self._evaluate(grid, server_round, arrays, rl)
+            self._record(rl, loss, time.perf_counter() - t_round)
+            log.info("round %d: held-out loss %.4f", server_round, loss or float("nan"))
+
+        return self._finish(initial_loss)
+
+    def _record(self, rl: RoundLog, loss: float | None, seconds: float, stopped: str | None = None) -> None:
+        for entry in rl.sites.values():
+            self.run_dir.append_metrics(entry)
+        summary = {"round": rl.server_round, "site": "federation", "eval_loss": loss,
+                   "sites_ok": len(rl.sites), "failures": rl.failures, "seconds": round(seconds, 4),
+                   "bytes_down": sum(e.get("bytes_down", 0) for e in rl.sites.values()),
+                   "bytes_up": sum(e.get("bytes_up", 0) for e in rl.sites.values())}
+        if stopped:
+            summary["stopped"] = stopped
+        self.run_dir.append_metrics(summary)
+        self.history.append(summary)
+
+    def _finish(self, initial_loss: float | None) -> dict[str, Any]:
+        final = self.history[-1]
+        summary = {
+            "run_dir": str(self.run_dir.path),
+            "rounds_completed": max(h["round"] for h in self.history if h.get("eval_loss") is not None),
+            "initial_eval_loss": initial_loss,
+            "final_eval_loss": next((h["eval_loss"] for h in reversed(self.history) if h["eval_loss"] is not None),
+                                    None),
+            "rounds": self.history,
+            "final_adapter": str(self.run_dir.adapter_path(self.run_dir.latest_round() or 0)),
+            "stopped": final.get("stopped"),
+        }
+        self.run_dir.write_summary(summary, summary_markdown(summary))
+        return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    lines = ["# fedsecure run summary", "", f"Run directory: `{summary['run_dir']}`", "",
+             "| round | held-out loss | sites | bytes down | bytes up | seconds | failures |",
+             "|---|---|---|---|---|---|---|"]
+    for h in summary["rounds"]:
+        loss = "n/a" if h["eval_loss"] is None else f"{h['eval_loss']:.4f}"
+        fails = "; ".join(f"{k}: {v}" for k, v in h["failures"].items()) or "none"
+        lines.append(f"| {h['round']} | {loss} | {h['sites_ok']} | {h['bytes_down']} | {h['bytes_up']} | "
+                     f"{h['seconds']:.2f} | {fails} |")
+    i, f = summary["initial_eval_loss"], summary["final_eval_loss"]
+    if i is not None and f is not None:
+        lines += ["", f"Held-out loss: {i:.4f} (initial) -> {f:.4f} (after round {summary['rounds_completed']})."]
+    lines.append(f"Final global adapter: `{summary['final_adapter']}`")
+    return "\n".join(lines) + "\n"

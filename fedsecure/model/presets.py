@@ -1,0 +1,122 @@
+"""Base models: built-in tiny presets built from a config, or a local Hugging Face directory.
+
+Nothing here touches the network: presets are random-initialised from a fixed seed (every site
+and the coordinator build bit-identical base weights), and local directories are opened with
+``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsecure.config import PRESETS, ModelSettings
+from fedsecure.data.tokenizer import BUNDLED_VOCAB_SIZE, TextTokenizer, bundled_tokenizer, local_tokenizer
+from fedsecure.errors import ModelError
+
+#: model_type values (config.json) that fedsecure knows how to adapt.
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
+
+
+def preset_config(name: str) -> Any:
+    """The transformers config of a tiny preset (about 150k parameters each)."""
+    common = dict(vocab_size=BUNDLED_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  max_position_embeddings=512, tie_word_embeddings=False,
+                  # A random tiny model with the usual std 0.02 has almost uniform next-token
+                  # distributions that a frozen head cannot sharpen; 0.1 gives the frozen lm_head
+                  # the logit range a pretrained model has, so LoRA has something to adapt.
+                  initializer_range=0.1)
+    if name == "deepseek-v3-tiny":
+        from transformers import DeepseekV3Config
+
+        # Layer 0 has a dense MLP, layer 1 is MoE (4 routed experts in 2 groups + 1 shared), MLA attention.
+        return DeepseekV3Config(**common, moe_intermediate_size=32, first_k_dense_replace=1,
+                                num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                                qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                                n_group=2, topk_group=1, n_shared_experts=1)
+    if name == "deepseek-v2-tiny":
+        from transformers import DeepseekV2Config
+
+        # V2-Lite style: no query compression (q_proj), MLA key/value compression, MoE from layer 1.
+        return DeepseekV2Config(**common, moe_intermediate_size=32, first_k_dense_replace=1,
+                                num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                                qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                                n_group=2, topk_group=1, n_shared_experts=1)
+    if name == "r1-distill-qwen-tiny":
+        from transformers import Qwen2Config
+
+        # DeepSeek-R1-Distill-Qwen checkpoints are Qwen2 models (GQA, SwiGLU MLP).
+        return Qwen2Config(**common, num_key_value_heads=2)
+    raise ModelError(f"model.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+
+
+def build_base_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """Random-initialised tiny preset; the same ``seed`` gives bit-identical weights everywhere."""
+    from transformers import AutoModelForCausalLM
+
+    config = preset_config(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def _check_model_dir(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise ModelError(f"model.path {path} is not a directory. Fix: point it at a local Hugging Face model "
+                         "folder (with config.json and weights), or use model.preset.")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"model.path {path} has no config.json, so it is not a Hugging Face model directory. "
+                         "Fix: save the model with model.save_pretrained(dir).")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_file} is not valid JSON ({e}).") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(f"model.path {path}: model_type {model_type!r} is not a DeepSeek, Qwen2 (R1-Distill-Qwen) "
+                         f"or Llama (R1-Distill-Llama) model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+    return raw
+
+
+def load_local_model(path: str | Path) -> torch.nn.Module:
+    """Open a local model directory with ``local_files_only=True`` (never the network)."""
+    from transformers import AutoModelForCausalLM
+
+    p = Path(path)
+    _check_model_dir(p)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.path {p}: cannot load the weights ({e}). Fix: check the directory holds "
+                         "model.safetensors (or sharded safetensors) written by save_pretrained.") from None
+    return model.eval()
+
+
+def load_model_and_tokenizer(settings: ModelSettings) -> tuple[torch.nn.Module, TextTokenizer]:
+    """The base model (not yet with LoRA) and the tokenizer that goes with it."""
+    if settings.path:
+        return load_local_model(settings.path), local_tokenizer(str(Path(settings.path).resolve()))
+    assert settings.preset is not None  # validated in ModelSettings
+    return build_base_model(settings.preset, settings.seed), bundled_tokenizer()
+
+
+def export_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny preset, with a tokenizer, as a normal Hugging Face model directory."""
+    from importlib import resources
+
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_base_model(name, seed).save_pretrained(out)
+    tok_file = resources.files("fedsecure") / "assets" / "tokenizer.json"
+    tok = PreTrainedTokenizerFast(tokenizer_object=None, tokenizer_file=str(tok_file), pad_token="<pad>",
+                                  bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,80 @@
+"""Local training and evaluation at a site.
+
+The loss is computed **per sequence** (mean over that sequence's tokens) and then averaged over
+the batch. HF's built-in ``labels=`` loss is a token mean over the whole batch, which makes
+each record's gradient depend on the other records' lengths; under DP-SGD that breaks the
+per-record sensitivity argument, so we never use it, private or not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedsecure.config import TrainSettings
+from fedsecure.data.dataset import IGNORE_INDEX, TokenizedDataset, collate
+
+
+def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, averaged within each sequence: shape ``(batch,)``."""
+    lg, lb = logits[:, :-1].float(), labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    tok = F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(lb.shape)
+    return tok.sum(1) / (lb != IGNORE_INDEX).sum(1).clamp(min=1)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean per-sequence loss over the steps
+    steps: int
+    examples: int  # records in the site's training set (the FedAvg weight)
+    seconds: float
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_local(model: torch.nn.Module, data: TokenizedDataset, settings: TrainSettings, *, pad_id: int,
+                seed: int) -> TrainResult:
+    """``settings.local_steps`` AdamW steps on uniformly drawn batches (non-private path)."""
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=settings.learning_rate,
+                            weight_decay=settings.weight_decay)
+    model.train()
+    losses = []
+    n = len(data)
+    bs = min(settings.batch_size, n)
+    for _ in range(settings.local_steps):
+        idx = torch.randperm(n, generator=gen)[:bs].tolist()
+        batch = collate([data[i] for i in idx], pad_id)
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = per_sequence_loss(out.logits, batch["labels"]).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return TrainResult(loss=sum(losses) / len(losses), steps=len(losses), examples=n,
+                       seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: TokenizedDataset, *, pad_id: int, batch_size: int = 32) -> tuple[float, int]:
+    """Token-weighted mean next-token loss over ``data``; returns (loss, tokens scored)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = collate(data.sequences[i:i + batch_size], pad_id)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        lg, lb = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        loss = F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+        total += float(loss)
+        tokens += int((lb != IGNORE_INDEX).sum())
+    return (total / tokens if tokens else math.nan), tokens
