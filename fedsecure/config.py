@@ -84,9 +84,9 @@ class DataSettings:
 class TrainSettings:
     """Local training at each site, per round."""
 
-    local_steps: int = 8
+    local_steps: int = 16
     batch_size: int = 16
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     weight_decay: float = 0.0
     threads: int = 0  # torch intra-op threads at a site; 0 keeps torch's default
 
@@ -193,6 +193,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; a number is meant
+        try:
+            value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            pass
     return key.strip(), value
 
 

@@ -63,6 +63,7 @@ def round_seed(seed: int, server_round: int, site: str) -> int:
 def _prepare(msg: Message, context: Context):
     cfg = SimulationConfig.from_run_config(context.run_config)
     name, directory = site_identity(context, cfg)
+    context.state.config_records[keys.SITE] = ConfigRecord({keys.SITE_NAME: name})
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model, tokenizer = _model(cfg.model)
@@ -70,6 +71,14 @@ def _prepare(msg: Message, context: Context):
     global_state = from_array_record(msg.content[keys.ARRAYS])
     set_adapter_state(model, global_state)
     return cfg, name, model, tokenizer, data, global_state
+
+
+def _error_reply(msg: Message, context: Context, what: str, e: Exception) -> Message:
+    """An error reply whose reason names the site, so the coordinator can say who failed and why."""
+    known = context.state.config_records.get(keys.SITE)
+    name = str(known[keys.SITE_NAME]) if known else f"node {context.node_id}"
+    log.error("%s: %s failed: %s", name, what, e)
+    return Message(Error(code=ERR_SITE, reason=f"{name}: {e}"), reply_to=msg)
 
 
 def _site_record(name: str, data: SiteData) -> ConfigRecord:
@@ -87,8 +96,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             result = train_local(model, data.train, cfg.train, pad_id=tokenizer.pad_id, seed=seed)
         delta = adapter_delta(adapter_state(model), global_state)
     except FedSecureError as e:
-        log.error("train failed: %s", e)
-        return Message(Error(code=ERR_SITE, reason=str(e)), reply_to=msg)
+        return _error_reply(msg, context, "train", e)
     metrics = MetricRecord({keys.NUM_EXAMPLES: result.examples, keys.TRAIN_LOSS: result.loss,
                             keys.STEPS: result.steps, keys.SECONDS: result.seconds})
     content = RecordDict({keys.ARRAYS: to_array_record(delta), keys.METRICS: metrics,
@@ -102,7 +110,6 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         cfg, name, model, tokenizer, data, _ = _prepare(msg, context)
         loss, tokens = evaluate(model, data.eval, pad_id=tokenizer.pad_id)
     except FedSecureError as e:
-        log.error("evaluate failed: %s", e)
-        return Message(Error(code=ERR_SITE, reason=str(e)), reply_to=msg)
+        return _error_reply(msg, context, "evaluate", e)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(data.eval), keys.EVAL_LOSS: loss, keys.EVAL_TOKENS: tokens})
     return Message(RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(name, data)}), reply_to=msg)

@@ -28,10 +28,21 @@ from fedsecure.runs import RunDir
 
 log = logging.getLogger(__name__)
 
+#: Callables told about every finished round (the CLI's progress display); in-process engine only.
+OBSERVERS: list = []
+
+
+#: node id -> site name, learned from replies (error replies carry no content, hence no name)
+_KNOWN_SITES: dict[int, str] = {}
+
 
 def site_name(reply: Message) -> str:
-    site = reply.content.config_records.get(keys.SITE)
-    return str(site[keys.SITE_NAME]) if site and keys.SITE_NAME in site else f"node-{reply.metadata.src_node_id}"
+    node = reply.metadata.src_node_id
+    if reply.has_content():
+        site = reply.content.config_records.get(keys.SITE)
+        if site and keys.SITE_NAME in site:
+            _KNOWN_SITES[node] = str(site[keys.SITE_NAME])
+    return _KNOWN_SITES.get(node, f"node-{node}")
 
 
 class SiteOrderedFedAvg(FedAvg):
@@ -163,6 +174,8 @@ class Coordinator:
             summary["stopped"] = stopped
         self.run_dir.append_metrics(summary)
         self.history.append(summary)
+        for observer in OBSERVERS:
+            observer(summary)
 
     def _finish(self, initial_loss: float | None) -> dict[str, Any]:
         final = self.history[-1]

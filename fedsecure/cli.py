@@ -1,0 +1,194 @@
+"""The ``fedsecure`` command line (Typer). Commands stay thin and call the library.
+
+Every user error is a :class:`~fedsecure.errors.FedSecureError`; it is printed as one line
+(``error: ...``) with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedsecure.errors import FedSecureError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="fedsecure",
+    help="Federated, differentially private LoRA fine-tuning of DeepSeek models across hospitals, on Flower.",
+    no_args_is_help=True, add_completion=False, rich_markup_mode="rich", pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Site datasets: synthesise realistic non-IID clinical notes.", no_args_is_help=True)
+model_app = typer.Typer(help="Base models and LoRA: inspect a preset or local model, export a preset.",
+                        no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly(fn: F) -> F:
+    """Turn a FedSecureError into one clear line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedSecureError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    import flwr.common.logger  # noqa: F401 - configures the "flwr" logger at import; do it before we adjust it
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # it has its own handler; avoid printing each line twice
+    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+@app.command()
+@friendly
+def simulate(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/simulation.yaml)."),
+    sites: Optional[int] = typer.Option(None, help="Number of hospital sites [federation.sites]."),
+    rounds: Optional[int] = typer.Option(None, help="Federated rounds [federation.rounds]."),
+    preset: Optional[str] = typer.Option(None, help="Tiny built-in model: deepseek-v3-tiny, deepseek-v2-tiny, "
+                                                    "r1-distill-qwen-tiny [model.preset]."),
+    model_path: Optional[Path] = typer.Option(None, help="Local Hugging Face model directory [model.path]."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with site-<i>/{train,eval}.jsonl [data.dir]; "
+                                                       "unset = synthesise."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data, initial adapter and sampling [seed]."),
+    engine: Optional[str] = typer.Option(None, help="inprocess (fast, default) or ray (Flower's simulation "
+                                                    "engine) [federation.engine]."),
+    runs_dir: Optional[Path] = typer.Option(None, help="Where run directories are created [runs_dir]."),
+    run_dir: Optional[Path] = typer.Option(None, help="Exact run directory to use (default runs_dir/<run-id>)."),
+    set_: list[str] = typer.Option([], "--set", help="Override any config key: --set model.lora.r=4 (repeatable)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step."),
+) -> None:
+    """Run a simulated multi-site federation on this machine and print its summary."""
+    from fedsecure.config import load_config, parse_override
+    from fedsecure.simulation import simulate as run_simulation
+
+    _setup_logging(verbose)
+    overrides: dict[str, Any] = dict(parse_override(s) for s in set_)
+    named = {"federation.sites": sites, "federation.rounds": rounds, "model.preset": preset,
+             "model.path": str(model_path) if model_path else None, "data.dir": str(data_dir) if data_dir else None,
+             "seed": seed, "federation.engine": engine, "runs_dir": str(runs_dir) if runs_dir else None}
+    overrides.update({k: v for k, v in named.items() if v is not None})
+    if model_path is not None:
+        overrides["model.preset"] = None
+    cfg = load_config(config, overrides)
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task(f"{cfg.federation.sites} sites, {cfg.model.path or cfg.model.preset}",
+                                 total=cfg.federation.rounds)
+
+        def on_round(r: dict[str, Any]) -> None:
+            loss = "n/a" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
+            progress.console.print(f"round {r['round']}: held-out loss {loss}, {r['sites_ok']} sites, "
+                                   f"{r['seconds']:.1f} s", highlight=False)
+            progress.update(task, completed=r["round"])
+
+        summary = run_simulation(cfg, run_dir, observer=on_round)
+    print_summary(summary)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="Federation summary", show_lines=False)
+    for col in ("round", "held-out loss", "sites", "bytes down", "bytes up", "seconds", "failures"):
+        table.add_column(col, justify="right" if col not in ("failures",) else "left")
+    for h in summary["rounds"]:
+        loss = "n/a" if h["eval_loss"] is None else f"{h['eval_loss']:.4f}"
+        fails = "; ".join(f"{k}: {v}" for k, v in h["failures"].items()) or "-"
+        table.add_row(str(h["round"]), loss, str(h["sites_ok"]), f"{h['bytes_down']:,}", f"{h['bytes_up']:,}",
+                      f"{h['seconds']:.2f}", fails)
+    console.print(table)
+    i, f = summary["initial_eval_loss"], summary["final_eval_loss"]
+    if i is not None and f is not None:
+        console.print(f"Held-out loss {i:.4f} -> {f:.4f} ({f - i:+.4f}) after {summary['rounds_completed']} rounds.")
+    console.print(f"Run directory: {summary['run_dir']}", highlight=False)
+
+
+@data_app.command("synth")
+@friendly
+def data_synth(
+    sites: int = typer.Option(..., help="Number of hospitals."),
+    out: Path = typer.Option(..., help="Output folder; gets site-<i>/train.jsonl and eval.jsonl."),
+    records_per_site: int = typer.Option(240, help="Records (patient notes) per site, before the split."),
+    eval_fraction: float = typer.Option(0.2, help="Share of each site's records held out for evaluation."),
+    seed: int = typer.Option(0, help="Same seed, same bytes."),
+) -> None:
+    """Write synthetic, non-IID clinical notes for SITES hospitals (JSONL, one note per line)."""
+    from fedsecure.data.synth import synthesize
+
+    if sites < 1 or records_per_site < 2 or not 0 < eval_fraction < 1:
+        raise FedSecureError("need --sites >= 1, --records-per-site >= 2 and 0 < --eval-fraction < 1")
+    dirs = synthesize(out, sites=sites, records_per_site=records_per_site, eval_fraction=eval_fraction, seed=seed)
+    for d in dirs:
+        console.print(f"{d}", highlight=False)
+
+
+@model_app.command("show")
+@friendly
+def model_show(
+    preset: Optional[str] = typer.Option("deepseek-v3-tiny", help="Built-in preset."),
+    path: Optional[Path] = typer.Option(None, help="Local model directory (overrides --preset)."),
+    r: int = typer.Option(8, help="LoRA rank."),
+) -> None:
+    """List which modules get LoRA and how many parameters train."""
+    from fedsecure.config import LoraSettings, ModelSettings
+    from fedsecure.model import attach_lora, load_model_and_tokenizer, lora_module_names
+
+    settings = ModelSettings(preset=None if path else preset, path=str(path) if path else None,
+                             lora=LoraSettings(r=r))
+    settings.validate("model")
+    base, tok = load_model_and_tokenizer(settings)
+    total = sum(p.numel() for p in base.parameters())
+    model = attach_lora(base, settings.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    console.print(f"{type(base).__name__} ({base.config.model_type}), tokenizer {tok.name} "
+                  f"({tok.vocab_size} tokens)", highlight=False)
+    console.print(f"trainable {trainable:,} of {total + trainable:,} parameters (LoRA r={r})")
+    for name in lora_module_names(model):
+        console.print(f"  lora  {name.removeprefix('base_model.model.')}", highlight=False)
+
+
+@model_app.command("export")
+@friendly
+def model_export(
+    preset: str = typer.Option(..., help="Built-in preset to save."),
+    out: Path = typer.Option(..., help="Output directory (a normal Hugging Face model directory)."),
+    seed: int = typer.Option(0, help="Initialisation seed [model.seed]."),
+) -> None:
+    """Save a tiny preset with its tokenizer, to use through model.path."""
+    from fedsecure.config import PRESETS
+    from fedsecure.model import export_preset
+
+    if preset not in PRESETS:
+        raise FedSecureError(f"--preset must be one of {', '.join(PRESETS)}; found {preset!r}")
+    console.print(str(export_preset(preset, out, seed)), highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

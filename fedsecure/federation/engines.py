@@ -1,0 +1,171 @@
+"""Run the ServerApp and ClientApps of this package as one simulated federation.
+
+Two engines run the *same* two app objects (``server.app:app``, ``client.app:app``):
+
+* ``inprocess`` (default): :class:`~fedsecure.federation.inprocess.InProcessGrid`, one process,
+  no network, starts in well under a second.
+* ``ray``: Flower's own simulation engine. fedsecure starts a ``flower-superlink --simulation``
+  on a free 127.0.0.1 port (runtime dependency installation off), submits the app with
+  ``flwr run``, waits for the run to finish and stops what it started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from fedsecure.config import SimulationConfig
+from fedsecure.errors import FedSecureError
+
+log = logging.getLogger(__name__)
+
+
+def node_configs(cfg: SimulationConfig) -> list[dict[str, Any]]:
+    n = cfg.federation.sites
+    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
+
+
+def run_config(cfg: SimulationConfig, run_dir: Path) -> dict[str, bool | int | float | str]:
+    rc = cfg.to_run_config()
+    rc["run-dir"] = str(Path(run_dir).resolve())
+    return rc
+
+
+def run_inprocess_engine(cfg: SimulationConfig, run_dir: Path) -> None:
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    from fedsecure.federation.inprocess import run_inprocess
+
+    run_inprocess(server_app, client_app, num_nodes=cfg.federation.sites, run_config=run_config(cfg, run_dir),
+                  node_configs=node_configs(cfg))
+
+
+def app_directory() -> Path:
+    """The Flower app directory (holding pyproject.toml with [tool.flwr.app]) of this checkout."""
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text(encoding="utf-8"):
+        raise FedSecureError("the ray engine submits this project as a Flower app and needs a source "
+                             "checkout (pip install -e .). Fix: use --engine inprocess, or install editable.")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(v: bool | int | float | str) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)  # a JSON string is a valid TOML basic string
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 1800.0,
+                    poll: Callable[[], None] | None = None) -> None:
+    """Run through Flower's simulation engine (Ray); blocks until the run ends."""
+    run_dir = Path(run_dir).resolve()
+    home = run_dir / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        f"options.num-supernodes = {cfg.federation.sites}\n", encoding="utf-8")
+    rc_file = home / "run-config.toml"
+    rc_file.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config(cfg, run_dir).items()),
+                       encoding="utf-8")
+    # Flower's processes spawn each other by name (flower-superexec, flwr-simulation): put this
+    # interpreter's bin directory first on PATH so they are this installation's.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    log_file = (run_dir / "flwr-superlink.log").open("wb")
+    superlink = subprocess.Popen(
+        [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+        env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(port, superlink, timeout_s=60.0)
+        out = subprocess.run([_bin("flwr"), "run", str(app_directory()), "sim", "--run-config", str(rc_file),
+                              "--format", "json"], env=env, capture_output=True, text=True, timeout=300)
+        try:
+            run_id = json.loads(out.stdout)["run-id"]
+        except (json.JSONDecodeError, KeyError):
+            raise FedSecureError(f"flwr run failed (exit {out.returncode}): {out.stdout[-500:]} "
+                                 f"{out.stderr[-500:]}") from None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = _run_status(env, run_id)
+            if status.startswith("finished"):
+                if status != "finished:completed":
+                    raise FedSecureError(f"Flower run {run_id} ended with status {status}; see "
+                                         f"{run_dir / 'flwr-superlink.log'}")
+                return
+            if poll:
+                poll()
+            time.sleep(1.0)
+        raise FedSecureError(f"Flower run {run_id} did not finish within {timeout_s:.0f} s")
+    finally:
+        _stop(superlink)
+        log_file.close()
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FedSecureError(f"flower-superlink exited with code {proc.returncode} at start")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise FedSecureError(f"flower-superlink did not become healthy on 127.0.0.1:{port} in {timeout_s:.0f} s")
+
+
+def _run_status(env: dict[str, str], run_id: str) -> str:
+    out = subprocess.run([_bin("flwr"), "ls", "sim", "--run-id", str(run_id), "--format", "json"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    try:
+        return str(json.loads(out.stdout)["runs"][0]["status"])
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return "unknown"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the SuperLink's whole process group (SuperExec, ServerApp, Ray), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            # children may outlive the leader; one more sweep of the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        return
