@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -108,8 +109,11 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     """Held-out loss of the global adapter on this site's eval split."""
     try:
         cfg, name, model, tokenizer, data, _ = _prepare(msg, context)
+        start = time.perf_counter()
         loss, tokens = evaluate(model, data.eval, pad_id=tokenizer.pad_id)
+        seconds = time.perf_counter() - start
     except FedSecureError as e:
         return _error_reply(msg, context, "evaluate", e)
-    metrics = MetricRecord({keys.NUM_EXAMPLES: len(data.eval), keys.EVAL_LOSS: loss, keys.EVAL_TOKENS: tokens})
+    metrics = MetricRecord({keys.NUM_EXAMPLES: len(data.eval), keys.EVAL_LOSS: loss, keys.EVAL_TOKENS: tokens,
+                            keys.SECONDS: seconds})
     return Message(RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(name, data)}), reply_to=msg)

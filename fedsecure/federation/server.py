@@ -108,7 +108,7 @@ class Coordinator:
             m = reply.content[keys.METRICS]
             entry = rl.site(name)
             entry.update(eval_loss=float(m[keys.EVAL_LOSS]), eval_tokens=int(m[keys.EVAL_TOKENS]),
-                         eval_records=int(m[keys.NUM_EXAMPLES]))
+                         eval_records=int(m[keys.NUM_EXAMPLES]), eval_seconds=round(float(m[keys.SECONDS]), 4))
             entry["bytes_down"] = entry.get("bytes_down", 0) + arrays.count_bytes()
         return _weighted_eval(rl.sites.values())
 

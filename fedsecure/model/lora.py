@@ -13,6 +13,7 @@ if a PEFT upgrade ever puts LoRA anywhere else, attaching fails instead of train
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
@@ -73,7 +74,10 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modu
     names = target_module_names(model, settings.targets)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=names, bias="none")
-    with _no_v5_moe_conversion():
+    with _no_v5_moe_conversion(), warnings.catch_warnings():
+        # peft 0.21 calls transformers' deprecated is_gradient_checkpointing; only that warning is muted
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
         peft_model = get_peft_model(model, config)
     got = lora_module_names(peft_model)
     expected = {f"base_model.model.{n}" for n in names}
