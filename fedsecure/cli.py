@@ -30,7 +30,7 @@ model_app = typer.Typer(help="Base models and LoRA: inspect a preset or local mo
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 
@@ -111,19 +111,47 @@ def simulate(
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    table = Table(title="Federation summary", show_lines=False)
-    for col in ("round", "held-out loss", "sites", "bytes down", "bytes up", "seconds", "failures"):
-        table.add_column(col, justify="right" if col not in ("failures",) else "left")
+    table = Table(title="Federation", show_lines=False)
+    for col in ("round", "held-out loss", "sites trained", "bytes down", "bytes up", "seconds", "refused / failed"):
+        table.add_column(col, justify="left" if col.startswith("refused") else "right")
     for h in summary["rounds"]:
         loss = "n/a" if h["eval_loss"] is None else f"{h['eval_loss']:.4f}"
-        fails = "; ".join(f"{k}: {v}" for k, v in h["failures"].items()) or "-"
-        table.add_row(str(h["round"]), loss, str(h["sites_ok"]), f"{h['bytes_down']:,}", f"{h['bytes_up']:,}",
-                      f"{h['seconds']:.2f}", fails)
+        notes = [f"{k}: budget exhausted" for k in h.get("refused", [])]
+        notes += [f"{k}: {v}" for k, v in h["failures"].items()]
+        table.add_row(str(h["round"]), loss, "-" if h["round"] == 0 else str(h["sites_ok"]),
+                      f"{h['bytes_down']:,}", f"{h['bytes_up']:,}", f"{h['seconds']:.2f}", "; ".join(notes) or "-")
     console.print(table)
     i, f = summary["initial_eval_loss"], summary["final_eval_loss"]
     if i is not None and f is not None:
         console.print(f"Held-out loss {i:.4f} -> {f:.4f} ({f - i:+.4f}) after {summary['rounds_completed']} rounds.")
-    console.print(f"Run directory: {summary['run_dir']}", highlight=False)
+    if summary.get("stopped"):
+        console.print(f"[yellow]The run ended early: {summary['stopped']}. Results so far are saved.[/]")
+    print_privacy(summary["privacy"])
+    console.print(f"Run directory: {summary['run_dir']} (privacy.json, privacy.md, metrics.jsonl, adapters/)",
+                  highlight=False)
+
+
+def print_privacy(privacy: dict[str, Any]) -> None:
+    if not privacy["record_level"]:
+        console.print("[bold red]Differential privacy was OFF: these updates are not private.[/]")
+    table = Table(title=f"Privacy report (record-level DP-SGD, {privacy['accountant']} accountant)")
+    for col in ("site", "status", "ε spent / budget", "δ", "σ", "C", "q", "steps", "refused rounds"):
+        table.add_column(col, justify="left" if col in ("site", "status", "refused rounds") else "right")
+
+    def fmt(x: Any, spec: str) -> str:
+        return "n/a" if x is None else format(x, spec)
+
+    for s in privacy["sites"].values():
+        table.add_row(s["site"], s["status"], f"{fmt(s['epsilon_spent'], '.3f')} / {fmt(s['epsilon_budget'], 'g')}",
+                      fmt(s["delta"], ".1e"), fmt(s["sigma"], ".3f"), fmt(s["max_grad_norm"], "g"),
+                      fmt(s["q"], ".4f"), str(s["steps_this_run"]),
+                      ", ".join(map(str, s["refused_rounds"])) or "-")
+    console.print(table)
+    cl = privacy["client_level"]
+    if cl.get("enabled"):
+        console.print(f"Client-level DP (coordinator, separate guarantee): ε = {cl['epsilon']:.3f} at "
+                      f"δ = {cl['delta']:.0e} over {cl['rounds']} rounds (S = {cl['clip']}, "
+                      f"σ_c = {cl['noise_multiplier']}).")
 
 
 @data_app.command("synth")

@@ -67,7 +67,7 @@ class DataSettings:
     when it is null, ``fedsecure simulate`` synthesises data into the run directory."""
 
     dir: str | None = None
-    records_per_site: int = 240
+    records_per_site: int = 480
     eval_fraction: float = 0.2
     max_length: int = 96
 
@@ -85,7 +85,7 @@ class TrainSettings:
     """Local training at each site, per round."""
 
     local_steps: int = 16
-    batch_size: int = 16
+    batch_size: int = 32
     learning_rate: float = 1e-2
     weight_decay: float = 0.0
     threads: int = 0  # torch intra-op threads at a site; 0 keeps torch's default
@@ -121,6 +121,56 @@ class FederationSettings:
 
 
 @dataclass(frozen=True)
+class ClientDPSettings:
+    """Optional client-level DP at the coordinator: clip each site's update, noise the sum."""
+
+    enabled: bool = False
+    clip: float = 1.0  # S: L2 bound on one site's adapter delta
+    noise_multiplier: float = 1.0  # sigma_c: noise std is sigma_c * S on the sum
+    delta: float = 1e-5
+
+    def validate(self, prefix: str) -> None:
+        _require(self.clip > 0, f"{prefix}.clip", self.clip, "must be > 0")
+        _require(self.noise_multiplier > 0, f"{prefix}.noise_multiplier", self.noise_multiplier, "must be > 0")
+        _require(0 < self.delta < 1, f"{prefix}.delta", self.delta, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Record-level DP-SGD at every site (Opacus), under a budget each site enforces itself."""
+
+    enabled: bool = True
+    epsilon: float = 3.0  # the site's budget over all runs that touch its dataset
+    delta: float | None = None  # None = min(1e-5, 1/(10 N)), N = the site's training records
+    max_grad_norm: float = 1.0  # C: per-record L2 clipping bound
+    noise_multiplier: float | None = None  # sigma; None = calibrated from the remaining budget and the plan
+    accountant: str = "prv"  # prv (default, tightest sound) | rdp; the Gaussian/CLT accountant is refused
+    grad_sample_mode: str = "ew"  # Opacus per-sample gradients: ew (fastest exact here) | hooks
+    state_dir: str | None = None  # where ledgers live; None = <run-dir>/sites/<site> (fresh per simulation)
+    noise_seed: int | None = None  # ONLY for reproducible tests: a known seed lets anyone remove the noise
+    client_dp: ClientDPSettings = field(default_factory=ClientDPSettings)
+
+    def validate(self, prefix: str) -> None:
+        from fedsecure.privacy.accounting import check_accountant
+
+        _require(0 < self.epsilon <= 100, f"{prefix}.epsilon", self.epsilon, "must be in (0, 100], e.g. 3")
+        if self.delta is not None:
+            _require(0 < self.delta < 1e-2, f"{prefix}.delta", self.delta,
+                     "must be in (0, 0.01) and well below 1/records; null picks min(1e-5, 1/(10 N))")
+        _require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", self.max_grad_norm, "must be > 0, e.g. 1.0")
+        if self.noise_multiplier is not None:
+            _require(self.noise_multiplier > 0, f"{prefix}.noise_multiplier", self.noise_multiplier,
+                     "must be > 0, or null to calibrate it from the budget")
+        try:
+            check_accountant(self.accountant)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("privacy.", f"{prefix}.")) from None
+        _require(self.grad_sample_mode in ("ew", "hooks"), f"{prefix}.grad_sample_mode", self.grad_sample_mode,
+                 "must be ew or hooks (both exact for LoRA on the DeepSeek presets)")
+        self.client_dp.validate(f"{prefix}.client_dp")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Everything one federation run needs; ``configs/simulation.yaml`` is the template."""
 
@@ -130,12 +180,14 @@ class SimulationConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def validate(self) -> "SimulationConfig":
         self.federation.validate("federation")
         self.model.validate("model")
         self.data.validate("data")
         self.train.validate("train")
+        self.privacy.validate("privacy")
         return self
 
     # ------------------------------------------------------------------ conversions

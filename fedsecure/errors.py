@@ -26,3 +26,11 @@ class ModelError(FedSecureError, ValueError):
 
 class AdapterError(FedSecureError, ValueError):
     """An adapter state does not match the model it is applied to."""
+
+
+class LedgerError(FedSecureError):
+    """The privacy ledger is unreadable, edited or its hash chain is broken: the site must stop."""
+
+
+class BudgetExhaustedError(FedSecureError):
+    """Training would take the site past its (ε, δ) budget."""

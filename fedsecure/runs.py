@@ -72,6 +72,11 @@ class RunDir:
         _atomic_write(self.path / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         _atomic_write(self.path / "summary.md", markdown.encode())
 
+    def write_file(self, name: str, text: str) -> Path:
+        p = self.path / name
+        _atomic_write(p, text.encode("utf-8"))
+        return p
+
     def read_summary(self) -> dict[str, Any]:
         return json.loads((self.path / "summary.json").read_text())
 

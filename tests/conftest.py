@@ -22,12 +22,14 @@ def site_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def small_config(data_dir: Path | None = None, **sections: dict) -> SimulationConfig:
-    """A quick config: 2 sites, 1 round, 4 local steps; override sections by keyword."""
+    """A quick config: 2 sites, 1 round, 4 local steps, DP on with a fixed noise seed; override by section."""
     base: dict = {
         "seed": 3,
         "federation": {"sites": 2, "rounds": 1},
         "data": {"dir": str(data_dir) if data_dir else None, "records_per_site": 60, "max_length": 64},
         "train": {"local_steps": 4, "batch_size": 8},
+        # reproducible tests: a known noise seed (never in production, where OS entropy is used)
+        "privacy": {"noise_seed": 5},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

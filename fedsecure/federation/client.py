@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +19,8 @@ from fedsecure.errors import FedSecureError
 from fedsecure.federation import keys
 from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.model import adapter_delta, adapter_state, attach_lora, load_model_and_tokenizer, set_adapter_state
+from fedsecure.privacy.dpsgd import DPStepPlan, train_private
+from fedsecure.privacy.site import Refusal, SitePrivacyGuard
 from fedsecure.training import evaluate, train_local
 
 log = logging.getLogger(__name__)
@@ -86,23 +89,82 @@ def _site_record(name: str, data: SiteData) -> ConfigRecord:
     return ConfigRecord({keys.SITE_NAME: name, keys.DATASET_FINGERPRINT: data.fingerprint})
 
 
+def state_dir(context: Context, cfg: SimulationConfig, name: str) -> Path:
+    """Where this site's ledger lives: node config, else privacy.state_dir/<site>, else <run-dir>/sites/<site>."""
+    if keys.NODE_STATE_DIR in context.node_config:
+        return Path(str(context.node_config[keys.NODE_STATE_DIR]))
+    if cfg.privacy.state_dir:
+        return Path(cfg.privacy.state_dir) / name
+    run_dir = context.run_config.get("run-dir")
+    if not run_dir:
+        raise FedSecureError("no place for the privacy ledger: set privacy.state_dir, or start the SuperNode "
+                             "with --node-config 'state-dir=\"/secure/site-state\"'.")
+    return Path(str(run_dir)) / "sites" / name
+
+
 def handle_train(msg: Message, context: Context) -> Message:
-    """Set the global adapter, train locally, reply with the adapter delta and metrics."""
+    """Check the budget, train (DP-SGD), charge the ledger, then reply with the adapter delta."""
     try:
         cfg, name, model, tokenizer, data, global_state = _prepare(msg, context)
         server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
         seed = round_seed(cfg.seed, server_round, name)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            result = train_local(model, data.train, cfg.train, pad_id=tokenizer.pad_id, seed=seed)
-        delta = adapter_delta(adapter_state(model), global_state)
+        run_id = f"{Path(str(context.run_config.get('run-dir', ''))).name}/{context.run_id}"
+        if not cfg.privacy.enabled:
+            log.warning("%s: differential privacy is OFF: this update is not private. Simulation only.", name)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                result = train_local(model, data.train, cfg.train, pad_id=tokenizer.pad_id, seed=seed)
+            delta_state = adapter_delta(adapter_state(model), global_state)
+            privacy, dp_metrics = ConfigRecord({keys.STATUS: keys.STATUS_NON_PRIVATE}), {}
+        else:
+            guard = SitePrivacyGuard(cfg.privacy, state_dir=state_dir(context, cfg, name), dataset=data.fingerprint,
+                                     num_records=len(data.train), node_config=context.node_config)
+            stored = context.state.config_records.get(keys.STATE_PLAN)
+            decision = guard.plan(server_round=server_round, rounds_total=cfg.federation.rounds,
+                                  local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
+                                  sigma_hint=float(stored["sigma"]) if stored else None)
+            if isinstance(decision, Refusal):
+                log.warning("%s: refusing round %d: %s", name, server_round, decision.reason)
+                return Message(_refusal_content(name, data, guard, decision), reply_to=msg)
+            context.state.config_records[keys.STATE_PLAN] = ConfigRecord({"sigma": decision.plan.sigma})
+            noise_seed = None if cfg.privacy.noise_seed is None else round_seed(cfg.privacy.noise_seed,
+                                                                                 server_round, name)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                result = train_private(model, data.train, cfg.train, decision.plan, pad_id=tokenizer.pad_id,
+                                       seed=noise_seed, grad_sample_mode=cfg.privacy.grad_sample_mode)
+            delta_state = adapter_delta(adapter_state(model), global_state)
+            # Spend before release: the entry is on disk (fsynced) before the update can leave.
+            entry = guard.record(decision, run_id=run_id, server_round=server_round)
+            privacy = _privacy_record(guard, keys.STATUS_TRAINED)
+            dp_metrics = _dp_metrics(guard, entry.epsilon_after, decision.plan)
     except FedSecureError as e:
         return _error_reply(msg, context, "train", e)
     metrics = MetricRecord({keys.NUM_EXAMPLES: result.examples, keys.TRAIN_LOSS: result.loss,
-                            keys.STEPS: result.steps, keys.SECONDS: result.seconds})
-    content = RecordDict({keys.ARRAYS: to_array_record(delta), keys.METRICS: metrics,
-                          keys.SITE: _site_record(name, data)})
+                            keys.STEPS: result.steps, keys.SECONDS: result.seconds, **dp_metrics})
+    content = RecordDict({keys.ARRAYS: to_array_record(delta_state), keys.METRICS: metrics,
+                          keys.SITE: _site_record(name, data), keys.PRIVACY: privacy})
     return Message(content, reply_to=msg)
+
+
+def _privacy_record(guard: SitePrivacyGuard, status: str, reason: str = "") -> ConfigRecord:
+    return ConfigRecord({keys.STATUS: status, keys.ACCOUNTANT: guard.accountant, keys.LEDGER_HEAD: guard.ledger.head,
+                         keys.LEDGER_ENTRIES: len(guard.ledger.entries), keys.REASON: reason})
+
+
+def _dp_metrics(guard: SitePrivacyGuard, epsilon: float, plan: DPStepPlan | None) -> dict[str, float | int]:
+    return {keys.DP_EPSILON: epsilon, keys.DP_EPSILON_BUDGET: guard.epsilon_budget, keys.DP_DELTA: guard.delta,
+            keys.DP_SIGMA: plan.sigma if plan else 0.0, keys.DP_Q: plan.q if plan else 0.0,
+            keys.DP_STEPS: plan.steps if plan else 0, keys.DP_MAX_GRAD_NORM: guard.settings.max_grad_norm}
+
+
+def _refusal_content(name: str, data: SiteData, guard: SitePrivacyGuard, refusal: Refusal) -> RecordDict:
+    """The structured "budget exhausted" answer: privacy numbers, no arrays, nothing trained."""
+    metrics = MetricRecord({keys.NUM_EXAMPLES: 0, **_dp_metrics(guard, refusal.epsilon_spent, None),
+                            "dp.epsilon-if-trained": refusal.epsilon_if_trained
+                            if math.isfinite(refusal.epsilon_if_trained) else -1.0})
+    return RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(name, data),
+                       keys.PRIVACY: _privacy_record(guard, keys.STATUS_EXHAUSTED, refusal.reason)})
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

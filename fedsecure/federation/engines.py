@@ -153,19 +153,49 @@ def _run_status(env: dict[str, str], run_id: str) -> str:
         return "unknown"
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the SuperLink's whole process group (SuperExec, ServerApp, Ray), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+def _descendants(root: int) -> set[int]:
+    """PIDs of all processes below ``root`` (Linux /proc), whatever session they moved to."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop the SuperLink and everything it started (SuperExec, ServerApp, Ray), and wait for them."""
+    pids = _descendants(proc.pid) | {proc.pid}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            # children may outlive the leader; one more sweep of the group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        return
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            proc.poll()
+            if not any(_alive(p) for p in pids):
+                return
+            time.sleep(0.1)
+    proc.poll()

@@ -18,6 +18,26 @@ EVAL_TOKENS = "eval-tokens"
 STEPS = "steps"
 SECONDS = "seconds"
 
+# MetricRecord keys, site -> coordinator, when DP is on (all sites send the same keys)
+DP_EPSILON = "dp.epsilon"  # spent on this dataset after this round, all runs
+DP_EPSILON_BUDGET = "dp.epsilon-budget"
+DP_DELTA = "dp.delta"
+DP_SIGMA = "dp.sigma"
+DP_Q = "dp.q"
+DP_STEPS = "dp.steps"  # DP-SGD steps of this round
+DP_MAX_GRAD_NORM = "dp.max-grad-norm"
+
+# ConfigRecord PRIVACY, site -> coordinator
+PRIVACY = "privacy"
+STATUS = "status"  # "trained" | "budget-exhausted" | "non-private"
+ACCOUNTANT = "accountant"
+LEDGER_HEAD = "ledger-head"
+LEDGER_ENTRIES = "ledger-entries"
+REASON = "reason"
+STATUS_TRAINED = "trained"
+STATUS_EXHAUSTED = "budget-exhausted"
+STATUS_NON_PRIVATE = "non-private"
+
 # ConfigRecord keys, site -> coordinator
 SITE_NAME = "name"
 DATASET_FINGERPRINT = "dataset-fingerprint"
@@ -27,3 +47,7 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 NODE_SITE_NAME = "site-name"
 NODE_DATA_DIR = "data-dir"
+NODE_STATE_DIR = "state-dir"
+
+# context.state keys (stay on the node)
+STATE_PLAN = "fedsecure.privacy-plan"

@@ -1,13 +1,14 @@
 """Coordinator side: the round loop that ``server/app.py`` runs on a Flower Grid.
 
 Flower's ``Strategy.start`` offers a single ``evaluate_fn`` hook; fedsecure needs per-round
-persistence, per-site metrics, federated evaluation of the initial adapter and (later) privacy
-and attestation checks, so it drives Flower's ``FedAvg`` methods (``configure_*`` /
-``aggregate_*``) from its own loop, as FlowerTune does.
+persistence, per-site metrics, federated evaluation of the initial adapter, retirement of sites
+whose budget is spent and privacy reporting, so it drives Flower's ``FedAvg`` methods
+(``configure_*`` / ``aggregate_*``) from its own loop, as FlowerTune does.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -24,13 +25,14 @@ from fedsecure.config import SimulationConfig
 from fedsecure.federation import keys
 from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.model import adapter_state, apply_delta, attach_lora, load_model_and_tokenizer
+from fedsecure.privacy import report
+from fedsecure.privacy.client_dp import ClientLevelDP
 from fedsecure.runs import RunDir
 
 log = logging.getLogger(__name__)
 
 #: Callables told about every finished round (the CLI's progress display); in-process engine only.
 OBSERVERS: list = []
-
 
 #: node id -> site name, learned from replies (error replies carry no content, hence no name)
 _KNOWN_SITES: dict[int, str] = {}
@@ -45,16 +47,33 @@ def site_name(reply: Message) -> str:
     return _KNOWN_SITES.get(node, f"node-{node}")
 
 
+def privacy_status(reply: Message) -> str | None:
+    rec = reply.content.config_records.get(keys.PRIVACY) if reply.has_content() else None
+    return str(rec[keys.STATUS]) if rec and keys.STATUS in rec else None
+
+
 class SiteOrderedFedAvg(FedAvg):
     """FedAvg over adapter *deltas*, weighted by each site's record count.
 
     Replies are aggregated in site-name order so that the floating-point sum, and hence the
-    global adapter, is identical whatever order the engine delivered them in.
+    global adapter, is identical whatever order the engine delivered them in. With client-level
+    DP on, the weighted mean is replaced by clip + sum + noise over a fixed denominator.
     """
+
+    def __init__(self, *args: Any, client_dp: ClientLevelDP | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.client_dp = client_dp
+        self.sampled = 0
+        self.total = 0
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):  # type: ignore[override]
         ok = sorted((m for m in replies if not m.has_error()), key=site_name)
-        return super().aggregate_train(server_round, ok)
+        if self.client_dp is None or not ok:
+            return super().aggregate_train(server_round, ok)
+        deltas = [from_array_record(m.content[keys.ARRAYS]) for m in ok]
+        noisy = self.client_dp.aggregate(deltas, sampled=max(self.sampled, len(ok)), total=max(self.total, 1))
+        _, metrics = super().aggregate_train(server_round, ok)
+        return to_array_record(noisy), metrics
 
 
 def initial_adapter(cfg: SimulationConfig) -> dict[str, np.ndarray]:
@@ -73,6 +92,7 @@ class RoundLog:
     server_round: int
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
 
     def site(self, name: str) -> dict[str, Any]:
         return self.sites.setdefault(name, {"round": self.server_round, "site": name})
@@ -91,12 +111,18 @@ class Coordinator:
         self.cfg = cfg
         self.run_dir = run_dir
         fed = cfg.federation
+        client_dp = None
+        if cfg.privacy.client_dp.enabled:
+            client_dp = ClientLevelDP(cfg.privacy.client_dp, cfg.privacy.accountant, seed=cfg.privacy.noise_seed)
         self.strategy = SiteOrderedFedAvg(
             fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_train_nodes=fed.min_sites,
             min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
-            arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
+            arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG, client_dp=client_dp)
         self.history: list[dict[str, Any]] = []
+        self.retired: dict[int, str] = {}  # node id -> site name, budget exhausted
+        self.privacy_sites: dict[str, dict[str, Any]] = {}
 
+    # ------------------------------------------------------------------ evaluation
     def _evaluate(self, grid: Grid, server_round: int, arrays: ArrayRecord, rl: RoundLog) -> float | None:
         msgs = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
         replies = grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s)
@@ -110,8 +136,34 @@ class Coordinator:
             entry.update(eval_loss=float(m[keys.EVAL_LOSS]), eval_tokens=int(m[keys.EVAL_TOKENS]),
                          eval_records=int(m[keys.NUM_EXAMPLES]), eval_seconds=round(float(m[keys.SECONDS]), 4))
             entry["bytes_down"] = entry.get("bytes_down", 0) + arrays.count_bytes()
-        return _weighted_eval(rl.sites.values())
+        return _weighted_eval(e for e in rl.sites.values() if "eval_loss" in e)
 
+    # ------------------------------------------------------------------ privacy bookkeeping
+    def _note_privacy(self, name: str, reply: Message, server_round: int) -> str | None:
+        status = privacy_status(reply)
+        if status is None:
+            return None
+        p = self.privacy_sites.setdefault(name, report.new_site_entry(name))
+        rec = reply.content[keys.PRIVACY]
+        m = reply.content[keys.METRICS]
+        if status == keys.STATUS_NON_PRIVATE:
+            p.update(status="non-private")
+            p["rounds_trained"].append(server_round)
+            return status
+        p.update(epsilon_spent=float(m[keys.DP_EPSILON]), epsilon_budget=float(m[keys.DP_EPSILON_BUDGET]),
+                 delta=float(m[keys.DP_DELTA]), max_grad_norm=float(m[keys.DP_MAX_GRAD_NORM]),
+                 accountant=str(rec[keys.ACCOUNTANT]), dataset_ledger_head=str(rec[keys.LEDGER_HEAD]),
+                 ledger_entries=int(rec[keys.LEDGER_ENTRIES]))
+        if status == keys.STATUS_TRAINED:
+            p.update(sigma=float(m[keys.DP_SIGMA]), q=float(m[keys.DP_Q]))
+            p["steps_this_run"] += int(m[keys.DP_STEPS])
+            p["rounds_trained"].append(server_round)
+        elif status == keys.STATUS_EXHAUSTED:
+            p.update(status="exhausted", reason=str(rec[keys.REASON]))
+            p["refused_rounds"].append(server_round)
+        return status
+
+    # ------------------------------------------------------------------ the loop
     def run(self, grid: Grid) -> dict[str, Any]:
         cfg = self.cfg
         meta = {"model": cfg.model.path or str(cfg.model.preset), "lora_r": str(cfg.model.lora.r)}
@@ -125,32 +177,50 @@ class Coordinator:
         initial_loss = self._evaluate(grid, 0, arrays, rl0)
         self._record(rl0, initial_loss, time.perf_counter() - t0)
         log.info("round 0: held-out loss %.4f", initial_loss or float("nan"))
+        stopped = None
 
         for server_round in range(1, cfg.federation.rounds + 1):
             rl = RoundLog(server_round)
             t_round = time.perf_counter()
-            msgs = list(self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-            replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout_s))
+            msgs = [m for m in self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+                    if m.metadata.dst_node_id not in self.retired]
+            self.strategy.sampled = len(msgs)
+            self.strategy.total = len(list(grid.get_node_ids()))
+            replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout_s)) if msgs else []
             answered = {m.metadata.src_node_id for m in replies}
             for msg in msgs:
                 if msg.metadata.dst_node_id not in answered:
                     rl.failures[f"node-{msg.metadata.dst_node_id}"] = "no reply before the round timeout"
+            ok = []
             for reply in replies:
                 name = site_name(reply)
                 if reply.has_error():
                     rl.failures[name] = reply.error.reason
                     log.warning("round %d: %s failed: %s", server_round, name, reply.error.reason)
                     continue
+                status = self._note_privacy(name, reply, server_round)
+                if status == keys.STATUS_EXHAUSTED:
+                    self.retired[reply.metadata.src_node_id] = name
+                    rl.refused.append(name)
+                    log.warning("round %d: %s retired: privacy budget exhausted (%s)", server_round, name,
+                                reply.content[keys.PRIVACY][keys.REASON])
+                    continue
                 m = reply.content[keys.METRICS]
-                rl.site(name).update(train_loss=float(m[keys.TRAIN_LOSS]), records=int(m[keys.NUM_EXAMPLES]),
-                                     steps=int(m[keys.STEPS]), train_seconds=round(float(m[keys.SECONDS]), 4),
-                                     bytes_down=arrays.count_bytes(),
-                                     bytes_up=reply.content[keys.ARRAYS].count_bytes(), fp32_bytes=fp32_bytes)
-            ok = [r for r in replies if not r.has_error()]
+                entry = rl.site(name)
+                entry.update(train_loss=float(m[keys.TRAIN_LOSS]), records=int(m[keys.NUM_EXAMPLES]),
+                             steps=int(m[keys.STEPS]), train_seconds=round(float(m[keys.SECONDS]), 4),
+                             bytes_down=arrays.count_bytes(), bytes_up=reply.content[keys.ARRAYS].count_bytes(),
+                             fp32_bytes=fp32_bytes)
+                if keys.DP_EPSILON in m:
+                    entry.update(epsilon=float(m[keys.DP_EPSILON]), sigma=float(m[keys.DP_SIGMA]))
+                ok.append(reply)
             if len(ok) < cfg.federation.min_sites:
-                log.error("round %d: only %d usable replies, fewer than federation.min_sites=%d; stopping",
-                          server_round, len(ok), cfg.federation.min_sites)
-                self._record(rl, None, time.perf_counter() - t_round, stopped="too few sites")
+                active = len(list(grid.get_node_ids())) - len(self.retired)
+                stopped = ("privacy budget exhausted at too many sites" if active < cfg.federation.min_sites
+                           else "too few sites answered")
+                log.error("round %d: %d usable replies < federation.min_sites=%d: %s; ending the run, results "
+                          "saved", server_round, len(ok), cfg.federation.min_sites, stopped)
+                self._record(rl, None, time.perf_counter() - t_round, stopped=stopped)
                 break
             delta_record, _ = self.strategy.aggregate_train(server_round, ok)
             assert delta_record is not None
@@ -161,13 +231,14 @@ class Coordinator:
             self._record(rl, loss, time.perf_counter() - t_round)
             log.info("round %d: held-out loss %.4f", server_round, loss or float("nan"))
 
-        return self._finish(initial_loss)
+        return self._finish(initial_loss, stopped)
 
     def _record(self, rl: RoundLog, loss: float | None, seconds: float, stopped: str | None = None) -> None:
         for entry in rl.sites.values():
             self.run_dir.append_metrics(entry)
         summary = {"round": rl.server_round, "site": "federation", "eval_loss": loss,
-                   "sites_ok": len(rl.sites), "failures": rl.failures, "seconds": round(seconds, 4),
+                   "sites_ok": len([e for e in rl.sites.values() if "train_loss" in e or rl.server_round == 0]),
+                   "failures": rl.failures, "refused": rl.refused, "seconds": round(seconds, 4),
                    "bytes_down": sum(e.get("bytes_down", 0) for e in rl.sites.values()),
                    "bytes_up": sum(e.get("bytes_up", 0) for e in rl.sites.values())}
         if stopped:
@@ -177,17 +248,26 @@ class Coordinator:
         for observer in OBSERVERS:
             observer(summary)
 
-    def _finish(self, initial_loss: float | None) -> dict[str, Any]:
-        final = self.history[-1]
+    def privacy_summary(self) -> dict[str, Any]:
+        cdp = self.strategy.client_dp
+        return {"unit": report.UNIT, "record_level": self.cfg.privacy.enabled,
+                "accountant": self.cfg.privacy.accountant, "sites": dict(sorted(self.privacy_sites.items())),
+                "client_level": cdp.summary() if cdp else {"enabled": False}}
+
+    def _finish(self, initial_loss: float | None, stopped: str | None) -> dict[str, Any]:
+        privacy = self.privacy_summary()
+        self.run_dir.write_file("privacy.json", json.dumps(privacy, indent=2) + "\n")
+        self.run_dir.write_file("privacy.md", report.markdown(privacy))
+        evaluated = [h for h in self.history if h.get("eval_loss") is not None]
         summary = {
             "run_dir": str(self.run_dir.path),
-            "rounds_completed": max(h["round"] for h in self.history if h.get("eval_loss") is not None),
+            "rounds_completed": max(h["round"] for h in evaluated) if evaluated else 0,
             "initial_eval_loss": initial_loss,
-            "final_eval_loss": next((h["eval_loss"] for h in reversed(self.history) if h["eval_loss"] is not None),
-                                    None),
+            "final_eval_loss": evaluated[-1]["eval_loss"] if evaluated else None,
             "rounds": self.history,
             "final_adapter": str(self.run_dir.adapter_path(self.run_dir.latest_round() or 0)),
-            "stopped": final.get("stopped"),
+            "stopped": stopped,
+            "privacy": privacy,
         }
         self.run_dir.write_summary(summary, summary_markdown(summary))
         return summary
@@ -195,15 +275,18 @@ class Coordinator:
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     lines = ["# fedsecure run summary", "", f"Run directory: `{summary['run_dir']}`", "",
-             "| round | held-out loss | sites | bytes down | bytes up | seconds | failures |",
-             "|---|---|---|---|---|---|---|"]
+             "| round | held-out loss | sites trained | bytes down | bytes up | seconds | refused | failures |",
+             "|---|---|---|---|---|---|---|---|"]
     for h in summary["rounds"]:
         loss = "n/a" if h["eval_loss"] is None else f"{h['eval_loss']:.4f}"
         fails = "; ".join(f"{k}: {v}" for k, v in h["failures"].items()) or "none"
         lines.append(f"| {h['round']} | {loss} | {h['sites_ok']} | {h['bytes_down']} | {h['bytes_up']} | "
-                     f"{h['seconds']:.2f} | {fails} |")
+                     f"{h['seconds']:.2f} | {', '.join(h.get('refused', [])) or '-'} | {fails} |")
     i, f = summary["initial_eval_loss"], summary["final_eval_loss"]
     if i is not None and f is not None:
         lines += ["", f"Held-out loss: {i:.4f} (initial) -> {f:.4f} (after round {summary['rounds_completed']})."]
+    if summary.get("stopped"):
+        lines.append(f"The run ended early: {summary['stopped']}.")
     lines.append(f"Final global adapter: `{summary['final_adapter']}`")
+    lines += ["", report.markdown(summary["privacy"]).replace("# Privacy summary", "## Privacy")]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,167 @@
+"""The privacy ledger: a durable, append-only, hash-chained record of what a dataset has spent.
+
+One ledger per dataset, named by the dataset's fingerprint (not by the run), so every run that
+touches a dataset adds to the same total and a restart never resets spent budget. Each line is
+one JSON entry; ``prev`` is the ``hash`` of the previous entry and ``hash`` is SHA-256 over the
+entry's canonical JSON without ``hash``. An entry is written and fsynced (file and directory)
+*before* the update it accounts for leaves the site.
+
+On open, the whole chain is replayed and checked: a changed, removed or reordered entry, a
+broken line or a ledger of another dataset stops the site with :class:`LedgerError`. Each
+entry's recorded ε is also recomputed from the history, so an edited σ is caught even if the
+editor recomputed the hashes. (Sealing the ledger with a site key comes with encrypted storage.)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsecure.errors import LedgerError
+from fedsecure.privacy.accounting import Spend, epsilon_of
+
+LEDGER_FORMAT = 1
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    seq: int
+    time: str
+    dataset: str  # fingerprint of the dataset this spend is charged to
+    run_id: str
+    server_round: int
+    sigma: float
+    q: float
+    steps: int
+    delta: float
+    accountant: str
+    max_grad_norm: float
+    epsilon_after: float
+    budget_epsilon: float
+    prev: str
+    hash: str = ""
+    format: int = LEDGER_FORMAT
+
+    @property
+    def spend(self) -> Spend:
+        return Spend(self.sigma, self.q, self.steps)
+
+    def body(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("hash")
+        return d
+
+    def computed_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.body(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def ledger_path(state_dir: str | Path, fingerprint: str) -> Path:
+    return Path(state_dir) / f"privacy-ledger-{fingerprint[:16]}.jsonl"
+
+
+class PrivacyLedger:
+    """The ledger of one dataset; open it with :meth:`open` (which verifies it)."""
+
+    def __init__(self, path: Path, dataset: str, entries: list[LedgerEntry]) -> None:
+        self.path = path
+        self.dataset = dataset
+        self.entries = entries
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def open(cls, state_dir: str | Path, dataset: str, *, verify_epsilon: bool = True) -> "PrivacyLedger":
+        path = ledger_path(state_dir, dataset)
+        entries: list[LedgerEntry] = []
+        if path.exists():
+            prev = GENESIS
+            for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if not raw.strip():
+                    continue
+                entry = cls._parse(path, lineno, raw)
+                where = f"privacy ledger {path}, entry {lineno}"
+                fix = ("Fix: restore the ledger from a backup. Never delete or hand-edit it: the ledger is the "
+                       "only record of the privacy budget this dataset has spent.")
+                if entry.hash != entry.computed_hash():
+                    raise LedgerError(f"{where} was edited (its hash does not match its content). {fix}")
+                if entry.prev != prev or entry.seq != len(entries):
+                    raise LedgerError(f"{where} breaks the hash chain (an entry was removed, reordered or "
+                                      f"inserted). {fix}")
+                if entry.dataset != dataset:
+                    raise LedgerError(f"{where} belongs to dataset {entry.dataset[:16]}, not {dataset[:16]}. {fix}")
+                entries.append(entry)
+                prev = entry.hash
+            if verify_epsilon:
+                cls._verify_epsilons(path, entries)
+        return cls(path, dataset, entries)
+
+    @staticmethod
+    def _parse(path: Path, lineno: int, raw: str) -> LedgerEntry:
+        try:
+            data = json.loads(raw)
+            if data.get("format") != LEDGER_FORMAT:
+                raise LedgerError(f"privacy ledger {path}, entry {lineno}: unknown format {data.get('format')!r}; "
+                                  "this fedsecure reads format 1. Fix: upgrade fedsecure.")
+            return LedgerEntry(**data)
+        except LedgerError:
+            raise
+        except (json.JSONDecodeError, TypeError, AttributeError) as e:
+            raise LedgerError(f"privacy ledger {path}, entry {lineno} is not a valid entry ({e}); the file was "
+                              "truncated or edited. Fix: restore the ledger from a backup; never delete it.") from None
+
+    @staticmethod
+    def _verify_epsilons(path: Path, entries: list[LedgerEntry]) -> None:
+        for i, entry in enumerate(entries):
+            if i != len(entries) - 1 and (entries[i + 1].delta, entries[i + 1].accountant) == \
+                    (entry.delta, entry.accountant):
+                continue  # only the last entry of each (delta, accountant) stretch needs recomputing
+            eps = epsilon_of([e.spend for e in entries[: i + 1]], entry.delta, entry.accountant)
+            if abs(eps - entry.epsilon_after) > 1e-6 * max(1.0, abs(eps)):
+                raise LedgerError(f"privacy ledger {path}, entry {i + 1} records epsilon {entry.epsilon_after:.4f} "
+                                  f"but its history gives {eps:.4f}: the ledger was edited. Fix: restore it from "
+                                  "a backup.")
+
+    @property
+    def spends(self) -> list[Spend]:
+        return [e.spend for e in self.entries]
+
+    @property
+    def head(self) -> str:
+        return self.entries[-1].hash if self.entries else GENESIS
+
+    def epsilon(self, delta: float, accountant: str) -> float:
+        """ε spent so far at ``delta``: the larger of the recomputed value and the last one recorded."""
+        eps = epsilon_of(self.spends, delta, accountant)
+        same = [e.epsilon_after for e in self.entries if (e.delta, e.accountant) == (delta, accountant)]
+        return max([eps, *same[-1:]])
+
+    # ------------------------------------------------------------------ writing
+    def append(self, *, run_id: str, server_round: int, spend: Spend, delta: float, accountant: str,
+               max_grad_norm: float, epsilon_after: float, budget_epsilon: float) -> LedgerEntry:
+        """Append one entry and make it durable (fsync of the file and its directory) before returning."""
+        entry = LedgerEntry(seq=len(self.entries), time=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+                            dataset=self.dataset, run_id=run_id, server_round=server_round, sigma=spend.sigma,
+                            q=spend.q, steps=spend.steps, delta=delta, accountant=accountant,
+                            max_grad_norm=max_grad_norm, epsilon_after=epsilon_after,
+                            budget_epsilon=budget_epsilon, prev=self.head)
+        entry = LedgerEntry(**{**asdict(entry), "hash": entry.computed_hash()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(asdict(entry), sort_keys=True) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.entries.append(entry)
+        return entry
