@@ -27,7 +27,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="Site datasets: synthesise realistic non-IID clinical notes.", no_args_is_help=True)
 model_app = typer.Typer(help="Base models and LoRA: inspect a preset or local model, export a preset.",
                         no_args_is_help=True)
+budget_app = typer.Typer(help="Privacy budgets: plan the noise for a budget before training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(budget_app, name="budget")
 app.add_typer(model_app, name="model")
 
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -51,13 +53,11 @@ def friendly(fn: F) -> F:
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    import flwr.common.logger  # noqa: F401 - configures the "flwr" logger at import; do it before we adjust it
+    from fedsecure.federation.server import quiet_flower_logs
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=err_console, show_path=False)], force=True)
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.propagate = False  # it has its own handler; avoid printing each line twice
-    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet_flower_logs(verbose)
 
 
 @app.command()
@@ -212,6 +212,42 @@ def model_export(
     if preset not in PRESETS:
         raise FedSecureError(f"--preset must be one of {', '.join(PRESETS)}; found {preset!r}")
     console.print(str(export_preset(preset, out, seed)), highlight=False)
+
+
+@budget_app.command("plan")
+@friendly
+def budget_plan(
+    epsilon: float = typer.Option(3.0, help="The site's budget ε."),
+    delta: Optional[float] = typer.Option(None, help="δ; default min(1e-5, 1/(10·records))."),
+    records: int = typer.Option(..., help="Training records (patient documents) at the site."),
+    batch_size: int = typer.Option(32, help="Expected batch size; q = batch_size / records."),
+    rounds: int = typer.Option(3, help="Federated rounds the site will train in."),
+    local_steps: int = typer.Option(16, help="DP-SGD steps per round."),
+    accountant: str = typer.Option("prv", help="prv (default) or rdp."),
+) -> None:
+    """Print the σ a site will use for this plan and ε after each round."""
+    from fedsecure.privacy.accounting import Spend, calibrate_noise, check_accountant, default_delta, epsilon_of
+
+    check_accountant(accountant)
+    if records < 1 or batch_size < 1 or rounds < 1 or local_steps < 1:
+        raise FedSecureError("--records, --batch-size, --rounds and --local-steps must all be >= 1")
+    d = delta if delta is not None else default_delta(records)
+    q = min(1.0, batch_size / records)
+    sigma = calibrate_noise(target_epsilon=epsilon, delta=d, spent=[], q=q, steps=rounds * local_steps,
+                            accountant=accountant)
+    if sigma is None:
+        raise FedSecureError(f"no noise multiplier up to 64 fits epsilon={epsilon} for {rounds * local_steps} steps "
+                             f"at q={q:.4f}. Fix: raise the budget, train fewer steps or use more records.")
+    console.print(f"budget ε = {epsilon} at δ = {d:.1e} ({accountant}); q = {batch_size}/{records} = {q:.4f}; "
+                  f"{rounds} rounds × {local_steps} steps", highlight=False)
+    console.print(f"noise multiplier σ = {sigma:.4f} (noise std σ·C per summed gradient)", highlight=False)
+    table = Table()
+    table.add_column("after round", justify="right")
+    table.add_column("steps", justify="right")
+    table.add_column("ε", justify="right")
+    for r in range(1, rounds + 1):
+        table.add_row(str(r), str(r * local_steps), f"{epsilon_of([Spend(sigma, q, r * local_steps)], d, accountant):.4f}")
+    console.print(table)
 
 
 def main() -> None:

@@ -16,9 +16,11 @@ pytest.importorskip("ray", reason="the ray extra is not installed: pip install '
 
 
 def _flower_processes() -> set[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    # running processes only: an exited child whose parent is gone may linger as a zombie (no
+    # resources, nothing running) until the container's init reaps it
+    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
     return {line.strip() for line in out.splitlines()
-            if any(s in line for s in ("flower-superlink", "flower-superexec", "flwr-serverapp", "raylet",
+            if len(line.split()) > 1 and not line.split()[1].startswith("Z") and any(s in line for s in ("flower-superlink", "flower-superexec", "flwr-serverapp", "raylet",
                                        "gcs_server", "flwr-simulation"))}
 
 

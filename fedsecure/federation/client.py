@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import warnings
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -127,6 +128,9 @@ def handle_train(msg: Message, context: Context) -> Message:
                 log.warning("%s: refusing round %d: %s", name, server_round, decision.reason)
                 return Message(_refusal_content(name, data, guard, decision), reply_to=msg)
             context.state.config_records[keys.STATE_PLAN] = ConfigRecord({"sigma": decision.plan.sigma})
+            if cfg.privacy.noise_seed is not None:
+                warnings.warn("privacy.noise_seed is set: the DP noise and sampling are reproducible by anyone who "
+                              "knows the seed, which voids the guarantee. Use it for tests only.", stacklevel=1)
             noise_seed = None if cfg.privacy.noise_seed is None else round_seed(cfg.privacy.noise_seed,
                                                                                  server_round, name)
             with torch.random.fork_rng(devices=[]):

@@ -34,17 +34,25 @@ log = logging.getLogger(__name__)
 #: Callables told about every finished round (the CLI's progress display); in-process engine only.
 OBSERVERS: list = []
 
-#: node id -> site name, learned from replies (error replies carry no content, hence no name)
-_KNOWN_SITES: dict[int, str] = {}
-
-
-def site_name(reply: Message) -> str:
+def site_name(reply: Message, known: dict[int, str] | None = None) -> str:
+    """The site that sent ``reply``. Error replies carry no content, so ``known`` (node id -> name,
+    filled from earlier replies) names them."""
     node = reply.metadata.src_node_id
+    known = {} if known is None else known
     if reply.has_content():
         site = reply.content.config_records.get(keys.SITE)
         if site and keys.SITE_NAME in site:
-            _KNOWN_SITES[node] = str(site[keys.SITE_NAME])
-    return _KNOWN_SITES.get(node, f"node-{node}")
+            known[node] = str(site[keys.SITE_NAME])
+    return known.get(node, f"node-{node}")
+
+
+def quiet_flower_logs(verbose: bool) -> None:
+    """Flower configures its "flwr" logger (own handler, DEBUG) at import; tame it for the CLI."""
+    import flwr.common.logger  # noqa: F401 - importing it is what installs the handler
+
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # it has its own handler; avoid printing each line twice
+    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def privacy_status(reply: Message) -> str | None:
@@ -120,6 +128,7 @@ class Coordinator:
             arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG, client_dp=client_dp)
         self.history: list[dict[str, Any]] = []
         self.retired: dict[int, str] = {}  # node id -> site name, budget exhausted
+        self.known_sites: dict[int, str] = {}  # node id -> site name
         self.privacy_sites: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ evaluation
@@ -127,7 +136,7 @@ class Coordinator:
         msgs = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
         replies = grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s)
         for reply in replies:
-            name = site_name(reply)
+            name = site_name(reply, self.known_sites)
             if reply.has_error():
                 rl.failures[name] = reply.error.reason
                 continue
@@ -189,11 +198,12 @@ class Coordinator:
             replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout_s)) if msgs else []
             answered = {m.metadata.src_node_id for m in replies}
             for msg in msgs:
-                if msg.metadata.dst_node_id not in answered:
-                    rl.failures[f"node-{msg.metadata.dst_node_id}"] = "no reply before the round timeout"
+                node = msg.metadata.dst_node_id
+                if node not in answered:
+                    rl.failures[self.known_sites.get(node, f"node-{node}")] = "no reply before the round timeout"
             ok = []
             for reply in replies:
-                name = site_name(reply)
+                name = site_name(reply, self.known_sites)
                 if reply.has_error():
                     rl.failures[name] = reply.error.reason
                     log.warning("round %d: %s failed: %s", server_round, name, reply.error.reason)
