@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,8 +26,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+lint: $(STAMP)
+	$(BIN)/ruff check fedsecure server client tests bench scripts
+
 bench: $(STAMP)
 	$(BIN)/python bench/bench_round.py
+	$(BIN)/python bench/bench_dp_step.py
+	$(BIN)/python bench/bench_utility.py
+	$(BIN)/python bench/bench_engines.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -63,19 +64,19 @@ def _setup_logging(verbose: bool) -> None:
 @app.command()
 @friendly
 def simulate(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/simulation.yaml)."),
-    sites: Optional[int] = typer.Option(None, help="Number of hospital sites [federation.sites]."),
-    rounds: Optional[int] = typer.Option(None, help="Federated rounds [federation.rounds]."),
-    preset: Optional[str] = typer.Option(None, help="Tiny built-in model: deepseek-v3-tiny, deepseek-v2-tiny, "
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (see configs/simulation.yaml)."),
+    sites: int | None = typer.Option(None, help="Number of hospital sites [federation.sites]."),
+    rounds: int | None = typer.Option(None, help="Federated rounds [federation.rounds]."),
+    preset: str | None = typer.Option(None, help="Tiny built-in model: deepseek-v3-tiny, deepseek-v2-tiny, "
                                                     "r1-distill-qwen-tiny [model.preset]."),
-    model_path: Optional[Path] = typer.Option(None, help="Local Hugging Face model directory [model.path]."),
-    data_dir: Optional[Path] = typer.Option(None, help="Folder with site-<i>/{train,eval}.jsonl [data.dir]; "
+    model_path: Path | None = typer.Option(None, help="Local Hugging Face model directory [model.path]."),
+    data_dir: Path | None = typer.Option(None, help="Folder with site-<i>/{train,eval}.jsonl [data.dir]; "
                                                        "unset = synthesise."),
-    seed: Optional[int] = typer.Option(None, help="Seed of data, initial adapter and sampling [seed]."),
-    engine: Optional[str] = typer.Option(None, help="inprocess (fast, default) or ray (Flower's simulation "
+    seed: int | None = typer.Option(None, help="Seed of data, initial adapter and sampling [seed]."),
+    engine: str | None = typer.Option(None, help="inprocess (fast, default) or ray (Flower's simulation "
                                                     "engine) [federation.engine]."),
-    runs_dir: Optional[Path] = typer.Option(None, help="Where run directories are created [runs_dir]."),
-    run_dir: Optional[Path] = typer.Option(None, help="Exact run directory to use (default runs_dir/<run-id>)."),
+    runs_dir: Path | None = typer.Option(None, help="Where run directories are created [runs_dir]."),
+    run_dir: Path | None = typer.Option(None, help="Exact run directory to use (default runs_dir/<run-id>)."),
     set_: list[str] = typer.Option([], "--set", help="Override any config key: --set model.lora.r=4 (repeatable)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step."),
 ) -> None:
@@ -176,8 +177,8 @@ def data_synth(
 @model_app.command("show")
 @friendly
 def model_show(
-    preset: Optional[str] = typer.Option("deepseek-v3-tiny", help="Built-in preset."),
-    path: Optional[Path] = typer.Option(None, help="Local model directory (overrides --preset)."),
+    preset: str | None = typer.Option("deepseek-v3-tiny", help="Built-in preset."),
+    path: Path | None = typer.Option(None, help="Local model directory (overrides --preset)."),
     r: int = typer.Option(8, help="LoRA rank."),
 ) -> None:
     """List which modules get LoRA and how many parameters train."""
@@ -218,7 +219,7 @@ def model_export(
 @friendly
 def budget_plan(
     epsilon: float = typer.Option(3.0, help="The site's budget ε."),
-    delta: Optional[float] = typer.Option(None, help="δ; default min(1e-5, 1/(10·records))."),
+    delta: float | None = typer.Option(None, help="δ; default min(1e-5, 1/(10·records))."),
     records: int = typer.Option(..., help="Training records (patient documents) at the site."),
     batch_size: int = typer.Option(32, help="Expected batch size; q = batch_size / records."),
     rounds: int = typer.Option(3, help="Federated rounds the site will train in."),
@@ -246,7 +247,8 @@ def budget_plan(
     table.add_column("steps", justify="right")
     table.add_column("ε", justify="right")
     for r in range(1, rounds + 1):
-        table.add_row(str(r), str(r * local_steps), f"{epsilon_of([Spend(sigma, q, r * local_steps)], d, accountant):.4f}")
+        eps_r = epsilon_of([Spend(sigma, q, r * local_steps)], d, accountant)
+        table.add_row(str(r), str(r * local_steps), f"{eps_r:.4f}")
     console.print(table)
 
 

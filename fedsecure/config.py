@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
@@ -182,7 +183,7 @@ class SimulationConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
-    def validate(self) -> "SimulationConfig":
+    def validate(self) -> SimulationConfig:
         self.federation.validate("federation")
         self.model.validate("model")
         self.data.validate("data")
@@ -192,7 +193,7 @@ class SimulationConfig:
 
     # ------------------------------------------------------------------ conversions
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any] | None) -> "SimulationConfig":
+    def from_mapping(cls, data: Mapping[str, Any] | None) -> SimulationConfig:
         return from_mapping(cls, data or {}).validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,7 +204,7 @@ class SimulationConfig:
         return flatten(self.to_dict())
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "SimulationConfig":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> SimulationConfig:
         """Inverse of :meth:`to_run_config`; keys not owned by this config are ignored."""
         return cls.from_mapping(unflatten(run_config, cls))
 

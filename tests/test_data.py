@@ -109,5 +109,5 @@ def test_dataset_fingerprint_depends_on_content(tmp_path):
     d1 = synthesize(tmp_path / "a", sites=1, records_per_site=10, seed=1)[0]
     d2 = synthesize(tmp_path / "b", sites=1, records_per_site=10, seed=2)[0]
     tok = bundled_tokenizer()
-    f1, f1b, f2 = load_site(d1, tok, 64).fingerprint, load_site(d1, tok, 64).fingerprint, load_site(d2, tok, 64).fingerprint
+    f1, f1b, f2 = (load_site(d, tok, 64).fingerprint for d in (d1, d1, d2))
     assert f1 == f1b and f1 != f2 and len(f1) == 64

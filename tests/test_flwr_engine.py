@@ -15,13 +15,17 @@ from .conftest import small_config
 pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'fedsecure[ray]'")
 
 
+ENGINE_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-serverapp", "raylet", "gcs_server",
+                    "flwr-simulation")
+
+
 def _flower_processes() -> set[str]:
     # running processes only: an exited child whose parent is gone may linger as a zombie (no
     # resources, nothing running) until the container's init reaps it
     out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
-    return {line.strip() for line in out.splitlines()
-            if len(line.split()) > 1 and not line.split()[1].startswith("Z") and any(s in line for s in ("flower-superlink", "flower-superexec", "flwr-serverapp", "raylet",
-                                       "gcs_server", "flwr-simulation"))}
+    rows = [line.split(None, 2) for line in out.splitlines()[1:]]
+    return {" ".join(r) for r in rows
+            if len(r) == 3 and not r[1].startswith("Z") and any(name in r[2] for name in ENGINE_PROCESSES)}
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -168,7 +167,9 @@ def test_a_tampered_ledger_stops_the_site(tmp_path, damage, needle):
 
     def edit(lines):
         if damage == "edit_sigma":
-            e = json.loads(lines[0]); e["sigma"] = 5.0; lines[0] = json.dumps(e, sort_keys=True)
+            e = json.loads(lines[0])
+            e["sigma"] = 5.0
+            lines[0] = json.dumps(e, sort_keys=True)
         elif damage == "drop_middle":
             del lines[1]
         elif damage == "swap":
@@ -180,9 +181,10 @@ def test_a_tampered_ledger_stops_the_site(tmp_path, damage, needle):
             from fedsecure.privacy.ledger import GENESIS, LedgerEntry
             prev, out = GENESIS, []
             for line in lines:
-                e = json.loads(line); e["sigma"] = 4.0; e["prev"] = prev; e.pop("hash")
-                entry = LedgerEntry(**e, hash="")
-                e["hash"] = entry.computed_hash(); prev = e["hash"]
+                e = json.loads(line)
+                e["sigma"], e["prev"] = 4.0, prev
+                e.pop("hash")
+                e["hash"] = prev = LedgerEntry(**e, hash="").computed_hash()
                 out.append(json.dumps(e, sort_keys=True))
             return out
         return lines
@@ -266,12 +268,11 @@ from .conftest import small_config  # noqa: E402
 
 def _sim(cfg, run_dir, node_configs=None):
     from client.app import app as client_app
-    from server.app import app as server_app
-
     from fedsecure.federation.engines import node_configs as default_nodes
     from fedsecure.federation.engines import run_config
     from fedsecure.federation.inprocess import run_inprocess
     from fedsecure.simulation import prepare
+    from server.app import app as server_app
 
     cfg, run = prepare(cfg, run_dir)
     run_inprocess(server_app, client_app, num_nodes=cfg.federation.sites, run_config=run_config(cfg, run.path),
@@ -404,3 +405,24 @@ def test_client_level_dp_clips_each_site_update():
     out = cdp.aggregate([big, small], sampled=2, total=4)
     np.testing.assert_allclose(out["w"], (np.array([0.6, 0.8]) + np.array([0.3, 0.4])) / 2, atol=1e-6)
     assert cdp.clipped_sites == 1 and cdp.spends == [Spend(1e-9, 0.5, 1)]
+
+
+def test_a_pinned_dataset_id_keeps_charging_the_same_ledger_when_the_data_changes(site_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(site_data, data)
+    state = tmp_path / "state"
+    cfg = small_config(data, federation={"sites": 1},
+                       privacy={"noise_multiplier": 1.5, "epsilon": 20.0, "state_dir": str(state)})
+    nodes = [{"partition-id": 0, "num-partitions": 1, "dataset-id": "st-agnes-notes"}]
+    first = _sim(cfg, tmp_path / "run1", nodes)["privacy"]["sites"]["site-0"]["epsilon_spent"]
+    with (data / "site-0" / "train.jsonl").open("a") as f:
+        f.write('{"text": "one more patient note"}\n')  # the content fingerprint changes
+    second_run = _sim(cfg, tmp_path / "run2", nodes)
+    second = second_run["privacy"]["sites"]["site-0"]["epsilon_spent"]
+    assert second > first
+    assert second_run["rounds"][1]["sites_ok"] == 1
+    records = [x for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines() if '"site-0"' in x]
+    assert any('"records": 97' in x for x in records)  # the new record was seen: the cache noticed the change
+    assert [p.name for p in (state / "site-0").iterdir()] == ["privacy-ledger-st-agnes-notes.jsonl"]

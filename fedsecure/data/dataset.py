@@ -68,7 +68,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return self.sequences[i]
 
     @classmethod
-    def from_texts(cls, texts: list[str], tokenizer: TextTokenizer, max_length: int) -> "TokenizedDataset":
+    def from_texts(cls, texts: list[str], tokenizer: TextTokenizer, max_length: int) -> TokenizedDataset:
         seqs = [tokenizer.encode(t, max_length) for t in texts]
         return cls([s for s in seqs if len(s) >= 2] or seqs)
 

@@ -105,7 +105,8 @@ _HOSPITALS = ["St Agnes", "Northfield General", "Riverside University", "Lakevie
 
 _STYLES = [
     {"head": ["HPI:", "Exam:", "Assessment:", "Plan:"], "pt": "Pt", "sign": "Dr {i}, attending"},
-    {"head": ["History:", "Findings:", "Impression:", "Management:"], "pt": "The patient", "sign": "Reviewed by registrar {i}"},
+    {"head": ["History:", "Findings:", "Impression:", "Management:"], "pt": "The patient",
+     "sign": "Reviewed by registrar {i}"},
     {"head": ["S:", "O:", "A:", "P:"], "pt": "pt", "sign": "-- signed {i}"},
     {"head": ["Presenting complaint:", "Investigations:", "Diagnosis:", "Disposition:"], "pt": "Patient",
      "sign": "Consultant {i}"},
@@ -132,7 +133,7 @@ def make_profiles(sites: int, rng: random.Random) -> list[SiteProfile]:
         # Give each site one clearly dominant specialty, different for different sites.
         weights[i % len(names)] += 2.0 * sum(weights)
         total = sum(weights)
-        mix = {n: w / total for n, w in zip(names, weights)}
+        mix = {n: w / total for n, w in zip(names, weights, strict=True)}
         lo = rng.choice([0, 18, 40, 65])
         profiles.append(SiteProfile(
             name=_HOSPITALS[i % len(_HOSPITALS)] + (f" {i // len(_HOSPITALS) + 1}" if i >= len(_HOSPITALS) else ""),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import warnings
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,8 +38,20 @@ def _model(settings: ModelSettings) -> tuple[torch.nn.Module, TextTokenizer]:
     return attach_lora(base, settings.lora), tokenizer
 
 
-@lru_cache(maxsize=16)
 def _site_data(directory: str, tokenizer: TextTokenizer, max_length: int) -> SiteData:
+    """The site's tokenized data, cached per process until a file changes (size or mtime)."""
+    stamp = []
+    for split in ("train.jsonl", "eval.jsonl"):
+        try:
+            st = (Path(directory) / split).stat()
+            stamp.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamp.append(None)
+    return _load_site_cached(directory, tokenizer, max_length, tuple(stamp))
+
+
+@lru_cache(maxsize=16)
+def _load_site_cached(directory: str, tokenizer: TextTokenizer, max_length: int, stamp: tuple) -> SiteData:
     return load_site(directory, tokenizer, max_length)
 
 
@@ -118,7 +130,11 @@ def handle_train(msg: Message, context: Context) -> Message:
             delta_state = adapter_delta(adapter_state(model), global_state)
             privacy, dp_metrics = ConfigRecord({keys.STATUS: keys.STATUS_NON_PRIVATE}), {}
         else:
-            guard = SitePrivacyGuard(cfg.privacy, state_dir=state_dir(context, cfg, name), dataset=data.fingerprint,
+            # The ledger is keyed by the dataset, not the run: by its content fingerprint, or by a
+            # stable id the site pins in its node config (so an edited or extended dataset keeps
+            # charging the same ledger instead of starting a fresh budget).
+            dataset_key = str(context.node_config.get(keys.NODE_DATASET_ID, data.fingerprint))
+            guard = SitePrivacyGuard(cfg.privacy, state_dir=state_dir(context, cfg, name), dataset=dataset_key,
                                      num_records=len(data.train), node_config=context.node_config)
             stored = context.state.config_records.get(keys.STATE_PLAN)
             decision = guard.plan(server_round=server_round, rounds_total=cfg.federation.rounds,

@@ -20,8 +20,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fedsecure.config import SimulationConfig
 from fedsecure.errors import FedSecureError
@@ -42,9 +43,8 @@ def run_config(cfg: SimulationConfig, run_dir: Path) -> dict[str, bool | int | f
 
 def run_inprocess_engine(cfg: SimulationConfig, run_dir: Path) -> None:
     from client.app import app as client_app
-    from server.app import app as server_app
-
     from fedsecure.federation.inprocess import run_inprocess
+    from server.app import app as server_app
 
     run_inprocess(server_app, client_app, num_nodes=cfg.federation.sites, run_config=run_config(cfg, run_dir),
                   node_configs=node_configs(cfg))

@@ -48,6 +48,7 @@ NUM_PARTITIONS = "num-partitions"
 NODE_SITE_NAME = "site-name"
 NODE_DATA_DIR = "data-dir"
 NODE_STATE_DIR = "state-dir"
+NODE_DATASET_ID = "dataset-id"  # optional stable ledger key; default: the dataset's content fingerprint
 
 # context.state keys (stay on the node)
 STATE_PLAN = "fedsecure.privacy-plan"

@@ -61,8 +61,12 @@ class LedgerEntry:
         return hashlib.sha256(json.dumps(self.body(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def ledger_path(state_dir: str | Path, fingerprint: str) -> Path:
-    return Path(state_dir) / f"privacy-ledger-{fingerprint[:16]}.jsonl"
+def ledger_path(state_dir: str | Path, dataset: str) -> Path:
+    """``privacy-ledger-<key>.jsonl``; the key is the fingerprint's first 16 hex digits or a safe dataset id."""
+    key = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset[:64])
+    if len(dataset) == 64 and all(c in "0123456789abcdef" for c in dataset):
+        key = dataset[:16]
+    return Path(state_dir) / f"privacy-ledger-{key}.jsonl"
 
 
 class PrivacyLedger:
@@ -75,7 +79,7 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ reading
     @classmethod
-    def open(cls, state_dir: str | Path, dataset: str, *, verify_epsilon: bool = True) -> "PrivacyLedger":
+    def open(cls, state_dir: str | Path, dataset: str, *, verify_epsilon: bool = True) -> PrivacyLedger:
         path = ledger_path(state_dir, dataset)
         entries: list[LedgerEntry] = []
         if path.exists():
@@ -144,7 +148,7 @@ class PrivacyLedger:
     def append(self, *, run_id: str, server_round: int, spend: Spend, delta: float, accountant: str,
                max_grad_norm: float, epsilon_after: float, budget_epsilon: float) -> LedgerEntry:
         """Append one entry and make it durable (fsync of the file and its directory) before returning."""
-        entry = LedgerEntry(seq=len(self.entries), time=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+        entry = LedgerEntry(seq=len(self.entries), time=_dt.datetime.now(_dt.UTC).isoformat(),
                             dataset=self.dataset, run_id=run_id, server_round=server_round, sigma=spend.sigma,
                             q=spend.q, steps=spend.steps, delta=delta, accountant=accountant,
                             max_grad_norm=max_grad_norm, epsilon_after=epsilon_after,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from fedsecure.config import PrivacySettings
 from fedsecure.privacy.accounting import Spend, calibrate_noise, default_delta, epsilon_of
