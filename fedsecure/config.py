@@ -172,6 +172,24 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    """Encryption at rest of everything that holds weights or training state (adapters, ledgers)."""
+
+    seal: bool = True
+    key_provider: Literal["file", "env", "passphrase", "command"] = "file"
+    keyring: str | None = None  # file provider: keyring path; None = <run-dir>/keys/<party>.keyring.json
+    key_command: str | None = None  # command provider: prints the keyring JSON
+    chunk_size: int = 1 << 20
+
+    def validate(self, prefix: str) -> None:
+        _require(4096 <= self.chunk_size <= 64 << 20, f"{prefix}.chunk_size", self.chunk_size,
+                 "must be in [4096, 67108864] bytes")
+        if self.key_provider == "command":
+            _require(bool(self.key_command), f"{prefix}.key_command", self.key_command,
+                     "must name the program that prints the keyring when key_provider is command")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Everything one federation run needs; ``configs/simulation.yaml`` is the template."""
 
@@ -182,6 +200,7 @@ class SimulationConfig:
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
     def validate(self) -> SimulationConfig:
         self.federation.validate("federation")
@@ -189,6 +208,7 @@ class SimulationConfig:
         self.data.validate("data")
         self.train.validate("train")
         self.privacy.validate("privacy")
+        self.storage.validate("storage")
         return self
 
     # ------------------------------------------------------------------ conversions

@@ -34,3 +34,13 @@ class LedgerError(FedSecureError):
 
 class BudgetExhaustedError(FedSecureError):
     """Training would take the site past its (ε, δ) budget."""
+
+
+class IntegrityError(FedSecureError):
+    """A sealed file failed authentication (tampered, truncated, reordered or the wrong key).
+
+    It says which file, never which byte: nothing from a failed file is ever returned."""
+
+
+class KeyMaterialError(FedSecureError):
+    """A key-encryption key is missing, malformed or stored unsafely."""

@@ -4,7 +4,8 @@ Layout::
 
     config.yaml                 resolved configuration of the run
     metrics.jsonl               one JSON object per (round, site), plus one per round for the federation
-    adapters/global-r0003.safetensors   global LoRA adapter after each round (round 0 = initial)
+    adapters/global-r0003.safetensors.sealed   global LoRA adapter after each round (round 0 = initial),
+                                        sealed with the coordinator's key (plain .safetensors if sealing is off)
     summary.json / summary.md   written when the run ends
 """
 
@@ -20,7 +21,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fedsecure.model.adapter import load_adapter_file, save_adapter_file
+from fedsecure.crypto.keys import KeyRing
+from fedsecure.crypto.sealed import DEFAULT_CHUNK, SUFFIX
+from fedsecure.crypto.tensors import open_tensors, seal_tensors
+from fedsecure.errors import FedSecureError
+from fedsecure.model.adapter import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, load_adapter_file, save_adapter_file
 
 
 def new_run_id() -> str:
@@ -30,8 +35,10 @@ def new_run_id() -> str:
 class RunDir:
     """Files of one run. Appends are flushed and fsynced, so a crash loses at most one line."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, ring: KeyRing | None = None, chunk_size: int = DEFAULT_CHUNK) -> None:
         self.path = Path(path)
+        self.ring = ring
+        self.chunk_size = chunk_size
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "adapters").mkdir(exist_ok=True)
 
@@ -56,16 +63,27 @@ class RunDir:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
     def adapter_path(self, server_round: int) -> Path:
-        return self.path / "adapters" / f"global-r{server_round:04d}.safetensors"
+        plain = self.path / "adapters" / f"global-r{server_round:04d}.safetensors"
+        return plain.with_name(plain.name + SUFFIX) if self.ring else plain
 
     def save_global_adapter(self, server_round: int, state: dict[str, np.ndarray], meta: dict[str, str]) -> Path:
-        return save_adapter_file(self.adapter_path(server_round), state, {"round": str(server_round), **meta})
+        meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, "round": str(server_round), **meta}
+        if self.ring is None:
+            return save_adapter_file(self.adapter_path(server_round), state, meta)
+        return seal_tensors(self.adapter_path(server_round), state, self.ring, meta, self.chunk_size)
 
     def load_global_adapter(self, server_round: int) -> dict[str, np.ndarray]:
-        return load_adapter_file(self.adapter_path(server_round))[0]
+        plain = self.path / "adapters" / f"global-r{server_round:04d}.safetensors"
+        sealed = plain.with_name(plain.name + SUFFIX)
+        if sealed.exists():
+            if self.ring is None:
+                raise FedSecureError(f"{sealed} is sealed; open the run with its keyring (storage.keyring).")
+            return open_tensors(sealed, self.ring)[0]
+        return load_adapter_file(plain)[0]
 
     def latest_round(self) -> int | None:
-        rounds = sorted(int(p.stem.split("-r")[-1]) for p in (self.path / "adapters").glob("global-r*.safetensors"))
+        rounds = sorted(int(p.name.split("-r")[1][:4]) for p in (self.path / "adapters").glob("global-r*.safetensors*")
+                        if not p.name.endswith(".tmp"))
         return rounds[-1] if rounds else None
 
     def write_summary(self, summary: dict[str, Any], markdown: str) -> None:

@@ -6,6 +6,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsecure.config import SimulationConfig
 from fedsecure.federation.server import Coordinator
 from fedsecure.runs import RunDir
+from fedsecure.storage import coordinator_keyring
 
 app = ServerApp()
 
@@ -13,6 +14,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = SimulationConfig.from_run_config(context.run_config)
-    run_dir = RunDir(str(context.run_config["run-dir"]))
+    path = str(context.run_config["run-dir"])
+    run_dir = RunDir(path, coordinator_keyring(cfg, path), cfg.storage.chunk_size)
     run_dir.write_config(cfg.to_dict())
     Coordinator(cfg, run_dir).run(grid)

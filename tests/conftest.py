@@ -34,3 +34,30 @@ def small_config(data_dir: Path | None = None, **sections: dict) -> SimulationCo
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return SimulationConfig.from_mapping(base)
+
+
+def global_adapter(run_dir: Path, server_round: int):
+    """The sealed global adapter of a finished run, opened with the run's coordinator keyring."""
+    from fedsecure.crypto import read_keyring_file
+    from fedsecure.runs import RunDir
+
+    ring_file = Path(run_dir) / "keys" / "coordinator.keyring.json"
+    ring = read_keyring_file(ring_file) if ring_file.exists() else None
+    return RunDir(run_dir, ring).load_global_adapter(server_round)
+
+
+def site_ledger_entries(site_state: Path) -> list[dict]:
+    """A site's ledger entries (sealed or not), opened with the site's own keyring."""
+    import json
+
+    from fedsecure.crypto import open_bytes, read_keyring_file
+
+    site_state = Path(site_state)
+    files = list(site_state.glob("privacy-ledger-*"))
+    assert len(files) == 1, files
+    if files[0].name.endswith(".sealed"):
+        ring = read_keyring_file(site_state.parent / "keys" / f"{site_state.name}.keyring.json")
+        text = open_bytes(files[0], ring)[0].decode()
+    else:
+        text = files[0].read_text()
+    return [json.loads(x) for x in text.splitlines() if x.strip()]

@@ -10,10 +10,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedsecure.federation import keys
 from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.federation.server import SiteOrderedFedAvg
-from fedsecure.model.adapter import load_adapter_file
 from fedsecure.simulation import simulate
 
-from .conftest import small_config
+from .conftest import global_adapter, small_config
 
 
 def _reply(name: str, delta: np.ndarray, n: int) -> Message:
@@ -48,8 +47,8 @@ def test_inprocess_simulation_writes_the_run_directory(site_data, tmp_path):
     summary = simulate(small_config(site_data), run_dir=tmp_path / "run")
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file()
-    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["global-r0000.safetensors",
-                                                                     "global-r0001.safetensors"]
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["global-r0000.safetensors.sealed",
+                                                                     "global-r0001.safetensors.sealed"]
     lines = [__import__("json").loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     site_lines = [x for x in lines if x["round"] == 1 and x["site"] != "federation"]
     assert {x["site"] for x in site_lines} == {"site-0", "site-1"}
@@ -59,16 +58,18 @@ def test_inprocess_simulation_writes_the_run_directory(site_data, tmp_path):
         assert x["records"] == 96 and x["bytes_up"] > 0
     assert summary["rounds_completed"] == 1
     assert (run / "summary.md").read_text().startswith("# fedsecure run summary")
-    state, meta = load_adapter_file(run / "adapters" / "global-r0001.safetensors")
-    assert meta["round"] == "1" and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in state)
+    state = global_adapter(run, 1)
+    assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in state)
+    from fedsecure.crypto import inspect
+
+    assert inspect(run / "adapters" / "global-r0001.safetensors.sealed").metadata["round"] == "1"
 
 
 def test_same_seed_gives_the_same_global_adapter(site_data, tmp_path):
     cfg = small_config(site_data)
     simulate(cfg, run_dir=tmp_path / "a")
     simulate(cfg, run_dir=tmp_path / "b")
-    a, _ = load_adapter_file(tmp_path / "a" / "adapters" / "global-r0001.safetensors")
-    b, _ = load_adapter_file(tmp_path / "b" / "adapters" / "global-r0001.safetensors")
+    a, b = global_adapter(tmp_path / "a", 1), global_adapter(tmp_path / "b", 1)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 

@@ -7,10 +7,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from fedsecure.model.adapter import load_adapter_file
 from fedsecure.simulation import simulate
 
-from .conftest import small_config
+from .conftest import global_adapter, small_config
 
 pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'fedsecure[ray]'")
 
@@ -37,14 +36,13 @@ def test_flwr_run_and_inprocess_give_the_same_global_adapter(site_data, tmp_path
     ray_cfg = small_config(site_data, federation={"engine": "ray"})
     summary = simulate(ray_cfg, run_dir=tmp_path / "ray")
     assert summary["rounds_completed"] == 1
-    a, _ = load_adapter_file(tmp_path / "inprocess" / "adapters" / "global-r0001.safetensors")
-    b, _ = load_adapter_file(tmp_path / "ray" / "adapters" / "global-r0001.safetensors")
+    a, b = global_adapter(tmp_path / "inprocess", 1), global_adapter(tmp_path / "ray", 1)
     assert a.keys() == b.keys()
     # Same seeds, same data, same apps: equal up to float reordering across thread counts.
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
     # and training really happened (the update is not zero)
-    init, _ = load_adapter_file(tmp_path / "ray" / "adapters" / "global-r0000.safetensors")
+    init = global_adapter(tmp_path / "ray", 0)
     assert max(float(np.abs(b[k] - init[k]).max()) for k in b) > 1e-3
     # everything the engine started has been stopped
     assert _flower_processes() <= before

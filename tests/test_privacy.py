@@ -263,7 +263,7 @@ def test_noise_is_unpredictable_unless_seeded():
 
 
 # --------------------------------------------------------------------------- in the federation
-from .conftest import small_config  # noqa: E402
+from .conftest import site_ledger_entries, small_config  # noqa: E402
 
 
 def _sim(cfg, run_dir, node_configs=None):
@@ -289,8 +289,8 @@ def test_simulate_is_private_by_default_and_stays_within_budget(site_data, tmp_p
         assert s["status"] == "active" and s["rounds_trained"] == [1, 2]
         assert 2.9 <= s["epsilon_spent"] <= 3.0  # calibrated to use, and never exceed, the budget
         assert s["delta"] == 1e-5 and s["sigma"] > 0.3 and s["steps_this_run"] == 8
-    ledgers = list((tmp_path / "run" / "sites").glob("*/privacy-ledger-*.jsonl"))
-    assert len(ledgers) == 2 and all(len(p.read_text().splitlines()) == 2 for p in ledgers)
+    for name in ("site-0", "site-1"):
+        assert len(site_ledger_entries(tmp_path / "run" / "sites" / name)) == 2
     assert "Privacy" in (tmp_path / "run" / "summary.md").read_text()
     assert summary["privacy"]["sites"]["site-0"]["epsilon_budget"] == 3.0
 
@@ -324,8 +324,8 @@ def test_run_ends_cleanly_when_every_site_is_exhausted(site_data, tmp_path):
     summary = _sim(cfg, tmp_path / "run")
     assert summary["stopped"] == "privacy budget exhausted at too many sites"
     assert summary["rounds_completed"] == 2
-    assert (tmp_path / "run" / "adapters" / "global-r0002.safetensors").is_file()
-    assert not (tmp_path / "run" / "adapters" / "global-r0003.safetensors").exists()
+    assert (tmp_path / "run" / "adapters" / "global-r0002.safetensors.sealed").is_file()
+    assert not (tmp_path / "run" / "adapters" / "global-r0003.safetensors.sealed").exists()
     assert all(s["refused_rounds"] == [3] for s in summary["privacy"]["sites"].values())
 
 
@@ -346,7 +346,8 @@ def test_a_restarted_site_continues_its_epsilon(site_data, tmp_path):
 
 def test_a_tampered_ledger_stops_that_site_with_a_clear_reason(site_data, tmp_path):
     state = tmp_path / "state"
-    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0, "state_dir": str(state)})
+    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0, "state_dir": str(state)},
+                       storage={"seal": False})  # a plain ledger, edited by hand (sealed ones: test_storage)
     _sim(cfg, tmp_path / "run1")
     ledger = next((state / "site-0").glob("privacy-ledger-*.jsonl"))
     entry = json.loads(ledger.read_text().splitlines()[0])
@@ -378,11 +379,9 @@ def test_killing_a_site_between_training_and_sending_keeps_the_spend(site_data, 
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 17, proc.stderr[-2000:]
-    ledgers = list((tmp_path / "state" / "site-0").glob("privacy-ledger-*.jsonl"))
-    assert len(ledgers) == 1
-    entries = [json.loads(x) for x in ledgers[0].read_text().splitlines()]
+    entries = site_ledger_entries(tmp_path / "state" / "site-0")  # sealed, opened with the site's key
     assert len(entries) == 1 and entries[0]["server_round"] == 1 and entries[0]["sigma"] == 1.0
-    assert not (tmp_path / "run" / "adapters" / "global-r0001.safetensors").exists()  # nothing was released
+    assert not list((tmp_path / "run" / "adapters").glob("global-r0001*"))  # nothing was released
 
 
 def test_client_level_dp_is_reported_separately(site_data, tmp_path):
@@ -425,4 +424,4 @@ def test_a_pinned_dataset_id_keeps_charging_the_same_ledger_when_the_data_change
     assert second_run["rounds"][1]["sites_ok"] == 1
     records = [x for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines() if '"site-0"' in x]
     assert any('"records": 97' in x for x in records)  # the new record was seen: the cache noticed the change
-    assert [p.name for p in (state / "site-0").iterdir()] == ["privacy-ledger-st-agnes-notes.jsonl"]
+    assert [p.name for p in (state / "site-0").iterdir()] == ["privacy-ledger-st-agnes-notes.jsonl.sealed"]

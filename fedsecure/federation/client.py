@@ -22,6 +22,7 @@ from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.model import adapter_delta, adapter_state, attach_lora, load_model_and_tokenizer, set_adapter_state
 from fedsecure.privacy.dpsgd import DPStepPlan, train_private
 from fedsecure.privacy.site import Refusal, SitePrivacyGuard
+from fedsecure.storage import site_keyring
 from fedsecure.training import evaluate, train_local
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,10 @@ def handle_train(msg: Message, context: Context) -> Message:
             # stable id the site pins in its node config (so an edited or extended dataset keeps
             # charging the same ledger instead of starting a fresh budget).
             dataset_key = str(context.node_config.get(keys.NODE_DATASET_ID, data.fingerprint))
-            guard = SitePrivacyGuard(cfg.privacy, state_dir=state_dir(context, cfg, name), dataset=dataset_key,
-                                     num_records=len(data.train), node_config=context.node_config)
+            site_state = state_dir(context, cfg, name)
+            guard = SitePrivacyGuard(cfg.privacy, state_dir=site_state, dataset=dataset_key,
+                                     num_records=len(data.train), node_config=context.node_config,
+                                     ring=site_keyring(cfg, site_state, name, context.node_config))
             stored = context.state.config_records.get(keys.STATE_PLAN)
             decision = guard.plan(server_round=server_round, rounds_total=cfg.federation.rounds,
                                   local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,

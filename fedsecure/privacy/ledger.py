@@ -9,7 +9,13 @@ entry's canonical JSON without ``hash``. An entry is written and fsynced (file a
 On open, the whole chain is replayed and checked: a changed, removed or reordered entry, a
 broken line or a ledger of another dataset stops the site with :class:`LedgerError`. Each
 entry's recorded ε is also recomputed from the history, so an edited σ is caught even if the
-editor recomputed the hashes. (Sealing the ledger with a site key comes with encrypted storage.)
+editor recomputed the hashes.
+
+With a keyring (sealing on, the default), the ledger file is a sealed file
+(``privacy-ledger-<key>.jsonl.sealed``) rewritten atomically on each append, so it can be neither
+read nor rewritten consistently without the site's key. A ledger that exists in the other form
+than the one configured (sealed while sealing is off, or the other way round) is never ignored:
+ignoring it would start a fresh budget.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsecure.errors import LedgerError
+from fedsecure.crypto.keys import KeyRing
+from fedsecure.crypto.sealed import DEFAULT_CHUNK, SUFFIX, open_bytes, seal_bytes
+from fedsecure.errors import FedSecureError, LedgerError
 from fedsecure.privacy.accounting import Spend, epsilon_of
 
 LEDGER_FORMAT = 1
@@ -72,19 +80,43 @@ def ledger_path(state_dir: str | Path, dataset: str) -> Path:
 class PrivacyLedger:
     """The ledger of one dataset; open it with :meth:`open` (which verifies it)."""
 
-    def __init__(self, path: Path, dataset: str, entries: list[LedgerEntry]) -> None:
+    def __init__(self, path: Path, dataset: str, entries: list[LedgerEntry], ring: KeyRing | None = None,
+                 chunk_size: int = DEFAULT_CHUNK) -> None:
         self.path = path
         self.dataset = dataset
         self.entries = entries
+        self.ring = ring
+        self.chunk_size = chunk_size
 
     # ------------------------------------------------------------------ reading
     @classmethod
-    def open(cls, state_dir: str | Path, dataset: str, *, verify_epsilon: bool = True) -> PrivacyLedger:
-        path = ledger_path(state_dir, dataset)
+    def open(cls, state_dir: str | Path, dataset: str, *, ring: KeyRing | None = None, verify_epsilon: bool = True,
+             chunk_size: int = DEFAULT_CHUNK) -> PrivacyLedger:
+        plain = ledger_path(state_dir, dataset)
+        sealed = plain.with_name(plain.name + SUFFIX)
+        text: str | None = None
+        if ring is not None:
+            path = sealed
+            if plain.exists():
+                raise LedgerError(f"an unsealed privacy ledger {plain} exists while sealing is on. Fix: seal it "
+                                  f"(`fedsecure seal {plain}`) and move the plain file away; it is never ignored.")
+            if sealed.exists():
+                try:
+                    text = open_bytes(sealed, ring)[0].decode("utf-8")
+                except FedSecureError as e:
+                    raise LedgerError(f"privacy ledger {sealed} cannot be opened: {e} Fix: use the site's own "
+                                      "keyring; restore the ledger from a backup if it was damaged.") from None
+        else:
+            path = plain
+            if sealed.exists():
+                raise LedgerError(f"privacy ledger {sealed} is sealed but storage.seal is off. Fix: turn sealing "
+                                  "on with the site's keyring; a sealed ledger is never ignored.")
+            if plain.exists():
+                text = plain.read_text(encoding="utf-8")
         entries: list[LedgerEntry] = []
-        if path.exists():
+        if text is not None:
             prev = GENESIS
-            for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            for lineno, raw in enumerate(text.splitlines(), start=1):
                 if not raw.strip():
                     continue
                 entry = cls._parse(path, lineno, raw)
@@ -102,7 +134,7 @@ class PrivacyLedger:
                 prev = entry.hash
             if verify_epsilon:
                 cls._verify_epsilons(path, entries)
-        return cls(path, dataset, entries)
+        return cls(path, dataset, entries, ring, chunk_size)
 
     @staticmethod
     def _parse(path: Path, lineno: int, raw: str) -> LedgerEntry:
@@ -156,6 +188,13 @@ class PrivacyLedger:
         entry = LedgerEntry(**{**asdict(entry), "hash": entry.computed_hash()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(asdict(entry), sort_keys=True) + "\n"
+        if self.ring is not None:
+            # sealed: rewrite the whole (small) ledger atomically; the writer fsyncs file and directory
+            body = "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in self.entries) + line
+            seal_bytes(self.path, body.encode("utf-8"), self.ring,
+                       {"content": "fedsecure-privacy-ledger", "dataset": self.dataset}, self.chunk_size)
+            self.entries.append(entry)
+            return entry
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line.encode("utf-8"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsecure.config import PrivacySettings
+from fedsecure.crypto.keys import KeyRing
 from fedsecure.privacy.accounting import Spend, calibrate_noise, default_delta, epsilon_of
 from fedsecure.privacy.dpsgd import DPStepPlan
 from fedsecure.privacy.ledger import LedgerEntry, PrivacyLedger
@@ -46,7 +47,7 @@ class SitePrivacyGuard:
     """Everything a site decides about privacy in one round."""
 
     def __init__(self, settings: PrivacySettings, *, state_dir: str | Path, dataset: str, num_records: int,
-                 node_config: Mapping[str, Any] | None = None) -> None:
+                 node_config: Mapping[str, Any] | None = None, ring: KeyRing | None = None) -> None:
         node_config = node_config or {}
         self.settings = settings
         self.accountant = settings.accountant
@@ -59,7 +60,7 @@ class SitePrivacyGuard:
             delta = min(delta, float(node_config[NODE_DELTA]))
         self.epsilon_budget = float(eps)
         self.delta = float(delta)
-        self.ledger = PrivacyLedger.open(state_dir, dataset)  # raises LedgerError if tampered
+        self.ledger = PrivacyLedger.open(state_dir, dataset, ring=ring)  # raises LedgerError if tampered
 
     def spent(self) -> float:
         return self.ledger.epsilon(self.delta, self.accountant)
