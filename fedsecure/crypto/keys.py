@@ -39,40 +39,53 @@ class KeyRing:
 
     def __post_init__(self) -> None:
         if self.current not in self.keys:
-            raise KeyMaterialError(f"keyring: current key id {self.current!r} is not among its keys {sorted(self.keys)}")
+            raise KeyMaterialError(
+                f"keyring: current key id {self.current!r} is not among its keys {sorted(self.keys)}"
+            )
         for kid, k in self.keys.items():
             if len(k) != KEY_BYTES:
                 raise KeyMaterialError(f"keyring: key {kid!r} is {len(k)} bytes; keys are {KEY_BYTES} random bytes")
 
     def get(self, kid: str) -> bytes:
         if kid not in self.keys:
-            raise KeyMaterialError(f"no key with id {kid!r} in the keyring (it holds {', '.join(sorted(self.keys))}). "
-                            "Fix: add the old key back to the keyring, or finish `fedsecure keys rotate`.")
+            raise KeyMaterialError(
+                f"no key with id {kid!r} in the keyring (it holds {', '.join(sorted(self.keys))}). "
+                "Fix: add the old key back to the keyring, or finish `fedsecure keys rotate`."
+            )
         return self.keys[kid]
 
     def to_json(self) -> str:
-        return json.dumps({"current": self.current,
-                           "keys": {k: base64.b64encode(v).decode() for k, v in self.keys.items()}}, indent=2)
+        return json.dumps(
+            {"current": self.current, "keys": {k: base64.b64encode(v).decode() for k, v in self.keys.items()}}, indent=2
+        )
 
     @classmethod
     def from_json(cls, text: str, source: str) -> KeyRing:
         try:
             raw = json.loads(text)
-            return cls(current=str(raw["current"]),
-                       keys={str(k): base64.b64decode(v, validate=True) for k, v in raw["keys"].items()})
+            return cls(
+                current=str(raw["current"]),
+                keys={str(k): base64.b64decode(v, validate=True) for k, v in raw["keys"].items()},
+            )
         except KeyMaterialError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise KeyMaterialError(f"{source} is not a keyring ({type(e).__name__}: {e}). It must be JSON "
-                            '{"current": id, "keys": {id: base64 of 32 bytes}}.') from None
+            raise KeyMaterialError(
+                f"{source} is not a keyring ({type(e).__name__}: {e}). It must be JSON "
+                '{"current": id, "keys": {id: base64 of 32 bytes}}.'
+            ) from None
 
     def public_view(self) -> dict:
         """Ids and fingerprints only, never key bytes."""
         import hashlib
 
-        return {"current": self.current,
-                "keys": {k: hashlib.sha256(b"fedsecure-kek-fingerprint" + v).hexdigest()[:16]
-                         for k, v in sorted(self.keys.items())}}
+        return {
+            "current": self.current,
+            "keys": {
+                k: hashlib.sha256(b"fedsecure-kek-fingerprint" + v).hexdigest()[:16]
+                for k, v in sorted(self.keys.items())
+            },
+        }
 
 
 def new_key_id() -> str:
@@ -87,14 +100,18 @@ def generate_keyring() -> KeyRing:
 def _check_private(path: Path) -> None:
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyMaterialError(f"key file {path} has permissions {oct(mode & 0o777)}; it must be readable by its owner "
-                        f"only. Fix: chmod 600 {path}")
+        raise KeyMaterialError(
+            f"key file {path} has permissions {oct(mode & 0o777)}; it must be readable by its owner "
+            f"only. Fix: chmod 600 {path}"
+        )
 
 
 def read_keyring_file(path: str | Path) -> KeyRing:
     p = Path(path)
     if not p.is_file():
-        raise KeyMaterialError(f"key file {p} does not exist. Fix: create one with `fedsecure keys init --keyring {p}`.")
+        raise KeyMaterialError(
+            f"key file {p} does not exist. Fix: create one with `fedsecure keys init --keyring {p}`."
+        )
     _check_private(p)
     return KeyRing.from_json(p.read_text(encoding="utf-8"), str(p))
 
@@ -120,7 +137,9 @@ def write_keyring_file(path: str | Path, ring: KeyRing, *, force: bool = False) 
 def keyring_from_env() -> KeyRing:
     raw = os.environ.get("FEDSECURE_KEK")
     if not raw:
-        raise KeyMaterialError("FEDSECURE_KEK is not set. Fix: export FEDSECURE_KEK=$(head -c32 /dev/urandom | base64).")
+        raise KeyMaterialError(
+            "FEDSECURE_KEK is not set. Fix: export FEDSECURE_KEK=$(head -c32 /dev/urandom | base64)."
+        )
     try:
         key = base64.b64decode(raw, validate=True)
     except ValueError:
@@ -155,12 +174,20 @@ def keyring_from_command(command: str) -> KeyRing:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise KeyMaterialError(f"key command {command!r} could not run: {e}") from None
     if out.returncode != 0:
-        raise KeyMaterialError(f"key command {command!r} failed with exit code {out.returncode}: {out.stderr.strip()[:200]}")
+        raise KeyMaterialError(
+            f"key command {command!r} failed with exit code {out.returncode}: {out.stderr.strip()[:200]}"
+        )
     return KeyRing.from_json(out.stdout, f"output of key command {command!r}")
 
 
-def load_keyring(provider: str, *, keyring_path: str | Path | None, default_path: Path, key_command: str | None = None,
-                 create_default: bool = True) -> KeyRing:
+def load_keyring(
+    provider: str,
+    *,
+    keyring_path: str | Path | None,
+    default_path: Path,
+    key_command: str | None = None,
+    create_default: bool = True,
+) -> KeyRing:
     """The keyring for one party (the coordinator or a site) from the configured provider.
 
     With the ``file`` provider and no explicit path, the party's default keyring file is created

@@ -223,6 +223,9 @@ def inspect(path: str | Path) -> SealedInfo:
         if not 1 <= chunk <= MAX_CHUNK or header.get("cipher") != "AES-256-GCM":
             raise ValueError("chunk")
         base64.b64decode(header["nonce_prefix"], validate=True)
+        if not isinstance(header.get("metadata", {}), dict) or not all(
+                isinstance(slot.get(k), str) for k in ("kek_id", "wrap_nonce", "wrapped_key")):
+            raise ValueError("slot")
     except IntegrityError:
         raise
     except (OSError, struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):

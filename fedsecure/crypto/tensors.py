@@ -18,8 +18,17 @@ from fedsecure.crypto.keys import KeyRing
 from fedsecure.crypto.sealed import DEFAULT_CHUNK, SealedWriter, open_bytes
 from fedsecure.errors import IntegrityError
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
-           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
@@ -30,17 +39,27 @@ def _header(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None) -> 
         arr = tensors[name]
         if arr.dtype not in _NAMES:
             raise ValueError(f"tensor {name}: dtype {arr.dtype} is not supported")
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": _NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to a multiple of 8
     return struct.pack("<Q", len(raw)) + raw
 
 
-def seal_tensors(path: str | Path, tensors: dict[str, np.ndarray], ring: KeyRing,
-                 metadata: dict[str, str] | None = None, chunk_size: int = DEFAULT_CHUNK) -> Path:
+def seal_tensors(
+    path: str | Path,
+    tensors: dict[str, np.ndarray],
+    ring: KeyRing,
+    metadata: dict[str, str] | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Path:
     """Write ``tensors`` as safetensors into a sealed file, streaming tensor by tensor."""
-    arrays = {k: np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<"), copy=False) for k, v in tensors.items()}
+    # C-contiguous little-endian; reshape keeps 0-d tensors 0-d (ascontiguousarray makes them 1-d)
+    arrays = {k: np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<")).reshape(v.shape) for k, v in tensors.items()}
     with SealedWriter(path, ring, {"content": "safetensors", **(metadata or {})}, chunk_size) as w:
         w.write(_header(arrays, metadata))
         for name in sorted(arrays):
@@ -57,7 +76,7 @@ def open_tensors(path: str | Path, ring: KeyRing) -> tuple[dict[str, np.ndarray]
 def parse_safetensors(buf: bytearray | bytes, source: str) -> dict[str, np.ndarray]:
     try:
         (n,) = struct.unpack("<Q", bytes(buf[:8]))
-        header = json.loads(bytes(buf[8: 8 + n]))
+        header = json.loads(bytes(buf[8 : 8 + n]))
         base = 8 + n
         out = {}
         for name, spec in header.items():
