@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_dp_step.py
 	$(BIN)/python bench/bench_utility.py
 	$(BIN)/python bench/bench_engines.py
+	$(BIN)/python bench/bench_seal.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

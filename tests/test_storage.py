@@ -314,3 +314,33 @@ def test_cli_seal_open_inspect_and_keys(tmp_path):
     assert res.exit_code == 2 and "not a sealed fedsecure file" in res.output
     with pytest.raises(FedSecureError):
         inspect(src)
+
+
+def test_independent_decryptor_from_the_spec(tmp_path, ring):
+    """docs/sealed-format.md is enough to decrypt: this reader uses only the spec and AES-GCM."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    data = os.urandom(3 * 4096 + 17)
+    p = seal_bytes(tmp_path / "spec.sealed", data, ring, {"who": "spec"}, chunk_size=4096)
+    raw = p.read_bytes()
+    assert raw[:8] == b"FSSEALED" and raw[8] == 1
+    hl = int.from_bytes(raw[9:13], "big")
+    header_bytes = raw[13:13 + hl]
+    sl = int.from_bytes(raw[13 + hl:17 + hl], "big")
+    slot = json.loads(raw[17 + hl:17 + hl + sl])
+    header = json.loads(header_bytes)
+    h = hashlib.sha256(b"FSSEALED" + b"\x01" + header_bytes).digest()
+    kek = ring.keys[slot["kek_id"]]
+    dk = AESGCM(kek).decrypt(base64.b64decode(slot["wrap_nonce"]), base64.b64decode(slot["wrapped_key"]),
+                             b"fedsecure-wrap-v1" + h + slot["kek_id"].encode())
+    prefix, c = base64.b64decode(header["nonce_prefix"]), header["chunk_size"]
+    body = raw[17 + hl + sl:]
+    stored = [body[i:i + c + 16] for i in range(0, len(body), c + 16)]
+    plain = b""
+    for i, chunk in enumerate(stored):
+        final = i == len(stored) - 1
+        plain += AESGCM(dk).decrypt(prefix + i.to_bytes(4, "big"), chunk,
+                                    b"fedsecure-chunk-v1" + h + i.to_bytes(8, "big") + bytes([final]))
+    assert plain == data and header["metadata"] == {"who": "spec"}

@@ -259,17 +259,47 @@ def _chunks(info: SealedInfo, ring: KeyRing) -> Iterator[bytes]:
 
 
 def open_bytes(path: str | Path, ring: KeyRing) -> tuple[bytearray, dict[str, str]]:
-    """Decrypt a whole sealed file into one buffer (returned only if every chunk authenticates)."""
+    """Decrypt a whole sealed file into one buffer (returned only if every chunk authenticates).
+
+    Chunks are read into one reusable block and decrypted straight into the output buffer.
+    """
     info = inspect(path)
-    out = bytearray(max(0, info.plaintext_size))
-    pos = 0
-    for chunk in _chunks(info, ring):
-        if pos + len(chunk) > len(out):
-            raise _fail(info.path)
-        out[pos: pos + len(chunk)] = chunk
-        pos += len(chunk)
-    if pos != len(out):
+    size = info.plaintext_size
+    if size < 0:
         raise _fail(info.path)
+    out = bytearray(size)
+    view = memoryview(out)
+    aead = AESGCM(_unwrap(info, ring))
+    prefix = base64.b64decode(info.header["nonce_prefix"])
+    if len(prefix) != 8:
+        raise _fail(info.path)
+    full = info.chunk_size + TAG
+    body = info.file_size - info.data_offset
+    n_chunks = max(1, -(-body // full))
+    block = bytearray(full)
+    pos = 0
+    with open(info.path, "rb") as f:
+        f.seek(info.data_offset)
+        for index in range(n_chunks):
+            final = index == n_chunks - 1
+            n = f.readinto(block)
+            if n < TAG or (not final and n != full):
+                raise _fail(info.path)
+            plain_len = n - TAG
+            if pos + plain_len > size:
+                raise _fail(info.path)
+            nonce = prefix + struct.pack(">I", index)
+            aad = _chunk_aad(info.header_hash, index, final)
+            try:
+                if hasattr(aead, "decrypt_into"):  # cryptography >= 45: no intermediate copy
+                    aead.decrypt_into(nonce, memoryview(block)[:n], aad, view[pos: pos + plain_len])
+                else:  # pragma: no cover - older cryptography
+                    view[pos: pos + plain_len] = aead.decrypt(nonce, bytes(block[:n]), aad)
+            except (InvalidTag, ValueError):
+                raise _fail(info.path) from None
+            pos += plain_len
+        if f.read(1) or pos != size:
+            raise _fail(info.path)
     return out, info.metadata
 
 
