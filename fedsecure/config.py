@@ -190,6 +190,36 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class TransportSettings:
+    """How adapters travel: deltas, error feedback, top-k, blockwise int8/int4, zstd (both directions)."""
+
+    enabled: bool = True
+    uplink_bits: int = 4  # site -> coordinator: 32 (float32), 8 or 4
+    uplink_topk: float = 0.05  # share of each tensor's entries kept (1.0 = dense)
+    downlink_bits: int = 8  # coordinator -> site, delta against the adapter the site already holds
+    downlink_topk: float = 1.0
+    error_feedback: bool = True  # carry what compression dropped into the next round (sealed at rest)
+    stochastic_rounding: bool = True  # unbiased quantization
+    zstd_level: int = 3  # 0 = off
+    policy: tuple[str, ...] = ()  # per-tensor uplink overrides "glob=bits/topk", e.g. "*kv_b_proj*=8/1.0"
+    max_update_bytes: int = 64 << 20  # larger updates are rejected before anything is decompressed
+
+    def validate(self, prefix: str) -> None:
+        for key in ("uplink_bits", "downlink_bits"):
+            _require(getattr(self, key) in (32, 8, 4), f"{prefix}.{key}", getattr(self, key), "must be 32, 8 or 4")
+        for key in ("uplink_topk", "downlink_topk"):
+            _require(0 < getattr(self, key) <= 1, f"{prefix}.{key}", getattr(self, key), "must be in (0, 1]")
+        _require(0 <= self.zstd_level <= 22, f"{prefix}.zstd_level", self.zstd_level, "must be in [0, 22]")
+        _require(self.max_update_bytes >= 1024, f"{prefix}.max_update_bytes", self.max_update_bytes, "must be >= 1024")
+        from fedsecure.transport.codec import CodecPolicy
+
+        try:
+            CodecPolicy.parse_overrides(self.policy)
+        except ValueError as e:
+            raise ConfigError(f"{prefix}.policy: {e}") from None
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Everything one federation run needs; ``configs/simulation.yaml`` is the template."""
 
@@ -201,6 +231,7 @@ class SimulationConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    transport: TransportSettings = field(default_factory=TransportSettings)
 
     def validate(self) -> SimulationConfig:
         self.federation.validate("federation")
@@ -209,6 +240,7 @@ class SimulationConfig:
         self.train.validate("train")
         self.privacy.validate("privacy")
         self.storage.validate("storage")
+        self.transport.validate("transport")
         return self
 
     # ------------------------------------------------------------------ conversions

@@ -44,3 +44,7 @@ class IntegrityError(FedSecureError):
 
 class KeyMaterialError(FedSecureError):
     """A key-encryption key is missing, malformed or stored unsafely."""
+
+
+class UpdateRejected(FedSecureError):
+    """An encoded update is malformed, oversized, does not match the adapter, or is not finite."""

@@ -24,11 +24,15 @@ from fedsecure.privacy.dpsgd import DPStepPlan, train_private
 from fedsecure.privacy.site import Refusal, SitePrivacyGuard
 from fedsecure.storage import site_keyring
 from fedsecure.training import evaluate, train_local
+from fedsecure.transport.session import load_residual, save_residual, site_encode, site_receive
 
 log = logging.getLogger(__name__)
 
 #: Error code of a reply whose site could not do the work (bad data, bad adapter, ...).
 ERR_SITE = 4001
+
+#: The site whose message this process is handling (for logs and fault-injection tests).
+_CURRENT_SITE: str | None = None
 
 
 @lru_cache(maxsize=2)
@@ -82,13 +86,28 @@ def _prepare(msg: Message, context: Context):
     cfg = SimulationConfig.from_run_config(context.run_config)
     name, directory = site_identity(context, cfg)
     context.state.config_records[keys.SITE] = ConfigRecord({keys.SITE_NAME: name})
+    global _CURRENT_SITE
+    _CURRENT_SITE = name
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model, tokenizer = _model(cfg.model)
     data = _site_data(str(directory), tokenizer, cfg.data.max_length)
-    global_state = from_array_record(msg.content[keys.ARRAYS])
+    global_state = _receive_global(msg, context, cfg, model)
     set_adapter_state(model, global_state)
     return cfg, name, model, tokenizer, data, global_state
+
+
+def _receive_global(msg: Message, context: Context, cfg: SimulationConfig, model: torch.nn.Module):
+    """The global adapter: plain arrays, or the encoded downlink applied to what this site holds."""
+    if keys.ARRAYS in msg.content:
+        return from_array_record(msg.content[keys.ARRAYS])
+    rec = msg.content[keys.CONFIG]
+    if keys.DOWNLINK not in rec:
+        raise FedSecureError("the coordinator sent neither an adapter nor an encoded update")
+    held = from_array_record(context.state[keys.STATE_VIEW]) if keys.STATE_VIEW in context.state else None
+    view = site_receive(rec[keys.DOWNLINK], str(rec[keys.DOWNLINK_BASE]), held, adapter_state(model), cfg.transport)
+    context.state[keys.STATE_VIEW] = to_array_record(view)
+    return view
 
 
 def _error_reply(msg: Message, context: Context, what: str, e: Exception) -> Message:
@@ -161,13 +180,33 @@ def handle_train(msg: Message, context: Context) -> Message:
             entry = guard.record(decision, run_id=run_id, server_round=server_round)
             privacy = _privacy_record(guard, keys.STATUS_TRAINED)
             dp_metrics = _dp_metrics(guard, entry.epsilon_after, decision.plan)
+        update = _encode_update(context, cfg, name, run_id, delta_state, seed ^ 0xC0DEC)
     except FedSecureError as e:
         return _error_reply(msg, context, "train", e)
     metrics = MetricRecord({keys.NUM_EXAMPLES: result.examples, keys.TRAIN_LOSS: result.loss,
                             keys.STEPS: result.steps, keys.SECONDS: result.seconds, **dp_metrics})
-    content = RecordDict({keys.ARRAYS: to_array_record(delta_state), keys.METRICS: metrics,
-                          keys.SITE: _site_record(name, data), keys.PRIVACY: privacy})
+    content = RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(name, data), keys.PRIVACY: privacy})
+    if update is None:
+        content[keys.ARRAYS] = to_array_record(delta_state)
+    else:
+        content[keys.UPDATE] = ConfigRecord({keys.PAYLOAD: update})
     return Message(content, reply_to=msg)
+
+
+def _encode_update(context: Context, cfg: SimulationConfig, name: str, run_id: str, delta,
+                   seed: int) -> bytes | None:
+    """Compress the (already DP-noised) delta; the error-feedback residual stays sealed at the site."""
+    if not cfg.transport.enabled:
+        return None
+    residual, ring, site_state = None, None, None
+    if cfg.transport.error_feedback:
+        site_state = state_dir(context, cfg, name)
+        ring = site_keyring(cfg, site_state, name, context.node_config)
+        residual = load_residual(site_state, ring, run_id, delta)
+    payload, new_residual = site_encode(delta, residual, cfg.transport, seed)
+    if site_state is not None:
+        save_residual(site_state, ring, run_id, new_residual)
+    return payload
 
 
 def _privacy_record(guard: SitePrivacyGuard, status: str, reason: str = "") -> ConfigRecord:

@@ -8,6 +8,12 @@ SITE = "site"  # ConfigRecord: who answered (up)
 
 # ConfigRecord keys, coordinator -> site
 SERVER_ROUND = "server-round"  # injected by Flower's FedAvg
+DOWNLINK = "fedsecure.downlink"  # bytes: the encoded global adapter (transport on)
+DOWNLINK_BASE = "fedsecure.downlink-base"  # hash of the adapter the payload applies to, or "none"
+
+# site -> coordinator, transport on: RecordDict key UPDATE -> ConfigRecord {PAYLOAD: bytes}
+UPDATE = "update"
+PAYLOAD = "payload"
 ROUND_SEED = "fedsecure.round-seed"
 
 # MetricRecord keys, site -> coordinator
@@ -52,3 +58,4 @@ NODE_DATASET_ID = "dataset-id"  # optional stable ledger key; default: the datas
 
 # context.state keys (stay on the node)
 STATE_PLAN = "fedsecure.privacy-plan"
+STATE_VIEW = "fedsecure.adapter-view"  # the global adapter as this site last reconstructed it

@@ -17,17 +17,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsecure.config import SimulationConfig
+from fedsecure.errors import UpdateRejected
 from fedsecure.federation import keys
 from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.model import adapter_state, apply_delta, attach_lora, load_model_and_tokenizer
 from fedsecure.privacy import report
 from fedsecure.privacy.client_dp import ClientLevelDP
 from fedsecure.runs import RunDir
+from fedsecure.transport.codec import decode, expected_manifest
+from fedsecure.transport.session import DownlinkTracker
 
 log = logging.getLogger(__name__)
 
@@ -129,22 +132,55 @@ class Coordinator:
         self.history: list[dict[str, Any]] = []
         self.retired: dict[int, str] = {}  # node id -> site name, budget exhausted
         self.known_sites: dict[int, str] = {}  # node id -> site name
+        self.downlink = DownlinkTracker(cfg.transport) if cfg.transport.enabled else None
+        self.bytes_down: dict[int, int] = {}  # node id -> bytes of the last message sent to it
         self.privacy_sites: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, grid: Grid, server_round: int, arrays: ArrayRecord, rl: RoundLog) -> float | None:
-        msgs = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-        replies = grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s)
+    def _per_node(self, template: list[Message], state: dict[str, np.ndarray], arrays: ArrayRecord,
+                  server_round: int) -> list[Message]:
+        """One message per node: the plain adapter, or (transport on) the encoded difference to what
+        that node already holds."""
+        out = []
+        for m in template:
+            node = m.metadata.dst_node_id
+            config = ConfigRecord({keys.SERVER_ROUND: server_round})
+            if self.downlink is None:
+                content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config})
+                self.bytes_down[node] = arrays.count_bytes()
+            else:
+                payload, base = self.downlink.payload_for(node, state, seed=self.cfg.seed * 1_000_003 + server_round)
+                config[keys.DOWNLINK], config[keys.DOWNLINK_BASE] = payload, base
+                content = RecordDict({keys.CONFIG: config})
+                self.bytes_down[node] = len(payload)
+            out.append(Message(content, dst_node_id=node, message_type=m.metadata.message_type,
+                               group_id=str(server_round)))
+        return out
+
+    def _failed(self, node: int, name: str, reason: str, rl: RoundLog) -> None:
+        rl.failures[name] = reason
+        if self.downlink is not None:
+            self.downlink.forget(node)  # it may not hold what we think: send it a full adapter next time
+
+    def _evaluate(self, grid: Grid, server_round: int, state: dict[str, np.ndarray], arrays: ArrayRecord,
+                  rl: RoundLog) -> float | None:
+        template = list(self.strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        msgs = self._per_node(template, state, arrays, server_round)
+        replies = list(grid.send_and_receive(msgs, timeout=self.cfg.federation.round_timeout_s))
+        answered = {m.metadata.src_node_id for m in replies}
+        for msg in msgs:
+            if msg.metadata.dst_node_id not in answered and self.downlink is not None:
+                self.downlink.forget(msg.metadata.dst_node_id)
         for reply in replies:
             name = site_name(reply, self.known_sites)
             if reply.has_error():
-                rl.failures[name] = reply.error.reason
+                self._failed(reply.metadata.src_node_id, name, reply.error.reason, rl)
                 continue
             m = reply.content[keys.METRICS]
             entry = rl.site(name)
             entry.update(eval_loss=float(m[keys.EVAL_LOSS]), eval_tokens=int(m[keys.EVAL_TOKENS]),
                          eval_records=int(m[keys.NUM_EXAMPLES]), eval_seconds=round(float(m[keys.SECONDS]), 4))
-            entry["bytes_down"] = entry.get("bytes_down", 0) + arrays.count_bytes()
+            entry["bytes_down"] = entry.get("bytes_down", 0) + self.bytes_down.get(reply.metadata.src_node_id, 0)
         return _weighted_eval(e for e in rl.sites.values() if "eval_loss" in e)
 
     # ------------------------------------------------------------------ privacy bookkeeping
@@ -183,7 +219,7 @@ class Coordinator:
 
         rl0 = RoundLog(0)
         t0 = time.perf_counter()
-        initial_loss = self._evaluate(grid, 0, arrays, rl0)
+        initial_loss = self._evaluate(grid, 0, state, arrays, rl0)
         self._record(rl0, initial_loss, time.perf_counter() - t0)
         log.info("round 0: held-out loss %.4f", initial_loss or float("nan"))
         stopped = None
@@ -191,8 +227,10 @@ class Coordinator:
         for server_round in range(1, cfg.federation.rounds + 1):
             rl = RoundLog(server_round)
             t_round = time.perf_counter()
-            msgs = [m for m in self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
-                    if m.metadata.dst_node_id not in self.retired]
+            template = [m for m in self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+                        if m.metadata.dst_node_id not in self.retired]
+            msgs = self._per_node(template, state, arrays, server_round)
+            expected = expected_manifest({k: v.shape for k, v in state.items()})
             self.strategy.sampled = len(msgs)
             self.strategy.total = len(list(grid.get_node_ids()))
             replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout_s)) if msgs else []
@@ -200,12 +238,13 @@ class Coordinator:
             for msg in msgs:
                 node = msg.metadata.dst_node_id
                 if node not in answered:
-                    rl.failures[self.known_sites.get(node, f"node-{node}")] = "no reply before the round timeout"
+                    self._failed(node, self.known_sites.get(node, f"node-{node}"), "no reply before the round timeout",
+                                 rl)
             ok = []
             for reply in replies:
                 name = site_name(reply, self.known_sites)
                 if reply.has_error():
-                    rl.failures[name] = reply.error.reason
+                    self._failed(reply.metadata.src_node_id, name, reply.error.reason, rl)
                     log.warning("round %d: %s failed: %s", server_round, name, reply.error.reason)
                     continue
                 status = self._note_privacy(name, reply, server_round)
@@ -215,11 +254,16 @@ class Coordinator:
                     log.warning("round %d: %s retired: privacy budget exhausted (%s)", server_round, name,
                                 reply.content[keys.PRIVACY][keys.REASON])
                     continue
+                bytes_up = self._accept_update(reply, expected)
+                if isinstance(bytes_up, str):
+                    self._failed(reply.metadata.src_node_id, name, bytes_up, rl)
+                    log.warning("round %d: %s: %s", server_round, name, bytes_up)
+                    continue
                 m = reply.content[keys.METRICS]
                 entry = rl.site(name)
                 entry.update(train_loss=float(m[keys.TRAIN_LOSS]), records=int(m[keys.NUM_EXAMPLES]),
                              steps=int(m[keys.STEPS]), train_seconds=round(float(m[keys.SECONDS]), 4),
-                             bytes_down=arrays.count_bytes(), bytes_up=reply.content[keys.ARRAYS].count_bytes(),
+                             bytes_down=self.bytes_down.get(reply.metadata.src_node_id, 0), bytes_up=bytes_up,
                              fp32_bytes=fp32_bytes)
                 if keys.DP_EPSILON in m:
                     entry.update(epsilon=float(m[keys.DP_EPSILON]), sigma=float(m[keys.DP_SIGMA]))
@@ -237,11 +281,36 @@ class Coordinator:
             state = apply_delta(state, from_array_record(delta_record))
             arrays = to_array_record(state)
             self.run_dir.save_global_adapter(server_round, state, meta)
-            loss = self._evaluate(grid, server_round, arrays, rl)
+            loss = self._evaluate(grid, server_round, state, arrays, rl)
             self._record(rl, loss, time.perf_counter() - t_round)
             log.info("round %d: held-out loss %.4f", server_round, loss or float("nan"))
 
         return self._finish(initial_loss, stopped)
+
+    def _accept_update(self, reply: Message, expected) -> int | str:
+        """Decode a site's update in place (strictly); returns its wire bytes, or the rejection reason."""
+        if keys.UPDATE not in reply.content:
+            if keys.ARRAYS not in reply.content:
+                return "update rejected: the reply holds no adapter update"
+            arrays = reply.content[keys.ARRAYS]
+            try:
+                delta = from_array_record(arrays)
+                if [(k, tuple(v.shape)) for k, v in sorted(delta.items())] != expected:
+                    return "update rejected: its tensors do not match the adapter"
+                if not all(np.all(np.isfinite(v)) for v in delta.values()):
+                    return "update rejected: it holds NaN or infinite values"
+            except (ValueError, TypeError):
+                return "update rejected: malformed arrays"
+            return arrays.count_bytes()
+        try:
+            payload = reply.content[keys.UPDATE][keys.PAYLOAD]
+            delta = decode(payload, expected, max_bytes=self.cfg.transport.max_update_bytes)
+        except UpdateRejected as e:
+            return f"update rejected: {e}"
+        except (KeyError, TypeError):
+            return "update rejected: the update record is malformed"
+        reply.content[keys.ARRAYS] = to_array_record(delta)
+        return len(payload)
 
     def _record(self, rl: RoundLog, loss: float | None, seconds: float, stopped: str | None = None) -> None:
         for entry in rl.sites.values():

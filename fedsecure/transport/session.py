@@ -1,0 +1,126 @@
+"""Both ends of the transport: the coordinator's downlink tracker and the site's encode/decode steps.
+
+Downlink: the coordinator remembers, per site, the adapter that site reconstructed last time
+(``views``), and sends only the encoded difference to the new global adapter, named by the hash
+of the base it applies to. A site whose base differs (it restarted, or missed a message) answers
+with an error carrying :data:`RESEND_FULL`, and gets a full adapter ("keyframe") next time. What
+the lossy downlink drops is not lost: it stays in ``global - view`` and travels next round.
+
+Uplink: the site encodes its DP-noised delta plus the error-feedback residual (what earlier
+rounds' compression dropped, kept sealed in the site's state directory) and keeps the new residual.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from fedsecure.config import TransportSettings
+from fedsecure.crypto.keys import KeyRing
+from fedsecure.errors import FedSecureError
+from fedsecure.transport.codec import CodecPolicy, TensorRule, decode, encode, expected_manifest
+
+RESEND_FULL = "[fedsecure:resend-full-adapter]"
+NO_BASE = "none"
+
+
+def uplink_policy(ts: TransportSettings) -> CodecPolicy:
+    return CodecPolicy(TensorRule(ts.uplink_bits, ts.uplink_topk), CodecPolicy.parse_overrides(ts.policy),
+                       ts.zstd_level, ts.stochastic_rounding)
+
+
+def downlink_policy(ts: TransportSettings, keyframe: bool) -> CodecPolicy:
+    return CodecPolicy(TensorRule(ts.downlink_bits, 1.0 if keyframe else ts.downlink_topk), (), ts.zstd_level,
+                       ts.stochastic_rounding)
+
+
+def view_hash(state: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode() + b"\0" + np.ascontiguousarray(state[k], dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _shapes(state: dict[str, np.ndarray]):
+    return expected_manifest({k: v.shape for k, v in state.items()})
+
+
+class DownlinkTracker:
+    """Coordinator side: what each node holds, and the payload that brings it to the new global."""
+
+    def __init__(self, ts: TransportSettings) -> None:
+        self.ts = ts
+        self.views: dict[int, dict[str, np.ndarray]] = {}
+
+    def payload_for(self, node: int, state: dict[str, np.ndarray], seed: int | None = None) -> tuple[bytes, str]:
+        base = self.views.get(node)
+        expected = _shapes(state)
+        if base is None:
+            payload, _ = encode(state, downlink_policy(self.ts, keyframe=True), seed=seed)
+            self.views[node] = decode(payload, expected, max_bytes=self.ts.max_update_bytes)
+            return payload, NO_BASE
+        diff = {k: state[k] - base[k] for k in state}
+        payload, _ = encode(diff, downlink_policy(self.ts, keyframe=False), seed=seed)
+        step = decode(payload, expected, max_bytes=self.ts.max_update_bytes)
+        self.views[node] = {k: (base[k] + step[k]).astype(np.float32) for k in state}
+        return payload, view_hash(base)
+
+    def forget(self, node: int) -> None:
+        self.views.pop(node, None)
+
+
+def site_receive(payload: bytes, base_id: str, held: dict[str, np.ndarray] | None,
+                 template: dict[str, np.ndarray], ts: TransportSettings) -> dict[str, np.ndarray]:
+    """Site side: rebuild the global adapter from the payload and the adapter the site already holds."""
+    expected = _shapes(template)
+    if base_id == NO_BASE:
+        return decode(payload, expected, max_bytes=ts.max_update_bytes)
+    if held is None or view_hash(held) != base_id:
+        raise FedSecureError(f"this site does not hold the adapter the coordinator's update applies to "
+                             f"{RESEND_FULL}")
+    step = decode(payload, expected, max_bytes=ts.max_update_bytes)
+    return {k: (held[k] + step[k]).astype(np.float32) for k in held}
+
+
+def residual_path(state_dir: Path, sealed: bool) -> Path:
+    return Path(state_dir) / ("uplink-residual.safetensors" + (".sealed" if sealed else ""))
+
+
+def load_residual(state_dir: Path, ring: KeyRing | None, run_id: str,
+                  template: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The error-feedback residual of this run, or None (other run, other adapter shape, or none yet)."""
+    from fedsecure.crypto.tensors import open_tensors
+    from fedsecure.model.adapter import load_adapter_file
+
+    p = residual_path(state_dir, ring is not None)
+    if not p.exists():
+        return None
+    state, meta = open_tensors(p, ring) if ring is not None else load_adapter_file(p)
+    if meta.get("run") != run_id or {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in template.items()}:
+        return None
+    return {k: np.array(v, dtype=np.float32) for k, v in state.items()}
+
+
+def save_residual(state_dir: Path, ring: KeyRing | None, run_id: str, residual: dict[str, np.ndarray]) -> None:
+    from fedsecure.crypto.tensors import seal_tensors
+    from fedsecure.model.adapter import save_adapter_file
+
+    p = residual_path(state_dir, ring is not None)
+    if ring is not None:
+        seal_tensors(p, residual, ring, {"run": run_id, "content-kind": "error-feedback-residual"})
+    else:
+        save_adapter_file(p, residual, {"run": run_id})
+
+
+def site_encode(delta: dict[str, np.ndarray], residual: dict[str, np.ndarray] | None, ts: TransportSettings,
+                seed: int | None = None) -> tuple[bytes, dict[str, np.ndarray]]:
+    """Encode delta (+ residual when error feedback is on); returns (payload, new residual).
+
+    The rounding randomness need not be secret: it acts on an already DP-noised update
+    (post-processing), so a seed derived from the run seed keeps runs reproducible.
+    """
+    target = {k: delta[k] + residual[k] for k in delta} if (ts.error_feedback and residual) else delta
+    payload, decoded = encode(target, uplink_policy(ts), seed=seed)
+    return payload, {k: (target[k] - decoded[k]).astype(np.float32) for k in target}
