@@ -195,7 +195,7 @@ class TransportSettings:
 
     enabled: bool = True
     uplink_bits: int = 4  # site -> coordinator: 32 (float32), 8 or 4
-    uplink_topk: float = 0.05  # share of each tensor's entries kept (1.0 = dense)
+    uplink_topk: float = 1.0  # share of each tensor's entries kept; 0.05 for slow links (see BENCHMARKS.md)
     downlink_bits: int = 8  # coordinator -> site, delta against the adapter the site already holds
     downlink_topk: float = 1.0
     error_feedback: bool = True  # carry what compression dropped into the next round (sealed at rest)
