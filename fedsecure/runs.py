@@ -25,6 +25,7 @@ from fedsecure.crypto.keys import KeyRing
 from fedsecure.crypto.sealed import DEFAULT_CHUNK, SUFFIX
 from fedsecure.crypto.tensors import open_tensors, seal_tensors
 from fedsecure.errors import FedSecureError
+from fedsecure.fsutil import atomic_write
 from fedsecure.model.adapter import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, load_adapter_file, save_adapter_file
 
 
@@ -100,9 +101,4 @@ class RunDir:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o644)  # config and summaries hold no weights

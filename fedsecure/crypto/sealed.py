@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedsecure.crypto.keys import KeyRing
 from fedsecure.errors import IntegrityError
+from fedsecure.fsutil import fsync_dir as _fsync_dir
 
 MAGIC = b"FSSEALED"
 VERSION = 1
@@ -115,12 +116,6 @@ def _atomic_target(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SealedWriter:

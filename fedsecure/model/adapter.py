@@ -61,22 +61,14 @@ def apply_delta(base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> di
 
 
 def save_adapter_file(path: str | Path, state: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
-    """Write ``state`` as safetensors, atomically (temporary file, fsync, rename)."""
-    import os
-
+    """Write ``state`` as plain safetensors, atomically (used only when sealing is off)."""
     from safetensors.numpy import save
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    from fedsecure.fsutil import atomic_write
+
     meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, **(metadata or {})}
     blob = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, metadata=meta)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    return p
+    return atomic_write(path, blob)
 
 
 def load_adapter_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
