@@ -369,9 +369,9 @@ def test_killing_a_site_between_training_and_sending_keeps_the_spend(site_data, 
         import json, os, sys
         sys.path.insert(0, {str(ROOT)!r})
         import fedsecure.federation.client as client
-        def crash(*a, **k):   # the process dies after training, before the update is built
+        def crash(*a, **k):   # the process dies after training, while the update is being encoded
             os._exit(17)
-        client.to_array_record = crash
+        client._encode_update = crash
         from fedsecure.config import SimulationConfig
         from tests.test_privacy import _sim
         cfg = SimulationConfig.from_mapping(json.loads(open({str(cfg_file)!r}).read()))
@@ -424,4 +424,5 @@ def test_a_pinned_dataset_id_keeps_charging_the_same_ledger_when_the_data_change
     assert second_run["rounds"][1]["sites_ok"] == 1
     records = [x for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines() if '"site-0"' in x]
     assert any('"records": 97' in x for x in records)  # the new record was seen: the cache noticed the change
-    assert [p.name for p in (state / "site-0").iterdir()] == ["privacy-ledger-st-agnes-notes.jsonl.sealed"]
+    ledgers = [p.name for p in (state / "site-0").glob("privacy-ledger-*")]
+    assert ledgers == ["privacy-ledger-st-agnes-notes.jsonl.sealed"]
