@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fedsecure.crypto.keys import KeyRing
 from fedsecure.errors import IntegrityError
+from fedsecure.fsutil import atomic_file
 from fedsecure.fsutil import fsync_dir as _fsync_dir
 
 MAGIC = b"FSSEALED"
@@ -318,18 +319,9 @@ def open_to_file(src: str | Path, dst: str | Path, ring: KeyRing) -> Path:
     """Decrypt chunk by chunk to ``dst``; ``dst`` appears only if the whole file authenticates."""
     info = inspect(src)
     d = Path(dst)
-    tmp = _atomic_target(d)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in _chunks(info, ring):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(d) as f:
+        for chunk in _chunks(info, ring):
+            f.write(chunk)
     return d
 
 
@@ -348,19 +340,9 @@ def rewrap(path: str | Path, ring: KeyRing, new_kek_id: str | None = None) -> bo
     hb = json.dumps(info.header, sort_keys=True, separators=(",", ":")).encode()
     if _hash_header(hb) != info.header_hash:
         raise _fail(info.path)  # the header is not canonical: refuse rather than change what is authenticated
-    tmp = _atomic_target(info.path)
-    try:
-        with open(info.path, "rb") as src, open(tmp, "wb") as dst:
-            os.chmod(tmp, 0o600)
-            dst.write(MAGIC + bytes([VERSION]) + struct.pack(">I", len(hb)) + hb + struct.pack(">I", len(slot)) + slot)
-            src.seek(info.data_offset)
-            while block := src.read(8 << 20):
-                dst.write(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, info.path)
-        _fsync_dir(info.path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open(info.path, "rb") as src, atomic_file(info.path) as dst:
+        dst.write(MAGIC + bytes([VERSION]) + struct.pack(">I", len(hb)) + hb + struct.pack(">I", len(slot)) + slot)
+        src.seek(info.data_offset)
+        while block := src.read(8 << 20):
+            dst.write(block)
     return True
