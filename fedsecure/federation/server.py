@@ -359,7 +359,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for h in summary["rounds"]:
         loss = "n/a" if h["eval_loss"] is None else f"{h['eval_loss']:.4f}"
         fails = "; ".join(f"{k}: {v}" for k, v in h["failures"].items()) or "none"
-        lines.append(f"| {h['round']} | {loss} | {h['sites_ok']} | {h['bytes_down']} | {h['bytes_up']} | "
+        trained = "-" if h["round"] == 0 else h["sites_ok"]
+        lines.append(f"| {h['round']} | {loss} | {trained} | {h['bytes_down']} | {h['bytes_up']} | "
                      f"{h['seconds']:.2f} | {', '.join(h.get('refused', [])) or '-'} | {fails} |")
     i, f = summary["initial_eval_loss"], summary["final_eval_loss"]
     if i is not None and f is not None:
