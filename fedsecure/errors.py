@@ -48,3 +48,7 @@ class KeyMaterialError(FedSecureError):
 
 class UpdateRejected(FedSecureError):
     """An encoded update is malformed, oversized, does not match the adapter, or is not finite."""
+
+
+class AttestationError(FedSecureError):
+    """Evidence failed verification; the message says which check failed."""
