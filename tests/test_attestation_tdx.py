@@ -1,0 +1,88 @@
+"""Intel TDX quote verification against genuine quotes (shared/testdata), and alterations of them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import struct
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from fedsecure.attestation.tdx import HEADER, TD10_BODY, parse_quote, verify
+from fedsecure.errors import AttestationError
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "attestation"
+if not DATA.is_dir():
+    DATA = Path(__file__).resolve().parents[1] / "shared" / "testdata" / "attestation"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared/testdata/attestation is not available")
+
+V4_AT = dt.datetime(2023, 7, 1, 1, tzinfo=dt.UTC)  # the time go-tdx-guest verifies this quote at
+
+
+def _read(name: str) -> bytes:
+    return (DATA / name).read_bytes()
+
+
+def _valid_time(raw: bytes) -> dt.datetime:
+    pck = x509.load_pem_x509_certificates(parse_quote(raw).pck_chain_pem)[0]
+    return pck.not_valid_before_utc + dt.timedelta(days=1)
+
+
+@pytest.mark.parametrize(("name", "version"), [("tdx_prod_quote_SPR_E4.dat", 4), ("tdx_quote_v5_sample.dat", 5),
+                                               ("tdx_cos-113-quote.dat", 4)])
+def test_genuine_quotes_verify(name, version):
+    raw = _read(name)
+    at = V4_AT if name.startswith("tdx_prod") else _valid_time(raw)
+    claims = verify(raw, at_time=at)
+    assert claims.version == version and claims.root == "Intel SGX Root CA"
+    assert len(claims.mrtd) == 96 and len(claims.rtmrs) == 4
+    assert verify(raw, at_time=at, allowed_mrtd=[claims.mrtd]).mrtd == claims.mrtd
+
+
+def test_report_data_carries_the_challenge():
+    raw = _read("tdx_cos-113-quote.dat")
+    nonce = _read("tdx_cos-113-nonce.dat")
+    assert verify(raw, at_time=_valid_time(raw), expected_report_data=nonce).report_data == nonce.hex()
+    with pytest.raises(AttestationError, match="REPORTDATA does not match the challenge"):
+        verify(raw, at_time=_valid_time(raw), expected_report_data=bytes([nonce[0] ^ 1]) + nonce[1:])
+
+
+@pytest.mark.parametrize(("offset", "needle"), [
+    (8, "quote signature"),                               # header
+    (HEADER + 136, "quote signature"),                    # MRTD
+    (HEADER + 520, "quote signature"),                    # REPORTDATA
+    (HEADER + TD10_BODY + 4 + 10, "quote signature"),     # the signature itself
+    (HEADER + TD10_BODY + 4 + 64 + 5, "quote signature|not a valid P-256 point"),  # attestation key
+    (HEADER + TD10_BODY + 4 + 134 + 20, "QE report signature|not bound"),           # QE report
+    (HEADER + TD10_BODY + 4 + 134 + 384 + 3, "QE report signature"),               # QE report signature
+])
+def test_altered_quotes_fail_at_the_right_check(offset, needle):
+    raw = bytearray(_read("tdx_prod_quote_SPR_E4.dat"))
+    raw[offset] ^= 0x01
+    with pytest.raises(AttestationError, match=needle):
+        verify(bytes(raw), at_time=V4_AT)
+
+
+def test_pinning_time_and_policy():
+    raw = _read("tdx_prod_quote_SPR_E4.dat")
+    with pytest.raises(AttestationError, match="pinned Intel root"):
+        verify(raw, at_time=V4_AT, pins={"00" * 32: "someone else"})
+    with pytest.raises(AttestationError, match="is not valid at"):
+        verify(raw, at_time=dt.datetime(2035, 1, 1, tzinfo=dt.UTC))
+    with pytest.raises(AttestationError, match="allow-list"):
+        verify(raw, at_time=V4_AT, allowed_mrtd=["00" * 48])
+
+
+def test_malformed_quotes():
+    raw = _read("tdx_prod_quote_SPR_E4.dat")
+    for cut in (0, 10, HEADER + 100, HEADER + TD10_BODY + 2, HEADER + TD10_BODY + 300, len(raw) - 500):
+        with pytest.raises(AttestationError):
+            verify(raw[:cut], at_time=V4_AT)
+    wrong_version = struct.pack("<H", 3) + raw[2:]
+    with pytest.raises(AttestationError, match="version 3 is not supported"):
+        parse_quote(wrong_version)
+    v5 = bytearray(_read("tdx_quote_v5_sample.dat"))
+    v5[HEADER] = 9  # unknown body type
+    with pytest.raises(AttestationError, match="unknown TDX v5 body type"):
+        parse_quote(bytes(v5))
