@@ -307,6 +307,10 @@ def test_cli_seal_open_inspect_and_keys(tmp_path):
     res = r.invoke(app, ["inspect", str(src) + ".sealed"])
     assert res.exit_code == 0 and json.loads(res.output)["plaintext_bytes"] == 5000
     assert r.invoke(app, ["keys", "rotate", "--keyring", str(k), str(tmp_path)]).exit_code == 0
+    shown = r.invoke(app, ["keys", "show", "--keyring", str(k), "--under", str(tmp_path)])
+    assert shown.exit_code == 0 and "(current, seals 1 files)" in shown.output
+    assert "(old, seals 0 files)" in shown.output
+    assert base64.b64encode(read_keyring_file(k).keys[read_keyring_file(k).current]).decode() not in shown.output
     out = tmp_path / "back.bin"
     assert r.invoke(app, ["open", str(src) + ".sealed", "--keyring", str(k), "--out", str(out)]).exit_code == 0
     assert out.read_bytes() == src.read_bytes()
