@@ -31,8 +31,9 @@ SETTINGS = {"off": {"transport.enabled": False}, "dense int4 (default)": {},
             "top-5% int4": {"transport.uplink_topk": 0.05}}
 
 
-def run(overrides: dict, noise_seed: int) -> tuple[dict, list[dict]]:
-    cfg = load_config(ROOT / "configs" / "simulation.yaml", {"privacy.noise_seed": noise_seed, **overrides})
+def run(overrides: dict, noise_seed: int, rounds: int) -> tuple[dict, list[dict]]:
+    cfg = load_config(ROOT / "configs" / "simulation.yaml",
+                      {"privacy.noise_seed": noise_seed, "federation.rounds": rounds, **overrides})
     with tempfile.TemporaryDirectory() as tmp:
         summary = simulate(cfg, run_dir=Path(tmp) / "run")
         metrics = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -43,16 +44,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--noise-seed", type=int, default=0)
     ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="federated rounds (error feedback needs rounds to catch up)")
     args = ap.parse_args()
     results = {}
     for label, overrides in SETTINGS.items():
-        summary, metrics = run(overrides, args.noise_seed)
+        summary, metrics = run(overrides, args.noise_seed, args.rounds)
         sites = [m for m in metrics if m["site"] != "federation" and m["round"] >= 1 and "bytes_up" in m]
         up = sum(m["bytes_up"] for m in sites) / len(sites)
         fp32 = sites[0]["fp32_bytes"]
         down = [m["bytes_down"] for m in metrics if m["site"] != "federation" and m["round"] >= 1]
         results[label] = (summary["final_eval_loss"], up, sum(down) / len(down), fp32)
-    print(f"# bench_transport: configs/simulation.yaml (3 sites, 3 rounds, DP eps=3, noise seed {args.noise_seed})")
+    print(f"# bench_transport: configs/simulation.yaml (3 sites, {args.rounds} rounds, DP eps=3, "
+          f"noise seed {args.noise_seed})")
     print(f"{'codec':>21} {'final loss':>11} {'vs off':>7} {'uplink B/site/round':>20} {'x fewer':>8} "
           f"{'downlink B/site/round':>22} {'x fewer':>8}")
     off = results["off"][0]
