@@ -187,6 +187,24 @@ def test_downlink_tracks_what_each_site_holds():
     assert RESEND_FULL in "[fedsecure:resend-full-adapter]"
 
 
+def test_downlink_encodes_once_per_distinct_base():
+    ts = TransportSettings(downlink_bits=8)
+    tracker = DownlinkTracker(ts)
+    g0, g1 = _tensors(11), _tensors(12)
+    first = [tracker.payload_for(n, g0, seed=0) for n in (1, 2, 3)]
+    assert tracker.encodes == 1 and len({p for p, _ in first}) == 1  # three sites, one keyframe
+    held = site_receive(*first[0], None, g0, ts)
+    tracker.forget(3)  # site 3 lost its copy: it needs a keyframe, the others a delta
+    second = [tracker.payload_for(n, g1, seed=1) for n in (1, 2, 3)]
+    assert tracker.encodes == 3  # one delta for sites 1 and 2, one keyframe for site 3
+    assert second[0] == second[1] and second[2][1] == NO_BASE
+    site1 = site_receive(*second[0], held, g0, ts)
+    site3 = site_receive(*second[2], None, g0, ts)
+    for k in g1:  # each site reconstructs exactly what the coordinator believes it holds
+        np.testing.assert_array_equal(site1[k], tracker.views[1][k])
+        np.testing.assert_array_equal(site3[k], tracker.views[3][k])
+
+
 def test_error_feedback_carries_what_compression_dropped():
     ts = TransportSettings(uplink_bits=4, uplink_topk=0.05)
     delta = _tensors(10)
@@ -215,15 +233,13 @@ def test_a_malformed_update_is_rejected_and_the_round_goes_on(site_data, tmp_pat
     import fedsecure.federation.client as client
     from fedsecure.simulation import simulate
 
-    real = client.site_encode
+    real = client._encode_update
 
-    def sometimes_garbage(delta, residual, ts, seed=None):
-        payload, res = real(delta, residual, ts, seed)
-        if client._CURRENT_SITE == "site-1":
-            return payload[:20] + b"\xff" * 40, res
-        return payload, res
+    def garbage_from_site_1(context, cfg, name, run_id, delta, seed):
+        payload = real(context, cfg, name, run_id, delta, seed)
+        return payload[:20] + b"\xff" * 40 if name == "site-1" else payload
 
-    monkeypatch.setattr(client, "site_encode", sometimes_garbage)
+    monkeypatch.setattr(client, "_encode_update", garbage_from_site_1)
     summary = simulate(small_config(site_data), run_dir=tmp_path / "run")
     r1 = summary["rounds"][1]
     assert r1["sites_ok"] == 1

@@ -31,9 +31,6 @@ log = logging.getLogger(__name__)
 #: Error code of a reply whose site could not do the work (bad data, bad adapter, ...).
 ERR_SITE = 4001
 
-#: The site whose message this process is handling (for logs and fault-injection tests).
-_CURRENT_SITE: str | None = None
-
 
 @lru_cache(maxsize=2)
 def _model(settings: ModelSettings) -> tuple[torch.nn.Module, TextTokenizer]:
@@ -86,8 +83,6 @@ def _prepare(msg: Message, context: Context):
     cfg = SimulationConfig.from_run_config(context.run_config)
     name, directory = site_identity(context, cfg)
     context.state.config_records[keys.SITE] = ConfigRecord({keys.SITE_NAME: name})
-    global _CURRENT_SITE
-    _CURRENT_SITE = name
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model, tokenizer = _model(cfg.model)

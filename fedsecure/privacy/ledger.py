@@ -31,6 +31,7 @@ from typing import Any
 from fedsecure.crypto.keys import KeyRing
 from fedsecure.crypto.sealed import DEFAULT_CHUNK, SUFFIX, open_bytes, seal_bytes
 from fedsecure.errors import FedSecureError, LedgerError
+from fedsecure.fsutil import fsync_dir
 from fedsecure.privacy.accounting import Spend, epsilon_of
 
 LEDGER_FORMAT = 1
@@ -201,10 +202,6 @@ class PrivacyLedger:
             os.fsync(fd)
         finally:
             os.close(fd)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(self.path.parent)
         self.entries.append(entry)
         return entry

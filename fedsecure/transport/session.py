@@ -53,19 +53,34 @@ class DownlinkTracker:
     def __init__(self, ts: TransportSettings) -> None:
         self.ts = ts
         self.views: dict[int, dict[str, np.ndarray]] = {}
+        # Sites normally hold the same adapter, so one round's payloads repeat: encode once per
+        # distinct base. Key: (hash of the new global, seed, hash of the base or NO_BASE).
+        self._memo: dict[tuple[str, int | None, str], tuple[bytes, dict[str, np.ndarray]]] = {}
+        self.encodes = 0  # how many payloads were actually encoded (the memo's effect is tested)
 
     def payload_for(self, node: int, state: dict[str, np.ndarray], seed: int | None = None) -> tuple[bytes, str]:
         base = self.views.get(node)
+        base_id = NO_BASE if base is None else view_hash(base)
+        key = (view_hash(state), seed, base_id)
+        if key not in self._memo:
+            if not any(k[:2] == key[:2] for k in self._memo):
+                self._memo.clear()  # a new global adapter: earlier payloads are stale
+            self._memo[key] = self._encode(state, base, seed)
+        payload, view = self._memo[key]
+        self.views[node] = view
+        return payload, base_id
+
+    def _encode(self, state: dict[str, np.ndarray], base: dict[str, np.ndarray] | None,
+                seed: int | None) -> tuple[bytes, dict[str, np.ndarray]]:
+        self.encodes += 1
         expected = _shapes(state)
         if base is None:
             payload, _ = encode(state, downlink_policy(self.ts, keyframe=True), seed=seed)
-            self.views[node] = decode(payload, expected, max_bytes=self.ts.max_update_bytes)
-            return payload, NO_BASE
+            return payload, decode(payload, expected, max_bytes=self.ts.max_update_bytes)
         diff = {k: state[k] - base[k] for k in state}
         payload, _ = encode(diff, downlink_policy(self.ts, keyframe=False), seed=seed)
         step = decode(payload, expected, max_bytes=self.ts.max_update_bytes)
-        self.views[node] = {k: (base[k] + step[k]).astype(np.float32) for k in state}
-        return payload, view_hash(base)
+        return payload, {k: (base[k] + step[k]).astype(np.float32) for k in state}
 
     def forget(self, node: int) -> None:
         self.views.pop(node, None)
