@@ -50,6 +50,13 @@ def test_pyproject_flower_run_config_declares_every_key_with_the_default():
     ({"data.eval_fraction": 1.5}, "data.eval_fraction: must be in (0, 1)"),
     ({"train": 3}, "train: expected a section"),
     ({"federation.min_sites": 9}, "federation.min_sites: must be in [1, federation.sites]"),
+    ({"transport.uplink_bits": 2}, "transport.uplink_bits: must be 32, 8 or 4"),
+    ({"transport.uplink_topk": 0}, "transport.uplink_topk: must be in (0, 1]"),
+    ({"transport.policy": ["*kv_b_proj*"]}, "transport.policy: transport.policy entry '*kv_b_proj*' must look like"),
+    ({"storage.key_provider": "command"}, "storage.key_command: must name the program"),
+    ({"storage.key_provider": "vault"}, "storage.key_provider: expected one of 'file', 'env'"),
+    ({"privacy.accountant": "gdp"}, "privacy.accountant: 'gdp' (the Gaussian/CLT accountant) can under-report"),
+    ({"privacy.grad_sample_mode": "ghost"}, "privacy.grad_sample_mode: must be ew or hooks"),
 ])
 def test_bad_values_name_the_key_and_the_problem(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -114,3 +114,37 @@ def test_non_private_run_learns_more(tmp_path):
     summary = simulate(cfg, run_dir=tmp_path / "nodp")
     assert summary["privacy"]["record_level"] is False
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 1.0
+
+
+def test_a_site_that_never_answers_is_dropped_and_gets_a_full_adapter_when_back(site_data, tmp_path):
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import app as client_app
+    from fedsecure.federation.engines import node_configs, run_config
+    from fedsecure.federation.inprocess import InProcessGrid
+    from fedsecure.federation.server import Coordinator
+    from fedsecure.runs import RunDir
+    from fedsecure.simulation import prepare
+    from fedsecure.storage import coordinator_keyring
+
+    cfg, run = prepare(small_config(site_data, federation={"rounds": 2}), tmp_path / "run")
+    rc = run_config(cfg, run.path)
+    grid = InProcessGrid(client_app, node_configs(cfg), rc)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    silent = sorted(grid.get_node_ids())[1]
+    coordinator = Coordinator(cfg, RunDir(run.path, coordinator_keyring(cfg, run.path)))
+
+    real_send = grid.send_and_receive
+    calls = {"n": 0}
+
+    def flaky(messages, *, timeout=None):
+        calls["n"] += 1
+        grid.offline = {silent} if calls["n"] == 2 else set()  # silent during round 1's training
+        return real_send(messages, timeout=timeout)
+
+    grid.send_and_receive = flaky
+    summary = coordinator.run(grid)
+    r1, r2 = summary["rounds"][1], summary["rounds"][2]
+    assert r1["sites_ok"] == 1 and "no reply before the round timeout" in r1["failures"].values()
+    assert r2["sites_ok"] == 2 and r2["failures"] == {}  # back in round 2, with a keyframe it can use

@@ -79,6 +79,10 @@ def test_truncation_at_every_length_fails(tmp_path, ring):
     for n in range(len(original)):
         p.write_bytes(original[:n])
         _expect_failure(p, ring)
+        # the streaming opener has its own chunk loop: it must refuse the same files, writing nothing
+        with pytest.raises((IntegrityError, KeyMaterialError)):
+            open_to_file(p, tmp_path / "out.bin", ring)
+        assert not (tmp_path / "out.bin").exists()
     p.write_bytes(original + b"\0" * (CHUNK + TAG))  # an appended chunk fails too
     _expect_failure(p, ring)
 
@@ -268,6 +272,18 @@ def test_no_plaintext_tensors_at_rest_after_a_run(site_data, tmp_path):
     # and with sealing off, the same scan does find them (the scan can fail)
     simulate(small_config(site_data, storage={"seal": False}), run_dir=tmp_path / "plain")
     assert any("safetensors header" in h for h in _plaintext_tensor_hits(tmp_path / "plain", []))
+
+
+def test_a_plain_ledger_is_not_ignored_when_sealing_is_on(tmp_path, ring):
+    from fedsecure.errors import LedgerError
+    from fedsecure.privacy.accounting import Spend
+    from fedsecure.privacy.ledger import PrivacyLedger
+
+    led = PrivacyLedger.open(tmp_path, "ab" * 32)  # sealing off: a plain ledger
+    led.append(run_id="r", server_round=1, spend=Spend(1.0, 0.1, 10), delta=1e-5, accountant="rdp",
+               max_grad_norm=1.0, epsilon_after=1.0, budget_epsilon=9.0)
+    with pytest.raises(LedgerError, match="unsealed privacy ledger .* exists while sealing is on"):
+        PrivacyLedger.open(tmp_path, "ab" * 32, ring=ring, verify_epsilon=False)
 
 
 def test_sealed_ledger_is_never_silently_replaced(site_data, tmp_path):
