@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +31,11 @@ model_app = typer.Typer(help="Base models and LoRA: inspect a preset or local mo
                         no_args_is_help=True)
 budget_app = typer.Typer(help="Privacy budgets: plan the noise for a budget before training.", no_args_is_help=True)
 keys_app = typer.Typer(help="Key-encryption keys for sealed storage: init, show, rotate.", no_args_is_help=True)
+attest_app = typer.Typer(help="TEE attestation evidence: inspect, verify, this build's code hash.",
+                         no_args_is_help=True)
+audit_app = typer.Typer(help="The coordinator's hash-chained audit log.", no_args_is_help=True)
+app.add_typer(attest_app, name="attest")
+app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 app.add_typer(data_app, name="data")
 app.add_typer(budget_app, name="budget")
@@ -87,6 +93,9 @@ def simulate(
     from fedsecure.simulation import simulate as run_simulation
 
     _setup_logging(verbose)
+    from fedsecure.attestation.verify import SoftwareAttestationWarning
+
+    warnings.simplefilter("ignore", SoftwareAttestationWarning)  # each use is logged once, and summarised
     overrides: dict[str, Any] = dict(parse_override(s) for s in set_)
     named = {"federation.sites": sites, "federation.rounds": rounds, "model.preset": preset,
              "model.path": str(model_path) if model_path else None, "data.dir": str(data_dir) if data_dir else None,
@@ -130,8 +139,24 @@ def print_summary(summary: dict[str, Any]) -> None:
     if summary.get("stopped"):
         console.print(f"[yellow]The run ended early: {summary['stopped']}. Results so far are saved.[/]")
     print_privacy(summary["privacy"])
-    console.print(f"Run directory: {summary['run_dir']} (privacy.json, privacy.md, metrics.jsonl, adapters/)",
-                  highlight=False)
+    print_attestation(summary)
+    console.print(f"Run directory: {summary['run_dir']} (privacy.json, privacy.md, metrics.jsonl, adapters/, "
+                  "audit.log)", highlight=False)
+
+
+def print_attestation(summary: dict[str, Any]) -> None:
+    att = summary.get("attestation") or {}
+    if not att.get("enabled"):
+        console.print("[yellow]Attestation was off: updates were accepted without evidence.[/]")
+        return
+    results = [r for h in summary["rounds"] for r in h.get("attestation", {}).values()]
+    ok = sum(r.startswith("verified") for r in results)
+    kinds = sorted({r.split("(")[1].split(",")[0] for r in results if r.startswith("verified")})
+    line = (f"Attestation: {ok}/{len(results)} statements verified ({', '.join(kinds) or 'none'}); policy "
+            f"{att['policy']}; audit log {att['audit_entries']} entries, head {att['audit_head'][:16]}.")
+    console.print(line, highlight=False)
+    if "software" in kinds:
+        console.print("[yellow]Software evidence proves nothing about the platform: simulation only.[/]")
 
 
 def print_privacy(privacy: dict[str, Any]) -> None:
@@ -344,6 +369,103 @@ def inspect_cmd(file: Path = typer.Argument(..., help="Sealed file.")) -> None:
     console.print_json(data={"file": str(info.path), "format_version": 1, "cipher": info.header["cipher"],
                              "chunk_size": info.chunk_size, "kek_id": info.kek_id,
                              "plaintext_bytes": info.plaintext_size, "metadata": info.metadata})
+
+
+def _read_evidence(file: Path):
+    from fedsecure.attestation.evidence import detect
+    from fedsecure.errors import AttestationError
+
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise AttestationError(f"{file}: cannot read it ({e.strerror})") from None
+    return detect(data)
+
+
+@attest_app.command("inspect")
+@friendly
+def attest_inspect(file: Path = typer.Argument(..., help="Evidence: a fedsecure envelope, a TDX quote or an "
+                                                         "SEV-SNP report."),
+                   as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Print the parsed fields of a piece of evidence (nothing is verified)."""
+    import json
+
+    from fedsecure.attestation.inspect import describe
+
+    fields = describe(_read_evidence(file))
+    if as_json:
+        typer.echo(json.dumps(fields, indent=2))
+        return
+    for key, value in fields.items():
+        if key == "pck_chain":
+            for c in value:
+                typer.echo(f"{'certificate':14} {c['subject']}  [{c['not_before'][:10]} .. {c['not_after'][:10]}]")
+        else:
+            typer.echo(f"{key:14} {value}")
+
+
+@attest_app.command("verify")
+@friendly
+def attest_verify(
+    file: Path = typer.Argument(..., help="Evidence: a fedsecure envelope, a TDX quote or an SEV-SNP report."),
+    policy: Path | None = typer.Option(None, help="Policy file: also check TEE type and measurement."),
+    at: str | None = typer.Option(None, help="Verify as of this ISO time (default now), e.g. 2023-07-01T01:00:00Z."),
+    report_data: str | None = typer.Option(None, "--report-data", help="Expected report data (hex, 64 bytes)."),
+    vcek_dir: Path | None = typer.Option(None, help="SEV-SNP: folder with <chip_id>.der and cert_chain.pem."),
+) -> None:
+    """Check signatures and certificate chains (and, with --policy, the measurement). Exit 0 only if all hold."""
+    import datetime as dt
+
+    from fedsecure.attestation.policy import load_policy
+    from fedsecure.attestation.verify import verify
+    from fedsecure.errors import AttestationError, ConfigError
+
+    ev = _read_evidence(file)
+    when = None
+    if at is not None:
+        try:
+            when = dt.datetime.fromisoformat(at.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"--at {at!r} is not an ISO time. Fix: e.g. --at 2023-07-01T01:00:00Z") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+    expected = None
+    if report_data is not None:
+        try:
+            expected = bytes.fromhex(report_data)
+        except ValueError:
+            raise ConfigError("--report-data must be hex") from None
+        if len(expected) != 64:
+            raise AttestationError(f"--report-data must be 64 bytes (128 hex digits), got {len(expected)}")
+    pol = load_policy(policy) if policy else None
+    claims = verify(ev, expected, pol, when, vcek_dir=vcek_dir)
+    checked = ["signatures", "certificate chain"] + (["report data"] if expected else []) + \
+        (["TEE type and measurement (policy)"] if pol else [])
+    typer.echo(f"OK: {claims.tee} evidence verified ({', '.join(checked)})")
+    typer.echo(f"measurement    {claims.measurement}")
+    typer.echo(f"report_data    {claims.report_data}")
+    for key in ("root", "version", "tcb", "chip_id"):
+        if key in claims.details:
+            typer.echo(f"{key:14} {claims.details[key]}")
+
+
+@attest_app.command("code-hash")
+@friendly
+def attest_code_hash() -> None:
+    """Print this build's code hash (what a policy's 'code' list approves)."""
+    from fedsecure.attestation.evidence import code_hash
+
+    typer.echo(code_hash())
+
+
+@audit_app.command("verify")
+@friendly
+def audit_verify(file: Path = typer.Argument(..., help="An audit.log from a run directory.")) -> None:
+    """Check the audit log's hash chain; prints the number of entries and the head."""
+    from fedsecure.audit import verify_log
+
+    count, head = verify_log(file)
+    typer.echo(f"OK: {count} entries, chain intact, head {head}")
 
 
 def main() -> None:

@@ -220,6 +220,27 @@ class TransportSettings:
 
 
 @dataclass(frozen=True)
+class AttestationSettings:
+    """TEE attestation of every update: sites prove their code and DP settings (``fedsecure.attestation``)."""
+
+    enabled: bool = True
+    provider: str = "software"  # site: software (dev/simulation, warns) | tdx | sev-snp | nvidia-gpu | command
+    policy: str | None = None  # coordinator: policy file; None in `fedsecure simulate` = generated for this build
+    command: tuple[str, ...] = ()  # command provider: argv, "{report_data}" becomes the hex report data
+    configfs_root: str = "/sys/kernel/config/tsm/report"
+
+    def validate(self, prefix: str) -> None:
+        from fedsecure.attestation.providers import PROVIDERS
+
+        _require(self.provider in PROVIDERS, f"{prefix}.provider", self.provider,
+                 f"must be one of {', '.join(PROVIDERS)} (a site may override it with node config "
+                 "'attestation-provider')")
+        if self.provider == "command":
+            _require(bool(self.command), f"{prefix}.command", self.command,
+                     "must name the attestation tool and its arguments when provider is command")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Everything one federation run needs; ``configs/simulation.yaml`` is the template."""
 
@@ -232,6 +253,7 @@ class SimulationConfig:
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
+    attestation: AttestationSettings = field(default_factory=AttestationSettings)
 
     def validate(self) -> SimulationConfig:
         self.federation.validate("federation")
@@ -241,6 +263,7 @@ class SimulationConfig:
         self.privacy.validate("privacy")
         self.storage.validate("storage")
         self.transport.validate("transport")
+        self.attestation.validate("attestation")
         return self
 
     # ------------------------------------------------------------------ conversions

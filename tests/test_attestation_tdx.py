@@ -68,8 +68,10 @@ def test_pinning_time_and_policy():
     raw = _read("tdx_prod_quote_SPR_E4.dat")
     with pytest.raises(AttestationError, match="pinned Intel root"):
         verify(raw, at_time=V4_AT, pins={"00" * 32: "someone else"})
-    with pytest.raises(AttestationError, match="is not valid at"):
-        verify(raw, at_time=dt.datetime(2035, 1, 1, tzinfo=dt.UTC))
+    with pytest.raises(AttestationError, match="PCK Certificate: certificate expired on 2029-09-20"):
+        verify(raw, at_time=dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+    with pytest.raises(AttestationError, match="not valid before 2022-09-20"):
+        verify(raw, at_time=dt.datetime(2022, 1, 1, tzinfo=dt.UTC))
     with pytest.raises(AttestationError, match="allow-list"):
         verify(raw, at_time=V4_AT, allowed_mrtd=["00" * 48])
 

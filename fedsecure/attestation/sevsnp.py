@@ -103,9 +103,18 @@ def _check_signed_by(child: x509.Certificate, issuer: x509.Certificate, what: st
 
 
 def _check_time(cert: x509.Certificate, at: _dt.datetime, what: str) -> None:
-    if not cert.not_valid_before_utc <= at <= cert.not_valid_after_utc:
-        raise AttestationError(f"{what}: certificate is not valid at {at.isoformat()} "
-                               f"({cert.not_valid_before_utc.isoformat()} .. {cert.not_valid_after_utc.isoformat()})")
+    check_validity(cert, at, what)
+
+
+def check_validity(cert: x509.Certificate, at: _dt.datetime, what: str) -> None:
+    """Raise AttestationError saying whether ``cert`` had expired or was not yet valid at ``at``."""
+    if at > cert.not_valid_after_utc:
+        raise AttestationError(f"{what}: certificate expired on {cert.not_valid_after_utc.isoformat()} (verification "
+                               f"time {at.isoformat()}). Fix: get current evidence and certificates; to check old "
+                               "evidence, pass the time it was made (--at)")
+    if at < cert.not_valid_before_utc:
+        raise AttestationError(f"{what}: certificate is not valid before {cert.not_valid_before_utc.isoformat()} "
+                               f"(verification time {at.isoformat()})")
 
 
 def _ext_int(cert: x509.Certificate, oid: str) -> int:

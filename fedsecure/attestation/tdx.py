@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from fedsecure.attestation.sevsnp import check_validity
 from fedsecure.errors import AttestationError
 
 HEADER = 48
@@ -169,8 +170,7 @@ def verify(raw: bytes, *, pins: dict[str, str] | None = None, at_time: _dt.datet
         except (InvalidSignature, ValueError, TypeError) as e:
             raise AttestationError(f"certificate {child.subject.rfc4514_string()} is not signed by "
                                    f"{issuer.subject.rfc4514_string()} ({type(e).__name__})") from None
-        if not child.not_valid_before_utc <= at <= child.not_valid_after_utc:
-            raise AttestationError(f"certificate {child.subject.rfc4514_string()} is not valid at {at.isoformat()}")
+        check_validity(child, at, f"certificate {child.subject.rfc4514_string()}")
     name = (INTEL_ROOT_PINS if pins is None else pins).get(spki_sha256(root))
     if name is None:
         raise AttestationError("the PCK chain does not end in a pinned Intel root key")

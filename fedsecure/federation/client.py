@@ -13,6 +13,14 @@ from pathlib import Path
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
+from fedsecure.attestation.protocol import (
+    NONCE_BYTES,
+    dp_config_document,
+    site_statement,
+    update_digest_payload,
+    update_digest_state,
+)
+from fedsecure.attestation.providers import load_or_create_ed25519, make_provider
 from fedsecure.config import ModelSettings, SimulationConfig
 from fedsecure.data.dataset import SiteData, load_site, site_dir
 from fedsecure.data.tokenizer import TextTokenizer
@@ -136,6 +144,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         cfg, name, model, tokenizer, data, global_state = _prepare(msg, context)
         server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
         seed = round_seed(cfg.seed, server_round, name)
+        attester = _attester(msg, context, cfg, name)
         run_id = f"{Path(str(context.run_config.get('run-dir', ''))).name}/{context.run_id}"
         if not cfg.privacy.enabled:
             log.warning("%s: differential privacy is OFF: this update is not private. Simulation only.", name)
@@ -144,6 +153,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                 result = train_local(model, data.train, cfg.train, pad_id=tokenizer.pad_id, seed=seed)
             delta_state = adapter_delta(adapter_state(model), global_state)
             privacy, dp_metrics = ConfigRecord({keys.STATUS: keys.STATUS_NON_PRIVATE}), {}
+            dp_config = dp_config_document(enabled=False)
         else:
             # The ledger is keyed by the dataset, not the run: by its content fingerprint, or by a
             # stable id the site pins in its node config (so an edited or extended dataset keeps
@@ -175,7 +185,9 @@ def handle_train(msg: Message, context: Context) -> Message:
             entry = guard.record(decision, run_id=run_id, server_round=server_round)
             privacy = _privacy_record(guard, keys.STATUS_TRAINED)
             dp_metrics = _dp_metrics(guard, entry.epsilon_after, decision.plan)
+            dp_config = _dp_config(guard, decision.plan, entry.epsilon_after, cfg)
         update = _encode_update(context, cfg, name, run_id, delta_state, seed ^ 0xC0DEC)
+        attestation = _attest(attester, dp_config, update, delta_state)
     except FedSecureError as e:
         return _error_reply(msg, context, "train", e)
     metrics = MetricRecord({keys.NUM_EXAMPLES: result.examples, keys.TRAIN_LOSS: result.loss,
@@ -185,7 +197,42 @@ def handle_train(msg: Message, context: Context) -> Message:
         content[keys.ARRAYS] = to_array_record(delta_state)
     else:
         content[keys.UPDATE] = ConfigRecord({keys.PAYLOAD: update})
+    if attestation is not None:
+        content[keys.ATTESTATION] = attestation
     return Message(content, reply_to=msg)
+
+
+def _dp_config(guard: SitePrivacyGuard, plan: DPStepPlan, epsilon_spent: float, cfg: SimulationConfig) -> str:
+    """The DP settings of this round, as the site attests them (the coordinator checks them against policy)."""
+    return dp_config_document(enabled=True, epsilon_budget=guard.epsilon_budget, delta=guard.delta,
+                              sigma=plan.sigma, q=plan.q, steps=plan.steps,
+                              max_grad_norm=guard.settings.max_grad_norm, accountant=guard.accountant,
+                              epsilon_spent=epsilon_spent, grad_sample_mode=cfg.privacy.grad_sample_mode)
+
+
+def _attester(msg: Message, context: Context, cfg: SimulationConfig, name: str):
+    """(nonce, provider, node key) when the coordinator sent a challenge, else None. Built before training,
+    so a misconfigured provider fails before any privacy budget is spent."""
+    nonce = msg.content[keys.CONFIG].get(keys.ATTEST_NONCE)
+    if nonce is None:
+        return None
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+        raise FedSecureError("the coordinator's attestation nonce is malformed")
+    site_state = state_dir(context, cfg, name)
+    provider_name = str(context.node_config.get(keys.NODE_ATTEST_PROVIDER, cfg.attestation.provider))
+    provider = make_provider(provider_name, state_dir=site_state, command=cfg.attestation.command,
+                             configfs_root=cfg.attestation.configfs_root)
+    return nonce, provider, load_or_create_ed25519(site_state / "attestation" / "node-key.pem")
+
+
+def _attest(attester, dp_config: str, update: bytes | None, delta_state) -> ConfigRecord | None:
+    """Answer the challenge: evidence bound to the nonce, our node key, DP settings and code; the node key
+    signs the update."""
+    if attester is None:
+        return None
+    nonce, provider, node_key = attester
+    digest = update_digest_state(delta_state) if update is None else update_digest_payload(update)
+    return ConfigRecord(site_statement(provider, node_key, nonce, dp_config, digest))
 
 
 def _encode_update(context: Context, cfg: SimulationConfig, name: str, run_id: str, delta,

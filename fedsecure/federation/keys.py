@@ -10,11 +10,16 @@ SITE = "site"  # ConfigRecord: who answered (up)
 SERVER_ROUND = "server-round"  # injected by Flower's FedAvg
 DOWNLINK = "fedsecure.downlink"  # bytes: the encoded global adapter (transport on)
 DOWNLINK_BASE = "fedsecure.downlink-base"  # hash of the adapter the payload applies to, or "none"
+ATTEST_NONCE = "fedsecure.attest-nonce"  # bytes: this round's challenge, issued to this node only
 
 # site -> coordinator, transport on: RecordDict key UPDATE -> ConfigRecord {PAYLOAD: bytes}
 UPDATE = "update"
 PAYLOAD = "payload"
 ROUND_SEED = "fedsecure.round-seed"
+
+# site -> coordinator, attestation on: RecordDict key ATTESTATION -> ConfigRecord with the fields of
+# fedsecure.attestation.protocol.FIELDS (nonce, node-key, dp-config, code-hash, evidence, update-signature)
+ATTESTATION = "attestation"
 
 # MetricRecord keys, site -> coordinator
 NUM_EXAMPLES = "num-examples"  # FedAvg weight: records in the site's training set
@@ -54,6 +59,7 @@ NUM_PARTITIONS = "num-partitions"
 NODE_SITE_NAME = "site-name"
 NODE_DATA_DIR = "data-dir"
 NODE_STATE_DIR = "state-dir"
+NODE_ATTEST_PROVIDER = "attestation-provider"  # the site's own TEE provider (overrides attestation.provider)
 NODE_DATASET_ID = "dataset-id"  # optional stable ledger key; default: the dataset's content fingerprint
 
 # context.state keys (stay on the node)

@@ -21,8 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedsecure.attestation.policy import load_policy
+from fedsecure.attestation.protocol import AttestationGate, update_digest_payload, update_digest_state
+from fedsecure.audit import AuditLog
 from fedsecure.config import SimulationConfig
-from fedsecure.errors import UpdateRejected
+from fedsecure.errors import AttestationError, ConfigError, UpdateRejected
 from fedsecure.federation import keys
 from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.model import adapter_state, apply_delta, attach_lora, load_model_and_tokenizer
@@ -104,6 +107,7 @@ class RoundLog:
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    attestation: dict[str, str] = field(default_factory=dict)  # site -> "verified (...)" | "rejected: ..."
 
     def site(self, name: str) -> dict[str, Any]:
         return self.sites.setdefault(name, {"round": self.server_round, "site": name})
@@ -135,16 +139,30 @@ class Coordinator:
         self.downlink = DownlinkTracker(cfg.transport) if cfg.transport.enabled else None
         self.bytes_down: dict[int, int] = {}  # node id -> bytes of the last message sent to it
         self.privacy_sites: dict[str, dict[str, Any]] = {}
+        self.audit = AuditLog(run_dir.path / "audit.log")
+        self.gate: AttestationGate | None = None
+        if cfg.attestation.enabled:
+            if not cfg.attestation.policy:
+                raise ConfigError("attestation.enabled is true but attestation.policy is not set. Fix: point it at "
+                                  "the consortium's policy file (see configs/attestation-policy.example.yaml), or "
+                                  "set attestation.enabled=false to accept unattested updates.")
+            self.gate = AttestationGate(load_policy(cfg.attestation.policy), self.audit)
+        else:
+            log.warning("attestation is off: updates are accepted without evidence of the code and DP settings "
+                        "that produced them")
 
     # ------------------------------------------------------------------ evaluation
     def _per_node(self, template: list[Message], state: dict[str, np.ndarray], arrays: ArrayRecord,
-                  server_round: int) -> list[Message]:
+                  server_round: int, challenge: bool = False) -> list[Message]:
         """One message per node: the plain adapter, or (transport on) the encoded difference to what
-        that node already holds."""
+        that node already holds; with ``challenge``, a fresh attestation nonce for that node."""
         out = []
         for m in template:
             node = m.metadata.dst_node_id
             config = ConfigRecord({keys.SERVER_ROUND: server_round})
+            if challenge and self.gate is not None:
+                config[keys.ATTEST_NONCE] = self.gate.challenge(node, self.known_sites.get(node, f"node-{node}"),
+                                                                server_round)
             if self.downlink is None:
                 content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config})
                 self.bytes_down[node] = arrays.count_bytes()
@@ -229,7 +247,7 @@ class Coordinator:
             t_round = time.perf_counter()
             template = [m for m in self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
                         if m.metadata.dst_node_id not in self.retired]
-            msgs = self._per_node(template, state, arrays, server_round)
+            msgs = self._per_node(template, state, arrays, server_round, challenge=True)
             expected = expected_manifest({k: v.shape for k, v in state.items()})
             self.strategy.sampled = len(msgs)
             self.strategy.total = len(list(grid.get_node_ids()))
@@ -253,10 +271,21 @@ class Coordinator:
                     rl.refused.append(name)
                     log.warning("round %d: %s retired: privacy budget exhausted (%s)", server_round, name,
                                 reply.content[keys.PRIVACY][keys.REASON])
+                    self.audit.append("site.retired", site=name, round=server_round, reason="privacy budget exhausted")
+                    continue
+                rejected = self._attest(reply, name, server_round, rl)
+                if rejected is not None:
+                    self._failed(reply.metadata.src_node_id, name, rejected, rl)
+                    log.warning("round %d: %s: %s", server_round, name, rejected)
+                    if self.gate is not None and self.gate.policy.on_failure == "retire-site":
+                        self.retired[reply.metadata.src_node_id] = name
+                        rl.refused.append(name)
+                        self.audit.append("site.retired", site=name, round=server_round, reason=rejected)
                     continue
                 bytes_up = self._accept_update(reply, expected)
                 if isinstance(bytes_up, str):
                     self._failed(reply.metadata.src_node_id, name, bytes_up, rl)
+                    self.audit.append("update.rejected", site=name, round=server_round, reason=bytes_up)
                     log.warning("round %d: %s: %s", server_round, name, bytes_up)
                     continue
                 m = reply.content[keys.METRICS]
@@ -268,6 +297,8 @@ class Coordinator:
                 if keys.DP_EPSILON in m:
                     entry.update(epsilon=float(m[keys.DP_EPSILON]), sigma=float(m[keys.DP_SIGMA]))
                 ok.append(reply)
+            if self.gate is not None:
+                self.gate.close_round(server_round)
             if len(ok) < cfg.federation.min_sites:
                 active = len(list(grid.get_node_ids())) - len(self.retired)
                 stopped = ("privacy budget exhausted at too many sites" if active < cfg.federation.min_sites
@@ -281,11 +312,36 @@ class Coordinator:
             state = apply_delta(state, from_array_record(delta_record))
             arrays = to_array_record(state)
             self.run_dir.save_global_adapter(server_round, state, meta)
+            self.audit.append("round.aggregated", round=server_round, sites=sorted(site_name(m) for m in ok))
             loss = self._evaluate(grid, server_round, state, arrays, rl)
             self._record(rl, loss, time.perf_counter() - t_round)
             log.info("round %d: held-out loss %.4f", server_round, loss or float("nan"))
 
         return self._finish(initial_loss, stopped)
+
+    def _attest(self, reply: Message, name: str, server_round: int, rl: RoundLog) -> str | None:
+        """Check the reply's attestation statement; returns the rejection reason, or None if accepted
+        (or attestation is off)."""
+        if self.gate is None:
+            return None
+        statement = dict(reply.content[keys.ATTESTATION]) if keys.ATTESTATION in reply.content else None
+        try:
+            if keys.UPDATE in reply.content:
+                digest = update_digest_payload(bytes(reply.content[keys.UPDATE][keys.PAYLOAD]))
+            else:
+                digest = update_digest_state(from_array_record(reply.content[keys.ARRAYS]))
+        except (KeyError, TypeError, ValueError):
+            digest = b""  # malformed update: the signature check fails, and so would decoding
+        m = reply.content[keys.METRICS]
+        reported = {"sigma": m[keys.DP_SIGMA], "epsilon_budget": m[keys.DP_EPSILON_BUDGET],
+                    "delta": m[keys.DP_DELTA]} if keys.DP_SIGMA in m else {}
+        try:
+            claims = self.gate.check(reply.metadata.src_node_id, name, server_round, statement, digest, reported)
+        except AttestationError as e:
+            rl.attestation[name] = f"rejected: {e}"
+            return f"attestation failed: {e}"
+        rl.attestation[name] = f"verified ({claims.tee}, measurement {claims.measurement[:12]})"
+        return None
 
     def _accept_update(self, reply: Message, expected) -> int | str:
         """Decode a site's update in place (strictly); returns its wire bytes, or the rejection reason."""
@@ -320,6 +376,8 @@ class Coordinator:
                    "failures": rl.failures, "refused": rl.refused, "seconds": round(seconds, 4),
                    "bytes_down": sum(e.get("bytes_down", 0) for e in rl.sites.values()),
                    "bytes_up": sum(e.get("bytes_up", 0) for e in rl.sites.values())}
+        if rl.attestation:
+            summary["attestation"] = dict(sorted(rl.attestation.items()))
         if stopped:
             summary["stopped"] = stopped
         self.run_dir.append_metrics(summary)
@@ -347,6 +405,10 @@ class Coordinator:
             "final_adapter": str(self.run_dir.adapter_path(self.run_dir.latest_round() or 0)),
             "stopped": stopped,
             "privacy": privacy,
+            "attestation": {"enabled": self.gate is not None,
+                            "policy": self.cfg.attestation.policy if self.gate is not None else None,
+                            "audit_log": str(self.audit.path), "audit_head": self.audit.head,
+                            "audit_entries": self.audit.count},
         }
         self.run_dir.write_summary(summary, summary_markdown(summary))
         return summary
@@ -368,5 +430,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary.get("stopped"):
         lines.append(f"The run ended early: {summary['stopped']}.")
     lines.append(f"Final global adapter: `{summary['final_adapter']}`")
+    att = summary.get("attestation") or {}
+    if att.get("enabled"):
+        lines += ["", "## Attestation", "", f"Policy: `{att['policy']}`. Audit log: `{att['audit_log']}` "
+                  f"({att['audit_entries']} entries, head `{att['audit_head'][:16]}`).", "",
+                  "| round | site | result |", "|---|---|---|"]
+        for h in summary["rounds"]:
+            for site, result in h.get("attestation", {}).items():
+                lines.append(f"| {h['round']} | {site} | {result.replace('|', '/')} |")
     lines += ["", report.markdown(summary["privacy"]).replace("# Privacy summary", "## Privacy")]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,157 @@
+"""The coordinator's attestation policy (a YAML file, parsed strictly).
+
+Example (``configs/attestation-policy.example.yaml``)::
+
+    version: 1
+    measurements:              # TEE types accepted, each with its allowed launch measurements
+      tdx: ["<MRTD hex, 96 chars>"]
+      sev-snp: ["<MEASUREMENT hex, 96 chars>"]
+      # software: ["<code hash>"]   development only: proves nothing about the platform
+    code: ["<fedsecure code hash>"]   # builds accepted (`fedsecure attest code-hash`)
+    min_dp:                    # the weakest privacy settings a site may attest to
+      max_epsilon: 3.0
+      max_delta: 1.0e-5
+      min_sigma: 0.5
+    max_evidence_age_s: 3600   # from the nonce (sent with the train message) to the verified reply
+    on_failure: reject-update  # or retire-site
+    vcek_dir: /etc/fedsecure/vcek   # SEV-SNP VCEK cache: <chip_id hex>.der and cert_chain.pem
+
+A TEE type absent from ``measurements`` is refused; so is a site whose evidence is missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsecure.attestation.evidence import TEE_TYPES
+from fedsecure.errors import ConfigError
+
+ON_FAILURE = ("reject-update", "retire-site")
+_MEAS_LEN = {"tdx": 96, "sev-snp": 96, "software": 64}
+
+
+@dataclass(frozen=True)
+class MinDP:
+    max_epsilon: float | None = None
+    max_delta: float | None = None
+    min_sigma: float | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    measurements: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    code: tuple[str, ...] = ()
+    min_dp: MinDP | None = None
+    max_evidence_age_s: float = 3600.0
+    on_failure: str = "reject-update"
+    vcek_dir: str | None = None
+    source: str = "<memory>"
+
+    def allows(self, tee: str) -> bool:
+        return tee in self.measurements
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": 1, "measurements": {k: list(v) for k, v in self.measurements.items()},
+                               "code": list(self.code), "max_evidence_age_s": self.max_evidence_age_s,
+                               "on_failure": self.on_failure}
+        if self.min_dp is not None:
+            out["min_dp"] = {k: v for k, v in vars(self.min_dp).items() if v is not None}
+        if self.vcek_dir:
+            out["vcek_dir"] = self.vcek_dir
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _fail(source: str, key: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: {problem}. Fix: {fix}.")
+
+
+def _hexlist(value: Any, source: str, key: str, length: int | None) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(source, key, f"must be a list of hex strings, got {value!r}", "write e.g. [\"ab12...\"]")
+    out = []
+    for v in value:
+        v = v.strip().lower()
+        try:
+            bytes.fromhex(v)
+        except ValueError:
+            raise _fail(source, key, f"{v[:20]!r} is not hex", "paste the value printed by `fedsecure attest "
+                        "inspect`") from None
+        if length is not None and len(v) != length:
+            raise _fail(source, key, f"{v[:20]}... has {len(v)} hex digits, {length} expected",
+                        "paste the whole value printed by `fedsecure attest inspect`")
+        out.append(v)
+    return tuple(out)
+
+
+def policy_from_mapping(doc: Any, source: str = "<memory>", base: Path | None = None) -> Policy:
+    if not isinstance(doc, dict):
+        raise _fail(source, "(top level)", "must be a mapping", "see configs/attestation-policy.example.yaml")
+    known = {"version", "measurements", "code", "min_dp", "max_evidence_age_s", "on_failure", "vcek_dir"}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise _fail(source, unknown[0], "unknown key", f"use only {', '.join(sorted(known))}")
+    if doc.get("version", 1) != 1:
+        raise _fail(source, "version", f"{doc.get('version')!r} is not supported", "set version: 1")
+    meas = doc.get("measurements")
+    if not isinstance(meas, dict) or not meas:
+        raise _fail(source, "measurements", "must map at least one TEE type to its allowed measurements",
+                    f"list allowed measurements under one of {', '.join(TEE_TYPES)}")
+    measurements = {}
+    for tee, values in meas.items():
+        if tee not in TEE_TYPES:
+            raise _fail(source, f"measurements.{tee}", "unknown TEE type", f"use one of {', '.join(TEE_TYPES)}")
+        measurements[tee] = _hexlist(values, source, f"measurements.{tee}", _MEAS_LEN.get(tee))
+        if tee != "nvidia-gpu" and not measurements[tee]:
+            raise _fail(source, f"measurements.{tee}", "is empty, so no evidence of this type could pass",
+                        "list the allowed measurements, or remove the TEE type")
+    code = _hexlist(doc.get("code", []), source, "code", 64)
+    if not code:
+        raise _fail(source, "code", "must list at least one accepted code hash",
+                    "add the value printed by `fedsecure attest code-hash` on the approved build")
+    min_dp = None
+    if doc.get("min_dp") is not None:
+        md = doc["min_dp"]
+        if not isinstance(md, dict) or set(md) - {"max_epsilon", "max_delta", "min_sigma"}:
+            raise _fail(source, "min_dp", f"must hold only max_epsilon, max_delta, min_sigma, got {md!r}",
+                        "e.g. {max_epsilon: 3.0, max_delta: 1.0e-5, min_sigma: 0.5}")
+        for k, v in md.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise _fail(source, f"min_dp.{k}", f"{v!r} is not a positive number", "write a positive number")
+        min_dp = MinDP(**{k: float(v) for k, v in md.items()})
+    age = doc.get("max_evidence_age_s", 3600)
+    if isinstance(age, bool) or not isinstance(age, (int, float)) or not 0 < age <= 86400:
+        raise _fail(source, "max_evidence_age_s", f"{age!r} is out of range", "use seconds in (0, 86400]")
+    on_failure = doc.get("on_failure", "reject-update")
+    if on_failure not in ON_FAILURE:
+        raise _fail(source, "on_failure", f"{on_failure!r} is not an action", f"use one of {', '.join(ON_FAILURE)}")
+    vcek_dir = doc.get("vcek_dir")
+    if vcek_dir is not None:
+        if not isinstance(vcek_dir, str):
+            raise _fail(source, "vcek_dir", "must be a path", "write a directory path")
+        p = Path(vcek_dir)
+        vcek_dir = str(p if p.is_absolute() or base is None else base / p)
+    return Policy(measurements=measurements, code=code, min_dp=min_dp, max_evidence_age_s=float(age),
+                  on_failure=on_failure, vcek_dir=vcek_dir, source=source)
+
+
+def load_policy(path: str | Path) -> Policy:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"attestation policy {p}: cannot read it ({e.strerror}). Fix: point "
+                          "attestation.policy at the consortium's policy file.") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"attestation policy {p}: not valid YAML ({e}). Fix: correct the file.") from None
+    return policy_from_mapping(doc, str(p), p.parent)
