@@ -76,7 +76,8 @@ def _fail(source: str, key: str, problem: str, fix: str) -> ConfigError:
 
 def _hexlist(value: Any, source: str, key: str, length: int | None) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _fail(source, key, f"must be a list of hex strings, got {value!r}", "write e.g. [\"ab12...\"]")
+        raise _fail(source, key, f"must be a list of hex strings, got {value!r}",
+                    "write e.g. [\"ab12...\"]; quote each value, since YAML reads bare digits as a number")
     out = []
     for v in value:
         v = v.strip().lower()

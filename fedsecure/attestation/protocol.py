@@ -93,13 +93,14 @@ class AttestationGate:
         self.policy, self.audit, self.clock, self.now = policy, audit, clock, now
         self.issued: dict[bytes, _Issued] = {}
         self.used: set[bytes] = set()
+        self.owners: dict[bytes, _Issued] = {}  # every nonce issued in this run (32 bytes per site and round)
         self.node_keys: dict[str, str] = {}  # site -> node key (hex) first accepted in this run
         audit.append("attestation.policy", source=policy.source, policy=policy.to_dict())
 
     # ------------------------------------------------------------------ nonces
     def challenge(self, node: int, site: str, server_round: int) -> bytes:
         nonce = secrets.token_bytes(NONCE_BYTES)
-        self.issued[nonce] = _Issued(node, site, server_round, self.clock())
+        self.issued[nonce] = self.owners[nonce] = _Issued(node, site, server_round, self.clock())
         self.audit.append("attestation.nonce-issued", node=node, site=site, round=server_round,
                           nonce_sha256=hashlib.sha256(nonce).hexdigest())
         return nonce
@@ -114,14 +115,14 @@ class AttestationGate:
                                   nonce_sha256=hashlib.sha256(nonce).hexdigest())
 
     def _take_nonce(self, nonce: bytes, node: int, server_round: int) -> _Issued:
-        if nonce in self.used:
-            raise AttestationError("the nonce was already used: replayed evidence")
-        iss = self.issued.get(nonce)
+        iss = self.owners.get(nonce)
         if iss is None:
             raise AttestationError("the nonce was not issued by this coordinator")
         if iss.node != node:
             raise AttestationError(f"the nonce was issued to another site ({iss.site}): evidence taken from "
                                    "another site")
+        if nonce in self.used:
+            raise AttestationError("the nonce was already used: replayed evidence")
         if iss.server_round != server_round:
             raise AttestationError(f"the nonce belongs to round {iss.server_round}, not {server_round}")
         del self.issued[nonce]
@@ -191,9 +192,12 @@ class AttestationGate:
                 raise ValueError
         except ValueError:
             raise AttestationError("the attested DP configuration is not a JSON object with 'enabled'") from None
+        self._check_min_dp(cfg)
         for key, value in reported.items():  # what the site reports must be what it attested
             if key in cfg and not math.isclose(float(cfg[key]), float(value), rel_tol=1e-9):
                 raise AttestationError(f"reported {key}={value:g} differs from the attested {key}={cfg[key]!r}")
+
+    def _check_min_dp(self, cfg: dict[str, Any]) -> None:
         m = self.policy.min_dp
         if m is None:
             return

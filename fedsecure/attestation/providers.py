@@ -72,15 +72,16 @@ class SoftwareProvider:
 
     name = "software"
 
-    def __init__(self, key_path: str | Path) -> None:
+    def __init__(self, key_path: str | Path, measurement: str | None = None) -> None:
         self.key = load_or_create_ed25519(Path(key_path))
+        self.measurement = measurement or code_hash()
 
     def evidence(self, report_data: bytes) -> Evidence:
         _check_rd(report_data)
         warnings.warn(SOFTWARE_WARNING, SoftwareAttestationWarning, stacklevel=2)
         log.warning("%s", SOFTWARE_WARNING)
         statement = json.dumps({"fedsecure-software-evidence": 1, "public_key": raw_public(self.key).hex(),
-                                "report_data": report_data.hex(), "measurement": code_hash(),
+                                "report_data": report_data.hex(), "measurement": self.measurement,
                                 "issued_at": _dt.datetime.now(_dt.UTC).isoformat()},
                                sort_keys=True, separators=(",", ":")).encode()
         return Evidence("software", statement, "software", {"signature": self.key.sign(statement)})
