@@ -25,7 +25,7 @@ from fedsecure.attestation.policy import load_policy
 from fedsecure.attestation.protocol import AttestationGate, update_digest_payload, update_digest_state
 from fedsecure.audit import AuditLog
 from fedsecure.config import SimulationConfig
-from fedsecure.errors import AttestationError, ConfigError, UpdateRejected
+from fedsecure.errors import AttestationError, ConfigError, FedSecureError, UpdateRejected
 from fedsecure.federation import keys
 from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.model import adapter_state, apply_delta, attach_lora, load_model_and_tokenizer
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Callables told about every finished round (the CLI's progress display); in-process engine only.
 OBSERVERS: list = []
+#: The coordinator's checkpoint in the run directory, rewritten atomically after every completed round.
+CHECKPOINT = "coordinator-state.json"
 
 def site_name(reply: Message, known: dict[int, str] | None = None) -> str:
     """The site that sent ``reply``. Error replies carry no content, so ``known`` (node id -> name,
@@ -139,6 +141,7 @@ class Coordinator:
         self.downlink = DownlinkTracker(cfg.transport) if cfg.transport.enabled else None
         self.bytes_down: dict[int, int] = {}  # node id -> bytes of the last message sent to it
         self.privacy_sites: dict[str, dict[str, Any]] = {}
+        self.retired_names: set[str] = set()  # from a checkpoint: retired before a restart
         self.audit = AuditLog(run_dir.path / "audit.log")
         self.gate: AttestationGate | None = None
         if cfg.attestation.enabled:
@@ -226,25 +229,89 @@ class Coordinator:
             p["refused_rounds"].append(server_round)
         return status
 
+    # ------------------------------------------------------------------ checkpoint / resume
+    def _config_digest(self) -> str:
+        """What must not change between a run and its resumption (everything but where things live)."""
+        import hashlib
+
+        doc = self.cfg.to_dict()
+        for section, key in (("data", "dir"), ("privacy", "state_dir"), ("attestation", "policy"), ("", "runs_dir")):
+            (doc.get(section, {}) if section else doc).pop(key, None)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _checkpoint(self, server_round: int, initial_loss: float | None) -> None:
+        cdp = self.strategy.client_dp
+        doc = {"version": 1, "round": server_round, "config_sha256": self._config_digest(),
+               "initial_eval_loss": initial_loss, "retired": sorted(set(self.retired.values())),
+               "privacy_sites": self.privacy_sites, "history": self.history,
+               "client_dp_spends": [[sp.sigma, sp.q, sp.steps] for sp in cdp.spends] if cdp else []}
+        self.run_dir.write_file(CHECKPOINT, json.dumps(doc, indent=1) + "\n")
+
+    def _resume(self) -> tuple[int, float | None] | None:
+        """(last completed round, initial loss) from the run directory's checkpoint, or None for a fresh run."""
+        path = self.run_dir.path / CHECKPOINT
+        if not path.exists():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            last = int(doc["round"])
+        except (ValueError, KeyError, TypeError):
+            raise FedSecureError(f"{path} is damaged. Fix: restore it from backup, or start the run in a new "
+                                 "run directory") from None
+        if doc.get("config_sha256") != self._config_digest():
+            raise ConfigError(f"{self.run_dir.path} holds a run with a different configuration (rounds, model, "
+                              "privacy, transport or attestation settings changed). Fix: resume with the same "
+                              "config, or use a new run directory")
+        if self.run_dir.latest_round() is None or self.run_dir.latest_round() < last:
+            raise FedSecureError(f"{path} says round {last} completed but its global adapter is missing. Fix: "
+                                 "restore adapters/ from backup")
+        self.retired_names = set(doc.get("retired", []))
+        self.privacy_sites = doc.get("privacy_sites", {})
+        self.history = doc.get("history", [])
+        if self.strategy.client_dp is not None:
+            from fedsecure.privacy.accounting import Spend
+
+            self.strategy.client_dp.spends = [Spend(a, b, int(c)) for a, b, c in doc.get("client_dp_spends", [])]
+        self.audit.append("run.resumed", after_round=last, retired=sorted(self.retired_names))
+        return last, doc.get("initial_eval_loss")
+
+    def _retire_known(self) -> None:
+        for node, name in self.known_sites.items():
+            if name in self.retired_names:
+                self.retired[node] = name
+
     # ------------------------------------------------------------------ the loop
     def run(self, grid: Grid) -> dict[str, Any]:
         cfg = self.cfg
         meta = {"model": cfg.model.path or str(cfg.model.preset), "lora_r": str(cfg.model.lora.r)}
-        state = initial_adapter(cfg)
-        self.run_dir.save_global_adapter(0, state, meta)
-        arrays = to_array_record(state)
+        resumed = self._resume()
+        stopped = None
+        if resumed is None:
+            first = 1
+            state = initial_adapter(cfg)
+            self.run_dir.save_global_adapter(0, state, meta)
+            arrays = to_array_record(state)
+            rl0 = RoundLog(0)
+            t0 = time.perf_counter()
+            initial_loss = self._evaluate(grid, 0, state, arrays, rl0)
+            self._record(rl0, initial_loss, time.perf_counter() - t0)
+            self._checkpoint(0, initial_loss)
+            log.info("round 0: held-out loss %.4f", initial_loss or float("nan"))
+        else:
+            last, initial_loss = resumed
+            first = last + 1
+            state = self.run_dir.load_global_adapter(last)
+            arrays = to_array_record(state)
+            # learn which node is which site (retired sites are known by name) with one evaluation
+            self._evaluate(grid, last, state, arrays, RoundLog(last))
+            self._retire_known()
+            log.warning("resuming after round %d of %d from %s", last, cfg.federation.rounds, self.run_dir.path)
         fp32_bytes = arrays.count_bytes()
 
-        rl0 = RoundLog(0)
-        t0 = time.perf_counter()
-        initial_loss = self._evaluate(grid, 0, state, arrays, rl0)
-        self._record(rl0, initial_loss, time.perf_counter() - t0)
-        log.info("round 0: held-out loss %.4f", initial_loss or float("nan"))
-        stopped = None
-
-        for server_round in range(1, cfg.federation.rounds + 1):
+        for server_round in range(first, cfg.federation.rounds + 1):
             rl = RoundLog(server_round)
             t_round = time.perf_counter()
+            self._retire_known()
             template = [m for m in self.strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
                         if m.metadata.dst_node_id not in self.retired]
             msgs = self._per_node(template, state, arrays, server_round, challenge=True)
@@ -315,6 +382,7 @@ class Coordinator:
             self.audit.append("round.aggregated", round=server_round, sites=sorted(site_name(m) for m in ok))
             loss = self._evaluate(grid, server_round, state, arrays, rl)
             self._record(rl, loss, time.perf_counter() - t_round)
+            self._checkpoint(server_round, initial_loss)
             log.info("round %d: held-out loss %.4f", server_round, loss or float("nan"))
 
         return self._finish(initial_loss, stopped)
