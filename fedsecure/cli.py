@@ -34,6 +34,9 @@ keys_app = typer.Typer(help="Key-encryption keys for sealed storage: init, show,
 attest_app = typer.Typer(help="TEE attestation evidence: inspect, verify, this build's code hash.",
                          no_args_is_help=True)
 audit_app = typer.Typer(help="The coordinator's hash-chained audit log.", no_args_is_help=True)
+certs_app = typer.Typer(help="Consortium TLS CA, coordinator certificate and site authentication keys.",
+                        no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
 app.add_typer(attest_app, name="attest")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
@@ -456,6 +459,112 @@ def attest_code_hash() -> None:
     from fedsecure.attestation.evidence import code_hash
 
     typer.echo(code_hash())
+
+
+@attest_app.command("dev-policy")
+@friendly
+def attest_dev_policy(out: Path = typer.Option(..., "--out", help="Policy file to write."),
+                      epsilon: float = typer.Option(3.0, help="min_dp.max_epsilon."),
+                      delta: float = typer.Option(1e-5, help="min_dp.max_delta."),
+                      force: bool = typer.Option(False, help="Overwrite an existing file.")) -> None:
+    """Write a development policy: software evidence from this build only (never for real patient data)."""
+    from fedsecure.attestation.evidence import code_hash
+    from fedsecure.attestation.policy import MinDP, Policy
+    from fedsecure.errors import KeyMaterialError
+    from fedsecure.fsutil import atomic_write
+
+    if out.exists() and not force:
+        raise KeyMaterialError(f"{out} already exists. Fix: pass --force to replace it")
+    policy = Policy(measurements={"software": (code_hash(),)}, code=(code_hash(),),
+                    min_dp=MinDP(max_epsilon=epsilon, max_delta=delta), source="fedsecure attest dev-policy")
+    atomic_write(out, ("# DEVELOPMENT ONLY: accepts software evidence, which proves nothing about the platform.\n"
+                       + policy.to_yaml()).encode(), mode=0o644)
+    typer.echo(f"wrote {out} (software evidence from code {code_hash()[:16]}...; development only)")
+
+
+@certs_app.command("init")
+@friendly
+def certs_init(
+    out: Path = typer.Option(..., "--out", help="Folder for ca.pem/.key, coordinator.pem/.key, sites/<name>/."),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host",
+                                   help="Name or address the coordinator serves (repeatable)."),
+    site: list[str] = typer.Option([], "--site", help="A site to create an authentication key for (repeatable)."),
+    force: bool = typer.Option(False, help="Replace existing files (every party then needs the new ones)."),
+) -> None:
+    """Create the consortium CA, the coordinator's TLS certificate and a SuperNode key pair per site."""
+    from fedsecure.deploy.certs import init
+
+    m = init(out, host, site, force=force)
+    typer.echo(f"CA            {m.ca_cert} (key {m.ca_key}: keep it offline)")
+    typer.echo(f"coordinator   {m.server_cert} for {', '.join(host)} (key {m.server_key})")
+    for name, (priv, pub) in m.sites.items():
+        typer.echo(f"site {name:9} {priv} (0600, give to the site) / {pub} (list in server.sites)")
+
+
+@certs_app.command("add-site")
+@friendly
+def certs_add_site(name: str = typer.Argument(..., help="Site name."),
+                   out: Path = typer.Option(..., "--out", help="The folder `certs init` wrote."),
+                   force: bool = typer.Option(False, help="Replace an existing key pair.")) -> None:
+    """Create one more site's SuperNode authentication key pair."""
+    from fedsecure.deploy.certs import Material, create_site_key
+
+    m = Material.at(out, [name])
+    create_site_key(m, name, force=force)
+    priv, pub = m.sites[name]
+    typer.echo(f"site {name}: {priv} (0600, give to the site) / {pub} (list in server.sites)")
+
+
+@app.command("server")
+@friendly
+def server_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="Coordinator config (see configs/coordinator.yaml)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a federation key: --set federation.rounds=5."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step."),
+) -> None:
+    """Run the coordinator: a TLS SuperLink with SuperNode authentication, and the fedsecure run on it."""
+    import threading
+
+    from fedsecure.config import parse_override
+    from fedsecure.deploy.config import load_coordinator_config
+    from fedsecure.deploy.launcher import Server, install_signal_handlers
+
+    _setup_logging(verbose)
+    dc = load_coordinator_config(config, dict(parse_override(s) for s in set_))
+    srv = Server(dc, emit=lambda m: console.print(m, highlight=False))
+    stopping = threading.Event()
+    install_signal_handlers(stopping)
+    srv.stopping = stopping
+    try:
+        summary = srv.run()
+    except KeyboardInterrupt:
+        console.print(f"[yellow]stopped; the run directory {dc.run_dir} is consistent, and `fedsecure server` with "
+                      "the same config resumes after the last completed round[/]")
+        raise typer.Exit(130) from None
+    print_summary(summary)
+
+
+@app.command("client")
+@friendly
+def client_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="Site config (see configs/site.yaml)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step."),
+) -> None:
+    """Run a hospital site: a SuperNode with TLS and its authentication key, kept up across rounds and runs."""
+    import threading
+
+    from fedsecure.deploy.config import load_site_config
+    from fedsecure.deploy.launcher import install_signal_handlers, run_site
+
+    _setup_logging(verbose)
+    sc = load_site_config(config)
+    stopping = threading.Event()
+    install_signal_handlers(stopping)
+    try:
+        code = run_site(sc, emit=lambda m: console.print(m, highlight=False), stopping=stopping)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
 
 
 @audit_app.command("verify")

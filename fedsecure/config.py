@@ -110,8 +110,10 @@ class FederationSettings:
     fraction_train: float = 1.0
     min_sites: int = 1
     round_timeout_s: float = 3600.0
+    join_timeout_s: float = 600.0  # at start, wait this long for all `sites` to connect (then go on with min_sites)
 
     def validate(self, prefix: str) -> None:
+        _require(self.join_timeout_s >= 0, f"{prefix}.join_timeout_s", self.join_timeout_s, "must be >= 0 seconds")
         _require(1 <= self.sites <= 1000, f"{prefix}.sites", self.sites, "must be in [1, 1000]")
         _require(1 <= self.rounds <= 100000, f"{prefix}.rounds", self.rounds, "must be >= 1")
         _require(0.0 < self.fraction_train <= 1.0, f"{prefix}.fraction_train", self.fraction_train,

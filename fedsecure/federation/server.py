@@ -275,6 +275,19 @@ class Coordinator:
         self.audit.append("run.resumed", after_round=last, retired=sorted(self.retired_names))
         return last, doc.get("initial_eval_loss")
 
+    def _wait_for_sites(self, grid: Grid) -> None:
+        """Give every site up to federation.join_timeout_s to connect before round 0 (deployment)."""
+        fed = self.cfg.federation
+        deadline = time.monotonic() + fed.join_timeout_s
+        while (n := len(list(grid.get_node_ids()))) < fed.sites and time.monotonic() < deadline:
+            log.info("waiting for sites: %d of %d connected", n, fed.sites)
+            time.sleep(1.0)
+        n = len(list(grid.get_node_ids()))
+        if n < fed.sites:
+            log.warning("%d of %d sites connected after %.0f s; going on (federation.min_sites=%d)", n, fed.sites,
+                        fed.join_timeout_s, fed.min_sites)
+        self.audit.append("run.sites-connected", connected=n, expected=fed.sites)
+
     def _retire_known(self) -> None:
         for node, name in self.known_sites.items():
             if name in self.retired_names:
@@ -286,6 +299,7 @@ class Coordinator:
         meta = {"model": cfg.model.path or str(cfg.model.preset), "lora_r": str(cfg.model.lora.r)}
         resumed = self._resume()
         stopped = None
+        self._wait_for_sites(grid)
         if resumed is None:
             first = 1
             state = initial_adapter(cfg)

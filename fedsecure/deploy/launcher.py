@@ -1,0 +1,306 @@
+"""``fedsecure server`` and ``fedsecure client``: Flower's own SuperLink and SuperNode, launched with TLS,
+SuperNode authentication and runtime dependency installation off (see ``shared/notes/flower-1.42.md`` §2).
+
+Server: ``flower-superlink`` (TLS from the consortium CA, ``--enable-supernode-auth``, SQLite state under
+the run directory), health check over HTTPS, ``flwr supernode register`` for every listed site key,
+``flwr run`` of this project's ServerApp with the run directory in the run config, then progress from
+``metrics.jsonl`` and refusals from the SuperLink's log until ``summary.json`` appears. SIGINT/SIGTERM
+stop the Flower run and everything started; the run directory stays consistent (atomic adapter files,
+a checkpoint after every round), and a restart with the same run directory resumes.
+
+Client: ``flower-supernode`` with the CA certificate, the site's authentication key and its node config
+(site name, data and state directories, budget cap, attestation provider); it keeps running across
+rounds and runs, and its refusals (wrong CA, unregistered key) are explained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedsecure.deploy.config import CoordinatorConfig, SiteConfig, node_config_arg
+from fedsecure.errors import ConfigError, FedSecureError
+from fedsecure.federation.engines import _bin, _stop, _toml_value, app_directory, run_config
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "fedsecure"
+#: SuperLink log fragments that mean a SuperNode was turned away, and what to tell the operator
+REFUSALS = (
+    ("No SuperNode found with the given public key", "a SuperNode with an unregistered key tried to join and was "
+     "refused (HTTP 412 at activate-node). If it is a consortium site, add its auth.pub to server.sites"),
+    ('" 401', "a SuperNode request failed authentication (HTTP 401: bad signature, clock skew or wrong node id) "
+     "and was refused"),
+    ("Invalid HTTP request", "a client spoke plain HTTP to the TLS port and was refused (SuperNodes must use TLS "
+     "with the consortium CA)"),
+)
+
+
+def _env(home: Path) -> dict[str, str]:
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def wait_healthy(host: str, port: int, ca: Path, proc: subprocess.Popen, timeout_s: float) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout_s
+    url = f"https://{_connect_host(host)}:{port}/health"
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FedSecureError(f"flower-superlink exited with code {proc.returncode} at start (port {port} in use? "
+                                 "see superlink.log in the run directory)")
+        try:
+            with urllib.request.urlopen(url, timeout=2.0, context=ctx) as r:
+                if r.status == 200:
+                    return
+        except ssl.SSLError as e:
+            last = f"TLS: {e.reason or e}"
+        except OSError as e:
+            last = str(e)
+        time.sleep(0.2)
+    raise FedSecureError(f"the SuperLink did not become healthy at {url} within {timeout_s:.0f} s ({last}). Fix: "
+                         "check that server.tls_cert names this host (fedsecure certs init --host ...)")
+
+
+class _LogFollower:
+    """Reads new lines of a file; remembers where it stopped."""
+
+    def __init__(self, path: Path, from_end: bool = True) -> None:
+        self.path = path
+        self.pos = path.stat().st_size if (from_end and path.exists()) else 0
+
+    def lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.pos)
+            data = f.read()
+        cut = data.rfind(b"\n") + 1
+        self.pos += cut
+        return data[:cut].decode(errors="replace").splitlines()
+
+
+class Server:
+    """One coordinator: a SuperLink plus one Flower run of fedsecure's ServerApp."""
+
+    def __init__(self, dc: CoordinatorConfig, emit: Callable[[str], None] = print) -> None:
+        self.dc, self.emit = dc, emit
+        self.run_dir = dc.run_dir
+        self.home = self.run_dir / "flwr-home"
+        self.env = _env(self.home)
+        self.superlink: subprocess.Popen | None = None
+        self.run_id: str | None = None
+        self.stopping = threading.Event()
+        self.superlink_log = _LogFollower(self.run_dir / "superlink.log")
+
+    # ------------------------------------------------------------------ steps
+    def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def prepare(self) -> Path:
+        cfg = self.dc.federation
+        if cfg.attestation.enabled and not cfg.attestation.policy:
+            raise ConfigError("attestation.policy is not set. Fix: point it at the consortium's policy file (for "
+                              "development: `fedsecure attest dev-policy --out policy.yaml` accepts software "
+                              "evidence from this build), or set attestation.enabled: false")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{_connect_host(self.dc.host)}:{self.dc.port}"\nroot-certificates = "{self.dc.tls_ca}"\n',
+            encoding="utf-8")
+        rc = run_config(cfg, self.run_dir)
+        rc_file = self.home / "run-config.toml"
+        rc_file.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in rc.items()), encoding="utf-8")
+        return rc_file
+
+    def start_superlink(self) -> None:
+        self.superlink_log = _LogFollower(self.run_dir / "superlink.log")
+        log_file = (self.run_dir / "superlink.log").open("ab")
+        self.superlink = subprocess.Popen(
+            [_bin("flower-superlink"), "--ssl-certfile", str(self.dc.tls_cert), "--ssl-keyfile", str(self.dc.tls_key),
+             "--ssl-ca-certfile", str(self.dc.tls_ca), "--enable-supernode-auth",
+             "--disable-runtime-dependency-installation", "--isolation", "subprocess",
+             "--database", str(self.run_dir / "superlink.db"), "--host", self.dc.host, "--port", str(self.dc.port)],
+            env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+        wait_healthy(self.dc.host, self.dc.port, self.dc.tls_ca, self.superlink, timeout_s=60.0)
+        self.emit(f"SuperLink up on https://{self.dc.address} (TLS, SuperNode authentication on, "
+                  "runtime dependency installation off)")
+
+    def register_sites(self) -> None:
+        for name, pub in self.dc.sites.items():
+            out = self._flwr("supernode", "register", str(pub), CONNECTION, "--name", name, "--format", "json")
+            text = out.stdout + out.stderr
+            if out.returncode == 0 and '"success": true' in text:
+                self.emit(f"registered site {name} ({pub.name})")
+            elif "already" in text.lower() or "exists" in text.lower():
+                self.emit(f"site {name} was already registered")
+            else:
+                raise FedSecureError(f"registering site {name} ({pub}) failed: {text.strip()[-400:]}. Fix: check "
+                                     "that the file is the site's auth.pub (OpenSSH ECDSA public key)")
+
+    def submit(self, rc_file: Path) -> str:
+        out = self._flwr("run", str(app_directory()), CONNECTION, "--run-config", str(rc_file), "--format", "json",
+                         timeout=300)
+        try:
+            self.run_id = str(json.loads(out.stdout)["run-id"])
+        except (json.JSONDecodeError, KeyError):
+            raise FedSecureError(f"flwr run failed (exit {out.returncode}): {out.stdout[-400:]} {out.stderr[-400:]}") \
+                from None
+        self.emit(f"submitted Flower run {self.run_id}: {self.dc.federation.federation.rounds} rounds, "
+                  f"{len(self.dc.sites)} sites")
+        return self.run_id
+
+    def status(self) -> str:
+        out = self._flwr("ls", CONNECTION, "--run-id", str(self.run_id), "--format", "json", timeout=60)
+        try:
+            return str(json.loads(out.stdout)["runs"][0]["status"])
+        except (json.JSONDecodeError, KeyError, IndexError):
+            return "unknown"
+
+    def follow(self, timeout_s: float, started: float) -> dict[str, Any]:
+        metrics = _LogFollower(self.run_dir / "metrics.jsonl")
+        superlink_log = self.superlink_log
+        summary = self.run_dir / "summary.json"
+        deadline = time.monotonic() + timeout_s
+        last_status = time.monotonic()
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            for line in metrics.lines():
+                self._progress(line)
+            for line in superlink_log.lines():
+                for needle, message in REFUSALS:
+                    if needle in line:
+                        self.emit(f"refused: {message}")
+                        log.info("SuperLink: %s", line.strip()[:300])
+            if summary.exists() and summary.stat().st_mtime >= started:
+                for line in metrics.lines():
+                    self._progress(line)
+                return json.loads(summary.read_text())
+            if time.monotonic() - last_status > 10:
+                last_status = time.monotonic()
+                status = self.status()
+                if status.startswith("finished") and not summary.exists():
+                    raise FedSecureError(f"Flower run {self.run_id} ended with status {status} before the "
+                                         f"coordinator wrote its summary; see {self.run_dir / 'superlink.log'}")
+            time.sleep(0.5)
+        if self.stopping.is_set():
+            raise KeyboardInterrupt
+        raise FedSecureError(f"the run did not finish within {timeout_s:.0f} s")
+
+    def _progress(self, line: str) -> None:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return
+        if rec.get("site") != "federation":
+            return
+        loss = "n/a" if rec.get("eval_loss") is None else f"{rec['eval_loss']:.4f}"
+        fails = "; ".join(f"{k}: {v}" for k, v in rec.get("failures", {}).items())
+        self.emit(f"round {rec['round']}: held-out loss {loss}, {rec.get('sites_ok', 0)} sites, "
+                  f"{rec.get('bytes_up', 0):,} B up, {rec.get('seconds', 0):.1f} s" + (f" [{fails}]" if fails else ""))
+
+    def stop(self) -> None:
+        if self.run_id is not None and self.superlink is not None and self.superlink.poll() is None:
+            try:
+                self._flwr("stop", str(self.run_id), CONNECTION, timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.superlink is not None:
+            _stop(self.superlink)
+            self.superlink = None
+
+    def run(self, timeout_s: float = 7 * 86400) -> dict[str, Any]:
+        started = time.time() - 1
+        rc_file = self.prepare()
+        try:
+            self.start_superlink()
+            self.register_sites()
+            self.submit(rc_file)
+            return self.follow(timeout_s, started)
+        finally:
+            self.stop()
+
+
+def run_site(sc: SiteConfig, emit: Callable[[str], None] = print, stopping: threading.Event | None = None,
+             retry_s: float = 10.0) -> int:
+    """Run the site's SuperNode until ``stopping`` is set. A SuperNode that the coordinator refused (key not
+    registered yet, coordinator down) is restarted after a growing pause; one that cannot trust the
+    coordinator's certificate is not (that is a configuration error). Returns an exit code."""
+    if sc.auth_key.stat().st_mode & 0o077:
+        raise ConfigError(f"site.auth_key: {sc.auth_key} is readable by group or others. Fix: chmod 600 "
+                          f"{sc.auth_key}")
+    sc.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = [_bin("flower-supernode"), "--superlink", sc.superlink, "--root-certificates", str(sc.tls_ca),
+            "--auth-supernode-private-key", str(sc.auth_key), "--node-config", node_config_arg(sc.node_config),
+            "--port", str(sc.runtime_port)]
+    home = sc.state_dir / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = sc.state_dir / "supernode.log"
+    stopping = stopping or threading.Event()
+    pause = retry_s
+    while not stopping.is_set():
+        follower = _LogFollower(log_path)
+        with log_path.open("ab") as log_file:
+            proc = subprocess.Popen(argv, env=_env(home), stdout=log_file, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        emit(f"site {sc.name}: SuperNode started (coordinator {sc.superlink}, TLS with {sc.tls_ca.name}, "
+             f"authentication key {sc.auth_key.name}); log: {log_path}")
+        verdict = None
+        try:
+            while proc.poll() is None and not stopping.is_set():
+                for line in follower.lines():
+                    verdict = _explain_site_line(sc, line, emit) or verdict
+                time.sleep(0.5)
+            for line in follower.lines():
+                verdict = _explain_site_line(sc, line, emit) or verdict
+        finally:
+            if proc.poll() is None:
+                _stop(proc)
+        if stopping.is_set():
+            return 0
+        if verdict == "untrusted":
+            return 3
+        emit(f"site {sc.name}: SuperNode exited ({proc.returncode}); restarting in {pause:.0f} s")
+        stopping.wait(pause)
+        pause = min(pause * 2, 300.0)
+    return 0
+
+
+def _explain_site_line(sc: SiteConfig, line: str, emit: Callable[[str], None]) -> str | None:
+    if "CERTIFICATE_VERIFY_FAILED" in line:
+        emit(f"site {sc.name}: refused: the coordinator's TLS certificate is not signed by {sc.tls_ca} (another "
+             "CA, or a man in the middle). Fix: get ca.pem from the consortium")
+        return "untrusted"
+    if "412" in line or "Failed to activate SuperNode" in line or "not registered" in line.lower():
+        emit(f"site {sc.name}: refused: the coordinator does not know this site's key (yet). Fix: send auth.pub to "
+             "the coordinator (server.sites)")
+        return "unregistered"
+    if "Exit Code" in line:
+        emit(f"site {sc.name}: SuperNode stopped: {line.strip()}")
+    return None
+
+
+def install_signal_handlers(event: threading.Event) -> None:
+    def handler(signum, frame):  # noqa: ARG001
+        event.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
