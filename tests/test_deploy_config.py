@@ -1,0 +1,142 @@
+"""Deployment material and configs (fast): `fedsecure certs`, coordinator.yaml and site.yaml validation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
+
+from fedsecure.cli import app
+from fedsecure.data.synth import synthesize
+from fedsecure.deploy.certs import init
+from fedsecure.deploy.config import load_coordinator_config, load_site_config, node_config_arg
+from fedsecure.errors import ConfigError, KeyMaterialError
+
+
+def test_certs_init_makes_a_ca_a_server_cert_and_site_keys(tmp_path):
+    m = init(tmp_path / "c", ["coordinator.example.org", "127.0.0.1"], ["hospital-a", "hospital-b"])
+    for key in (m.ca_key, m.server_key, *(priv for priv, _ in m.sites.values())):
+        assert key.stat().st_mode & 0o777 == 0o600, key
+    ca = x509.load_pem_x509_certificate(m.ca_cert.read_bytes())
+    srv = x509.load_pem_x509_certificate(m.server_cert.read_bytes())
+    srv.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    sans = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["coordinator.example.org"]
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert srv.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=365)
+    priv, pub = m.sites["hospital-a"]
+    public = serialization.load_ssh_public_key(pub.read_bytes())  # as `flwr supernode register` reads it
+    private = serialization.load_ssh_private_key(priv.read_bytes(), password=None)  # as flower-supernode does
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+    assert private.public_key().public_numbers() == public.public_numbers()
+
+
+def test_certs_never_overwrite_without_force(tmp_path):
+    m = init(tmp_path, ["localhost"], ["a"])
+    before = m.server_key.read_bytes()
+    with pytest.raises(KeyMaterialError, match="already exists.*pass --force"):
+        init(tmp_path, ["localhost"], ["a"])
+    assert m.server_key.read_bytes() == before
+    init(tmp_path, ["localhost"], ["a"], force=True)
+    assert m.server_key.read_bytes() != before
+    with pytest.raises(ConfigError, match="site name"):
+        init(tmp_path / "x", ["localhost"], ["bad name/.."])
+
+
+def test_certs_cli(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["certs", "init", "--out", str(tmp_path), "--site", "h1"])
+    assert res.exit_code == 0 and "keep it offline" in res.output
+    res = runner.invoke(app, ["certs", "init", "--out", str(tmp_path), "--site", "h1"])
+    assert res.exit_code == 2 and "already exists" in res.output
+    res = runner.invoke(app, ["certs", "add-site", "h2", "--out", str(tmp_path)])
+    assert res.exit_code == 0 and (tmp_path / "sites" / "h2" / "auth.pub").exists()
+
+
+@pytest.fixture
+def consortium(tmp_path):
+    init(tmp_path / "certs", ["localhost"], ["a", "b"])
+    synthesize(tmp_path / "data", sites=1, records_per_site=10, eval_fraction=0.2, seed=1)
+    coord = {"server": {"run_dir": "run", "port": 9999, "tls_ca": "certs/ca.pem", "tls_cert": "certs/coordinator.pem",
+                        "tls_key": "certs/coordinator.key", "sites": {"a": "certs/sites/a/auth.pub",
+                                                                      "b": "certs/sites/b/auth.pub"}},
+             "federation": {"rounds": 2}}
+    site = {"site": {"name": "a", "superlink": "localhost:9999", "tls_ca": "certs/ca.pem",
+                     "auth_key": "certs/sites/a/auth.key", "data_dir": "data/site-0", "state_dir": "state/a",
+                     "epsilon": 1.5}}
+    return tmp_path, coord, site
+
+
+def _write(path, doc):
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_coordinator_config_resolves_paths_and_counts_sites(consortium):
+    root, coord, _ = consortium
+    dc = load_coordinator_config(_write(root / "c.yaml", coord), {"federation.rounds": 4})
+    assert dc.run_dir == root / "run" and dc.tls_ca == root / "certs" / "ca.pem"
+    assert dc.federation.federation.sites == 2 and dc.federation.federation.rounds == 4
+    assert dc.address == "127.0.0.1:9999"
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda c: c.pop("server"), "the 'server' section is missing"),
+    (lambda c: c["server"].update(tls_ca="certs/nope.pem"), "server.tls_ca: .*nope.pem does not exist"),
+    (lambda c: c["server"].update(port=70000), "server.port: 70000 is not a TCP port"),
+    (lambda c: c["server"].update(listen="x"), "server.listen: unknown key"),
+    (lambda c: c["server"].update(sites={}), "server.sites: must map each site"),
+    (lambda c: c["federation"].update(rounds=0), "federation.rounds"),
+])
+def test_coordinator_config_errors(consortium, change, match):
+    root, coord, _ = consortium
+    change(coord)
+    with pytest.raises(ConfigError, match=match):
+        load_coordinator_config(_write(root / "c.yaml", coord))
+
+
+def test_site_config_builds_the_node_config(consortium):
+    root, _, site = consortium
+    sc = load_site_config(_write(root / "s.yaml", site))
+    assert sc.node_config == {"site-name": "a", "data-dir": str(root / "data" / "site-0"),
+                              "state-dir": str(root / "state" / "a"), "privacy.epsilon": 1.5,
+                              "attestation-provider": "software"}
+    assert node_config_arg(sc.node_config).startswith('site-name="a" data-dir="')
+    assert 'privacy.epsilon=1.5' in node_config_arg(sc.node_config)
+    with pytest.raises(ConfigError, match="quotes"):
+        node_config_arg({"x": 'a"b'})
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda s: s["site"].update(superlink="http://x:1"), "is not host:port"),
+    (lambda s: s["site"].update(data_dir="."), "train.jsonl is missing"),
+    (lambda s: s["site"].update(attestation_provider="sgx"), "attestation_provider: 'sgx'"),
+    (lambda s: s["site"].update(name="a b"), "site.name"),
+    (lambda s: s["site"].update(epsilon=-1), "site.epsilon: -1"),
+    (lambda s: s.update(extra={}), "extra: unknown section"),
+])
+def test_site_config_errors(consortium, change, match):
+    root, _, site = consortium
+    change(site)
+    with pytest.raises(ConfigError, match=match):
+        load_site_config(_write(root / "s.yaml", site))
+
+
+def test_server_refuses_to_start_without_an_attestation_policy(consortium):
+    root, coord, _ = consortium
+    res = CliRunner().invoke(app, ["server", "--config", str(_write(root / "c.yaml", coord))])
+    assert res.exit_code == 2 and "attestation.policy is not set" in res.output and "dev-policy" in res.output
+
+
+def test_client_refuses_a_readable_auth_key(consortium):
+    root, _, site = consortium
+    (root / "certs" / "sites" / "a" / "auth.key").chmod(0o644)
+    res = CliRunner().invoke(app, ["client", "--config", str(_write(root / "s.yaml", site))])
+    assert res.exit_code == 2 and "readable by group or others" in res.output
