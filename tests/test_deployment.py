@@ -196,15 +196,16 @@ def test_site_killed_during_round_1_is_dropped_and_rejoins(tmp_path):
         assert rounds[-1]["eval_loss"] is not None and len(rounds) == 4
         trained = json.loads((d.root / "run" / "summary.json").read_text())["privacy"]["sites"]["site-1"]
         assert any(r >= 2 for r in trained["rounds_trained"]), trained  # rejoined
-        # its ledger is intact: it opens (hash chain, seal and recomputed epsilons all check out)
+        # its ledger is intact: it opens (seal, hash chain and recomputed epsilons all check out), and it holds
+        # the spend of the round it was killed in if training had finished (spend is recorded before release)
         from fedsecure.crypto import read_keyring_file
+        from fedsecure.data.dataset import fingerprint
         from fedsecure.privacy.ledger import PrivacyLedger
 
-        state = d.root / "state" / "site-1"
         ring = read_keyring_file(d.root / "state" / "keys" / "site-1.keyring.json")
-        dataset = next(state.glob("privacy-ledger-*")).name.split("privacy-ledger-")[1].split(".")[0]
-        ledger = PrivacyLedger.open(state, dataset, ring=ring)
-        assert len(ledger.entries) >= 1
+        dataset = fingerprint([d.root / "data" / "site-1" / "train.jsonl"])
+        ledger = PrivacyLedger.open(d.root / "state" / "site-1", dataset, ring=ring)
+        assert len(ledger.entries) >= 1 and ledger.entries[-1].server_round >= 2
     finally:
         d.stop_all()
 

@@ -109,6 +109,7 @@ class Server:
         self.run_id: str | None = None
         self.stopping = threading.Event()
         self.superlink_log = _LogFollower(self.run_dir / "superlink.log")
+        self.epsilons: dict[str, float] = {}
 
     # ------------------------------------------------------------------ steps
     def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -211,11 +212,16 @@ class Server:
         except ValueError:
             return
         if rec.get("site") != "federation":
+            if "epsilon" in rec:
+                self.epsilons[str(rec["site"])] = float(rec["epsilon"])
             return
         loss = "n/a" if rec.get("eval_loss") is None else f"{rec['eval_loss']:.4f}"
         fails = "; ".join(f"{k}: {v}" for k, v in rec.get("failures", {}).items())
+        eps = (", ε spent " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(self.epsilons.items()))
+               if self.epsilons else "")
         self.emit(f"round {rec['round']}: held-out loss {loss}, {rec.get('sites_ok', 0)} sites, "
-                  f"{rec.get('bytes_up', 0):,} B up, {rec.get('seconds', 0):.1f} s" + (f" [{fails}]" if fails else ""))
+                  f"{rec.get('bytes_up', 0):,} B up{eps}, {rec.get('seconds', 0):.1f} s"
+                  + (f" [{fails}]" if fails else ""))
 
     def stop(self) -> None:
         if self.run_id is not None and self.superlink is not None and self.superlink.poll() is None:
