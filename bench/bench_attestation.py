@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import statistics
 import tempfile
 import time
@@ -93,6 +94,11 @@ def per_evidence() -> None:
 
 
 def main() -> None:
+    from fedsecure.federation.server import quiet_flower_logs
+
+    quiet_flower_logs(False)
+    logging.disable(logging.WARNING)  # the software provider logs every use; the figures are what matter here
+    warnings.simplefilter("ignore", SoftwareAttestationWarning)
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
