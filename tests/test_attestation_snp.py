@@ -132,3 +132,37 @@ def test_parse_report_fields():
     report = parse_report(_genuine()[0])
     assert report.version >= 2 and report.signature_algo == 1
     assert report.chip_id.hex().startswith("3ac3fe21")
+
+
+def test_one_changed_bit_in_a_certificate_fails():
+    report, vcek, chain = _genuine()
+    for pos in (len(vcek) - 5, len(vcek) // 2):  # VCEK signature, VCEK signed part
+        bad = bytearray(vcek)
+        bad[pos] ^= 0x01
+        with pytest.raises(AttestationError):
+            verify(report, bytes(bad), chain, at_time=AT)
+    second = chain.index(b"-----BEGIN CERTIFICATE-----", 10)  # the ARK, after the ASK
+    for pos in (200, second + 600):
+        bad = bytearray(chain)
+        bad[pos] ^= 0x01
+        with pytest.raises(AttestationError):
+            verify(report, vcek, bytes(bad), at_time=AT)
+
+
+def test_damage_anywhere_in_the_certificates_is_an_attestation_error():
+    """No altered byte of the VCEK or the chain may escape as anything but AttestationError."""
+    report, vcek, chain = _genuine()
+    for pos in range(0, len(vcek), 11):
+        bad = bytearray(vcek)
+        bad[pos] ^= 0x04
+        try:
+            verify(report, bytes(bad), chain, at_time=AT)
+        except AttestationError:
+            pass
+    for pos in range(0, len(chain), 17):
+        bad = bytearray(chain)
+        bad[pos] ^= 0x01
+        try:
+            verify(report, vcek, bytes(bad), at_time=AT)
+        except AttestationError:
+            pass

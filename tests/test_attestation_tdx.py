@@ -88,3 +88,31 @@ def test_malformed_quotes():
     v5[HEADER] = 9  # unknown body type
     with pytest.raises(AttestationError, match="unknown TDX v5 body type"):
         parse_quote(bytes(v5))
+
+
+def test_one_changed_bit_in_a_certificate_of_the_pck_chain_fails():
+    raw = _read("tdx_prod_quote_SPR_E4.dat")
+    chain = parse_quote(raw).pck_chain_pem
+    start = raw.index(chain)
+    begins = [m for m in range(len(chain)) if chain.startswith(b"-----BEGIN CERTIFICATE-----", m)]
+    assert len(begins) == 3  # PCK, platform CA, root
+    for begin in begins:
+        bad = bytearray(raw)
+        bad[start + begin + 28 + 400] ^= 0x01  # one bit well inside the base64 body (the signed part)
+        with pytest.raises(AttestationError, match="certificate|PCK|QE report signature"):
+            verify(bytes(bad), at_time=V4_AT)
+
+
+def test_damage_anywhere_in_the_quote_is_an_attestation_error():
+    raw = _read("tdx_prod_quote_SPR_E4.dat")
+    chain = parse_quote(raw).pck_chain_pem
+    start = raw.index(chain)
+    for pos in range(0, len(raw), 23):
+        if pos >= start + len(chain):
+            break  # bytes after the quote (this test file carries a trailing note) are not part of it
+        if start <= pos and raw[pos] in b" \n\r\t":
+            continue  # PEM ignores whitespace: the certificate is unchanged, and rightly still verifies
+        bad = bytearray(raw)
+        bad[pos] ^= 0x01
+        with pytest.raises(AttestationError):
+            verify(bytes(bad), at_time=V4_AT)

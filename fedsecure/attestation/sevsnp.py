@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -142,6 +142,18 @@ class SnpClaims:
 def verify(report_bytes: bytes, vcek_der: bytes, chain_pem: bytes, *, at_time: _dt.datetime | None = None,
            expected_report_data: bytes | None = None, allowed_measurements: Iterable[str] | None = None,
            pins: dict[str, str] | None = None) -> SnpClaims:
+    """Verify end to end; returns the claims or raises AttestationError (also for damaged certificates, whose
+    fields may fail to parse only when read)."""
+    try:
+        return _verify(report_bytes, vcek_der, chain_pem, at_time=at_time, expected_report_data=expected_report_data,
+                       allowed_measurements=allowed_measurements, pins=pins)
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as e:
+        raise AttestationError(f"malformed evidence or certificate ({type(e).__name__}: {e})") from None
+
+
+def _verify(report_bytes: bytes, vcek_der: bytes, chain_pem: bytes, *, at_time: _dt.datetime | None = None,
+           expected_report_data: bytes | None = None, allowed_measurements: Iterable[str] | None = None,
+           pins: dict[str, str] | None = None) -> SnpClaims:
     """Verify an SEV-SNP report end to end; returns its claims or raises AttestationError."""
     at = at_time or _dt.datetime.now(_dt.UTC)
     report = parse_report(report_bytes)
@@ -150,7 +162,10 @@ def verify(report_bytes: bytes, vcek_der: bytes, chain_pem: bytes, *, at_time: _
         certs = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as e:
         raise AttestationError(f"cannot parse the VCEK or the ASK/ARK chain ({e})") from None
-    by_cn = {c.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value: c for c in certs}
+    try:
+        by_cn = {c.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value: c for c in certs}
+    except (ValueError, IndexError):
+        raise AttestationError("a certificate name in the ASK/ARK chain does not parse (damaged chain)") from None
     ark = next((c for cn, c in by_cn.items() if str(cn).startswith("ARK")), None)
     ask = next((c for cn, c in by_cn.items() if str(cn).startswith(("ASK", "SEV"))), None)
     if ark is None or ask is None:

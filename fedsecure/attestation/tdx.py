@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -127,6 +127,14 @@ def _verify_rs(key: ec.EllipticCurvePublicKey, sig64: bytes, data: bytes, what: 
         raise AttestationError(f"{what} does not verify") from None
 
 
+def _subject(cert: x509.Certificate) -> str:
+    """The subject for an error message; a damaged certificate's name may not even parse."""
+    try:
+        return cert.subject.rfc4514_string()
+    except ValueError:
+        return "<unparseable subject>"
+
+
 def spki_sha256(cert: x509.Certificate) -> str:
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).hexdigest()
@@ -146,6 +154,17 @@ class TdxClaims:
 
 def verify(raw: bytes, *, pins: dict[str, str] | None = None, at_time: _dt.datetime | None = None,
            expected_report_data: bytes | None = None, allowed_mrtd: Iterable[str] | None = None) -> TdxClaims:
+    """Verify end to end; returns the claims or raises AttestationError (also for damaged certificates, whose
+    fields may fail to parse only when read)."""
+    try:
+        return _verify(raw, pins=pins, at_time=at_time, expected_report_data=expected_report_data,
+                       allowed_mrtd=allowed_mrtd)
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as e:
+        raise AttestationError(f"malformed evidence or certificate ({type(e).__name__}: {e})") from None
+
+
+def _verify(raw: bytes, *, pins: dict[str, str] | None = None, at_time: _dt.datetime | None = None,
+           expected_report_data: bytes | None = None, allowed_mrtd: Iterable[str] | None = None) -> TdxClaims:
     """Verify a TDX quote end to end against pinned root keys; returns its claims."""
     at = at_time or _dt.datetime.now(_dt.UTC)
     q = parse_quote(raw)
@@ -160,7 +179,10 @@ def verify(raw: bytes, *, pins: dict[str, str] | None = None, at_time: _dt.datet
     if len(certs) < 2:
         raise AttestationError("PCK certificate chain is incomplete")
     pck, root = certs[0], certs[-1]
-    pck_key = pck.public_key()
+    try:
+        pck_key = pck.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise AttestationError(f"the PCK certificate's public key does not parse ({e})") from None
     if not isinstance(pck_key, ec.EllipticCurvePublicKey):
         raise AttestationError("PCK key is not ECDSA")
     _verify_rs(pck_key, q.qe_report_signature, q.qe_report, "QE report signature (PCK key)")
@@ -168,9 +190,9 @@ def verify(raw: bytes, *, pins: dict[str, str] | None = None, at_time: _dt.datet
         try:
             child.verify_directly_issued_by(issuer)
         except (InvalidSignature, ValueError, TypeError) as e:
-            raise AttestationError(f"certificate {child.subject.rfc4514_string()} is not signed by "
-                                   f"{issuer.subject.rfc4514_string()} ({type(e).__name__})") from None
-        check_validity(child, at, f"certificate {child.subject.rfc4514_string()}")
+            raise AttestationError(f"certificate {_subject(child)} is not signed by {_subject(issuer)} "
+                                   f"({type(e).__name__}: {e})") from None
+        check_validity(child, at, f"certificate {_subject(child)}")
     name = (INTEL_ROOT_PINS if pins is None else pins).get(spki_sha256(root))
     if name is None:
         raise AttestationError("the PCK chain does not end in a pinned Intel root key")
