@@ -148,3 +148,31 @@ def test_a_site_that_never_answers_is_dropped_and_gets_a_full_adapter_when_back(
     r1, r2 = summary["rounds"][1], summary["rounds"][2]
     assert r1["sites_ok"] == 1 and "no reply before the round timeout" in r1["failures"].values()
     assert r2["sites_ok"] == 2 and r2["failures"] == {}  # back in round 2, with a keyframe it can use
+
+
+@pytest.mark.slow
+def test_malformed_replies_and_stolen_names_do_not_break_the_round(site_data, tmp_path, monkeypatch):
+    """site-1 answers training without metrics (round 1) and claims site-0's name (round 2): the coordinator
+    rejects the first, keeps the second under site-1's own name, and the run goes on."""
+    import client.app as client_app
+    from fedsecure.federation.client import handle_train
+
+    def lying(msg, context):
+        reply = handle_train(msg, context)
+        if int(context.node_config.get("partition-id", -1)) != 1 or reply.has_error():
+            return reply
+        if int(msg.content[keys.CONFIG][keys.SERVER_ROUND]) == 1:
+            del reply.content[keys.METRICS]
+        else:
+            reply.content[keys.SITE] = ConfigRecord({keys.SITE_NAME: "site-0"})
+        return reply
+
+    monkeypatch.setattr(client_app, "handle_train", lying)
+    summary = simulate(small_config(site_data, federation={"rounds": 2}, train={"local_steps": 2}),
+                       run_dir=tmp_path / "run")
+    r1, r2 = summary["rounds"][1], summary["rounds"][2]
+    assert "malformed reply (KeyError" in r1["failures"]["site-1"] and r1["sites_ok"] == 1
+    assert r2["sites_ok"] == 2 and set(r2["attestation"]) == {"site-0", "site-1"}
+    events = [__import__("json").loads(x) for x in (tmp_path / "run" / "audit.log").read_text().splitlines()]
+    conflict = [e for e in events if e["event"] == "site.name-conflict"]
+    assert conflict and conflict[0]["claimed"] == "site-0" and conflict[0]["current"] == "site-1"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -193,14 +194,21 @@ class Coordinator:
             if msg.metadata.dst_node_id not in answered and self.downlink is not None:
                 self.downlink.forget(msg.metadata.dst_node_id)
         for reply in replies:
-            name = site_name(reply, self.known_sites)
+            name = self._site_of(reply)
             if reply.has_error():
                 self._failed(reply.metadata.src_node_id, name, reply.error.reason, rl)
                 continue
-            m = reply.content[keys.METRICS]
+            try:
+                m = reply.content[keys.METRICS]
+                values = dict(eval_loss=float(m[keys.EVAL_LOSS]), eval_tokens=int(m[keys.EVAL_TOKENS]),
+                              eval_records=int(m[keys.NUM_EXAMPLES]), eval_seconds=round(float(m[keys.SECONDS]), 4))
+                if not math.isfinite(values["eval_loss"]) or values["eval_tokens"] < 0:
+                    raise ValueError("a non-finite loss or a negative token count")
+            except (KeyError, TypeError, ValueError) as e:
+                self._failed(reply.metadata.src_node_id, name, f"malformed evaluation reply ({e})", rl)
+                continue
             entry = rl.site(name)
-            entry.update(eval_loss=float(m[keys.EVAL_LOSS]), eval_tokens=int(m[keys.EVAL_TOKENS]),
-                         eval_records=int(m[keys.NUM_EXAMPLES]), eval_seconds=round(float(m[keys.SECONDS]), 4))
+            entry.update(values)
             entry["bytes_down"] = entry.get("bytes_down", 0) + self.bytes_down.get(reply.metadata.src_node_id, 0)
         return _weighted_eval(e for e in rl.sites.values() if "eval_loss" in e)
 
@@ -341,43 +349,21 @@ class Coordinator:
                                  rl)
             ok = []
             for reply in replies:
-                name = site_name(reply, self.known_sites)
+                name = self._site_of(reply)
                 if reply.has_error():
                     self._failed(reply.metadata.src_node_id, name, reply.error.reason, rl)
                     log.warning("round %d: %s failed: %s", server_round, name, reply.error.reason)
                     continue
-                status = self._note_privacy(name, reply, server_round)
-                if status == keys.STATUS_EXHAUSTED:
-                    self.retired[reply.metadata.src_node_id] = name
-                    rl.refused.append(name)
-                    log.warning("round %d: %s retired: privacy budget exhausted (%s)", server_round, name,
-                                reply.content[keys.PRIVACY][keys.REASON])
-                    self.audit.append("site.retired", site=name, round=server_round, reason="privacy budget exhausted")
+                try:
+                    accepted = self._take_train_reply(reply, name, server_round, rl, expected, fp32_bytes)
+                except (KeyError, TypeError, ValueError) as e:
+                    reason = f"update rejected: malformed reply ({type(e).__name__}: {e})"
+                    self._failed(reply.metadata.src_node_id, name, reason, rl)
+                    self.audit.append("update.rejected", site=name, round=server_round, reason=reason)
+                    log.warning("round %d: %s: %s", server_round, name, reason)
                     continue
-                rejected = self._attest(reply, name, server_round, rl)
-                if rejected is not None:
-                    self._failed(reply.metadata.src_node_id, name, rejected, rl)
-                    log.warning("round %d: %s: %s", server_round, name, rejected)
-                    if self.gate is not None and self.gate.policy.on_failure == "retire-site":
-                        self.retired[reply.metadata.src_node_id] = name
-                        rl.refused.append(name)
-                        self.audit.append("site.retired", site=name, round=server_round, reason=rejected)
-                    continue
-                bytes_up = self._accept_update(reply, expected)
-                if isinstance(bytes_up, str):
-                    self._failed(reply.metadata.src_node_id, name, bytes_up, rl)
-                    self.audit.append("update.rejected", site=name, round=server_round, reason=bytes_up)
-                    log.warning("round %d: %s: %s", server_round, name, bytes_up)
-                    continue
-                m = reply.content[keys.METRICS]
-                entry = rl.site(name)
-                entry.update(train_loss=float(m[keys.TRAIN_LOSS]), records=int(m[keys.NUM_EXAMPLES]),
-                             steps=int(m[keys.STEPS]), train_seconds=round(float(m[keys.SECONDS]), 4),
-                             bytes_down=self.bytes_down.get(reply.metadata.src_node_id, 0), bytes_up=bytes_up,
-                             fp32_bytes=fp32_bytes)
-                if keys.DP_EPSILON in m:
-                    entry.update(epsilon=float(m[keys.DP_EPSILON]), sigma=float(m[keys.DP_SIGMA]))
-                ok.append(reply)
+                if accepted:
+                    ok.append(reply)
             if self.gate is not None:
                 self.gate.close_round(server_round)
             if len(ok) < cfg.federation.min_sites:
@@ -393,13 +379,67 @@ class Coordinator:
             state = apply_delta(state, from_array_record(delta_record))
             arrays = to_array_record(state)
             self.run_dir.save_global_adapter(server_round, state, meta)
-            self.audit.append("round.aggregated", round=server_round, sites=sorted(site_name(m) for m in ok))
+            self.audit.append("round.aggregated", round=server_round,
+                              sites=sorted(self.known_sites.get(m.metadata.src_node_id, "?") for m in ok))
             loss = self._evaluate(grid, server_round, state, arrays, rl)
             self._record(rl, loss, time.perf_counter() - t_round)
             self._checkpoint(server_round, initial_loss)
             log.info("round %d: held-out loss %.4f", server_round, loss or float("nan"))
 
         return self._finish(initial_loss, stopped)
+
+    def _take_train_reply(self, reply: Message, name: str, server_round: int, rl: RoundLog, expected,
+                          fp32_bytes: int) -> bool:
+        """Privacy bookkeeping, attestation and strict decoding of one train reply; True if its update counts."""
+        status = self._note_privacy(name, reply, server_round)
+        if status == keys.STATUS_EXHAUSTED:
+            self.retired[reply.metadata.src_node_id] = name
+            rl.refused.append(name)
+            log.warning("round %d: %s retired: privacy budget exhausted (%s)", server_round, name,
+                        reply.content[keys.PRIVACY][keys.REASON])
+            self.audit.append("site.retired", site=name, round=server_round, reason="privacy budget exhausted")
+            return False
+        rejected = self._attest(reply, name, server_round, rl)
+        if rejected is not None:
+            self._failed(reply.metadata.src_node_id, name, rejected, rl)
+            log.warning("round %d: %s: %s", server_round, name, rejected)
+            if self.gate is not None and self.gate.policy.on_failure == "retire-site":
+                self.retired[reply.metadata.src_node_id] = name
+                rl.refused.append(name)
+                self.audit.append("site.retired", site=name, round=server_round, reason=rejected)
+            return False
+        bytes_up = self._accept_update(reply, expected)
+        if isinstance(bytes_up, str):
+            self._failed(reply.metadata.src_node_id, name, bytes_up, rl)
+            self.audit.append("update.rejected", site=name, round=server_round, reason=bytes_up)
+            log.warning("round %d: %s: %s", server_round, name, bytes_up)
+            return False
+        m = reply.content[keys.METRICS]
+        entry = rl.site(name)
+        entry.update(train_loss=float(m[keys.TRAIN_LOSS]), records=int(m[keys.NUM_EXAMPLES]),
+                     steps=int(m[keys.STEPS]), train_seconds=round(float(m[keys.SECONDS]), 4),
+                     bytes_down=self.bytes_down.get(reply.metadata.src_node_id, 0), bytes_up=bytes_up,
+                     fp32_bytes=fp32_bytes)
+        if keys.DP_EPSILON in m:
+            entry.update(epsilon=float(m[keys.DP_EPSILON]), sigma=float(m[keys.DP_SIGMA]))
+        return True
+
+    def _site_of(self, reply: Message) -> str:
+        """The reply's site name, bound to its node for the whole run: a node cannot switch names, nor take a
+        name another node already uses (it would take over that site's records); such a claim is ignored."""
+        node = reply.metadata.src_node_id
+        current = self.known_sites.get(node)
+        claimed = site_name(reply, {})
+        if claimed == f"node-{node}":  # no name in the reply (an error reply)
+            return current or claimed
+        owner = next((n for n, nm in self.known_sites.items() if nm == claimed and n != node), None)
+        if owner is not None or (current is not None and current != claimed):
+            log.warning("node %d claims site name %s (it is %s; the name belongs to node %s); claim ignored", node,
+                        claimed, current, owner)
+            self.audit.append("site.name-conflict", node=node, claimed=claimed, current=current, owner=owner)
+            return current or f"node-{node}"
+        self.known_sites[node] = claimed
+        return claimed
 
     def _attest(self, reply: Message, name: str, server_round: int, rl: RoundLog) -> str | None:
         """Check the reply's attestation statement; returns the rejection reason, or None if accepted
