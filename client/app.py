@@ -1,18 +1,61 @@
-"""fedsecure ClientApp (``clientapp = "client.app:app"``): thin; the logic is in fedsecure."""
+"""fedsecure ClientApp (``clientapp = "client.app:app"``): thin; the logic is in fedsecure.
+
+In deployment, ``fedsecure client`` runs a warm worker and names its socket in the node config; the
+(fresh, per-message) ClientApp process then only forwards the message to it. Otherwise the handlers run
+here. Heavy modules (torch, transformers, Opacus) are imported only on that second path.
+"""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsecure.federation.client import handle_evaluate, handle_train
-
 app = ClientApp()
+WORKER_SOCKET = "worker-socket"  # fedsecure.deploy.worker.NODE_WORKER_SOCKET (kept import-free here)
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    from fedsecure.federation.client import handle_train as handler
+
+    return handler(msg, context)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    from fedsecure.federation.client import handle_evaluate as handler
+
+    return handler(msg, context)
+
+
+def _warn_fallback(e: Exception) -> None:
+    import logging
+
+    logging.getLogger(__name__).warning("site worker unreachable (%s); running the handler in this process", e)
+
+
+def _worker(context: Context) -> str | None:
+    path = context.node_config.get(WORKER_SOCKET)
+    return str(path) if path else None
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    path = _worker(context)
+    if path:
+        from fedsecure.deploy.worker import forward
+
+        try:
+            return forward("train", msg, context, path)
+        except (ConnectionError, FileNotFoundError) as e:  # worker gone: do the work here (slower, same result)
+            _warn_fallback(e)
     return handle_train(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    path = _worker(context)
+    if path:
+        from fedsecure.deploy.worker import forward
+
+        try:
+            return forward("evaluate", msg, context, path)
+        except (ConnectionError, FileNotFoundError) as e:  # worker gone: do the work here (slower, same result)
+            _warn_fallback(e)
     return handle_evaluate(msg, context)

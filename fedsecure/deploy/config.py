@@ -115,6 +115,7 @@ class SiteConfig:
     runtime_port: int
     node_config: dict[str, str | float]
     source: Path
+    warm_worker: bool = True
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -127,7 +128,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section. Fix: a site config holds one 'site' section.")
     sec = _section(doc, "site", {"name", "superlink", "tls_ca", "auth_key", "data_dir", "state_dir", "runtime_port",
-                                 "epsilon", "delta", "dataset_id", "attestation_provider", "keyring"}, src)
+                                 "epsilon", "delta", "dataset_id", "attestation_provider", "keyring",
+                                 "warm_worker"}, src)
     name = sec.get("name")
     if not isinstance(name, str) or not SITE_NAME.match(name):
         raise ConfigError(f"site.name: {name!r} must be 1-63 letters, digits, '.', '_' or '-'.")
@@ -158,7 +160,14 @@ def load_site_config(path: str | Path) -> SiteConfig:
     return SiteConfig(name=name, superlink=superlink, tls_ca=_path(base, sec.get("tls_ca"), "site.tls_ca"),
                       auth_key=_path(base, sec.get("auth_key"), "site.auth_key"), data_dir=data_dir,
                       state_dir=state_dir, runtime_port=_port(sec.get("runtime_port", 9094), "site.runtime_port"),
-                      node_config=node, source=src)
+                      node_config=node, source=src, warm_worker=_bool(sec.get("warm_worker", True),
+                                                                        "site.warm_worker"))
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} must be true or false.")
+    return value
 
 
 def node_config_arg(node: Mapping[str, str | float]) -> str:

@@ -254,13 +254,57 @@ def run_site(sc: SiteConfig, emit: Callable[[str], None] = print, stopping: thre
         raise ConfigError(f"site.auth_key: {sc.auth_key} is readable by group or others. Fix: chmod 600 "
                           f"{sc.auth_key}")
     sc.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    argv = [_bin("flower-supernode"), "--superlink", sc.superlink, "--root-certificates", str(sc.tls_ca),
-            "--auth-supernode-private-key", str(sc.auth_key), "--node-config", node_config_arg(sc.node_config),
-            "--port", str(sc.runtime_port)]
+    node_config = dict(sc.node_config)
     home = sc.state_dir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     log_path = sc.state_dir / "supernode.log"
     stopping = stopping or threading.Event()
+    worker = None
+    if sc.warm_worker:
+        worker, socket_path = start_worker(sc, emit)
+        node_config["worker-socket"] = str(socket_path)
+    argv = [_bin("flower-supernode"), "--superlink", sc.superlink, "--root-certificates", str(sc.tls_ca),
+            "--auth-supernode-private-key", str(sc.auth_key), "--node-config", node_config_arg(node_config),
+            "--port", str(sc.runtime_port)]
+    try:
+        return _supervise(sc, argv, home, log_path, emit, stopping, retry_s)
+    finally:
+        if worker is not None:
+            _stop(worker)
+
+
+def start_worker(sc: SiteConfig, emit: Callable[[str], None], timeout_s: float = 300.0):
+    """Start the site's warm worker (fedsecure.deploy.worker) and wait until it listens."""
+    import tempfile
+
+    sock_dir = sc.state_dir / "worker"
+    if len(str(sock_dir / "worker.sock")) > 100:  # AF_UNIX paths are limited to ~108 bytes
+        sock_dir = Path(tempfile.mkdtemp(prefix="fedsecure-worker-"))
+    sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sock_dir.chmod(0o700)
+    path = sock_dir / "worker.sock"
+    log_file = (sc.state_dir / "worker.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "fedsecure.deploy.worker", "--socket", str(path)],
+                            env=_env(sc.state_dir / "flwr-home"), stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log_file.close()
+    ready = _LogFollower(sc.state_dir / "worker.log")
+    ready.pos = 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FedSecureError(f"the site worker exited with code {proc.returncode} at start; see "
+                                 f"{sc.state_dir / 'worker.log'}")
+        if path.exists() and any(f"worker ready on {path}" in line for line in ready.lines()):
+            emit(f"site {sc.name}: warm worker ready (model and accountant stay loaded between messages)")
+            return proc, path
+        time.sleep(0.2)
+    _stop(proc)
+    raise FedSecureError(f"the site worker did not start within {timeout_s:.0f} s")
+
+
+def _supervise(sc: SiteConfig, argv: list[str], home: Path, log_path: Path, emit: Callable[[str], None],
+               stopping: threading.Event, retry_s: float) -> int:
     pause = retry_s
     while not stopping.is_set():
         follower = _LogFollower(log_path)
@@ -295,7 +339,7 @@ def _explain_site_line(sc: SiteConfig, line: str, emit: Callable[[str], None]) -
         emit(f"site {sc.name}: refused: the coordinator's TLS certificate is not signed by {sc.tls_ca} (another "
              "CA, or a man in the middle). Fix: get ca.pem from the consortium")
         return "untrusted"
-    if "412" in line or "Failed to activate SuperNode" in line or "not registered" in line.lower():
+    if "Failed to activate SuperNode" in line or "No SuperNode found with the given public key" in line:
         emit(f"site {sc.name}: refused: the coordinator does not know this site's key (yet). Fix: send auth.pub to "
              "the coordinator (server.sites)")
         return "unregistered"

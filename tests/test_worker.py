@@ -1,0 +1,63 @@
+"""The site worker's wire protocol: messages and context state make the round trip intact; handler errors
+and exceptions come back as error replies; the socket is private to the site's user."""
+
+from __future__ import annotations
+
+import stat
+import threading
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsecure.deploy.worker import _serve, forward
+
+
+def _incoming() -> tuple[Message, Context]:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 9, 5, 1
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))}),
+                          "config": ConfigRecord({"server-round": 2, "nonce": b"\x01" * 32})})
+    msg = Message(content, 5, "train", group_id="2")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    context = Context(run_id=9, node_id=5, node_config={"site-name": "a", "worker-socket": "x"},
+                      state=RecordDict({"plan": ConfigRecord({"sigma": 1.25})}), run_config={"seed": 3})
+    return msg, context
+
+
+def test_worker_round_trip_and_errors(tmp_path):
+    seen = {}
+
+    def train(msg, context):
+        seen["round"] = msg.content["config"]["server-round"]
+        seen["w"] = msg.content["arrays"]["w"].numpy()
+        seen["node_config"] = dict(context.node_config)
+        context.state["plan"] = ConfigRecord({"sigma": 2.5})
+        return Message(RecordDict({"metrics": MetricRecord({"loss": 0.5})}), reply_to=msg)
+
+    def evaluate(msg, context):
+        if msg.content["config"]["server-round"] == 2:
+            return Message(Error(code=4001, reason="site-a: no data"), reply_to=msg)
+        raise RuntimeError("boom")
+
+    path = tmp_path / "w" / "worker.sock"
+    ready = threading.Event()
+    t = threading.Thread(target=_serve, args=(path, {"train": train, "evaluate": evaluate}, 3, ready), daemon=True)
+    t.start()
+    assert ready.wait(10)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    msg, context = _incoming()
+    reply = forward("train", msg, context, str(path))
+    assert not reply.has_error() and reply.content["metrics"]["loss"] == 0.5
+    assert seen["round"] == 2 and np.array_equal(seen["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert seen["node_config"]["site-name"] == "a"
+    assert context.state["plan"]["sigma"] == 2.5  # the worker's change to the state came back
+
+    msg, context = _incoming()
+    reply = forward("evaluate", msg, context, str(path))
+    assert reply.has_error() and reply.error.reason == "site-a: no data" and reply.error.code == 4001
+    msg, context = _incoming()
+    msg.content["config"]["server-round"] = 3
+    reply = forward("evaluate", msg, context, str(path))
+    assert reply.has_error() and "RuntimeError: boom" in reply.error.reason
+    t.join(10)
