@@ -121,6 +121,7 @@ def test_site_config_builds_the_node_config(consortium):
     (lambda s: s["site"].update(name="a b"), "site.name"),
     (lambda s: s["site"].update(epsilon=-1), "site.epsilon: -1"),
     (lambda s: s.update(extra={}), "extra: unknown section"),
+    (lambda s: s["site"].update(warm_worker="yes"), "site.warm_worker: 'yes' must be true or false"),
 ])
 def test_site_config_errors(consortium, change, match):
     root, _, site = consortium
