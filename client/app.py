@@ -9,7 +9,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 app = ClientApp()
-WORKER_SOCKET = "worker-socket"  # fedsecure.deploy.worker.NODE_WORKER_SOCKET (kept import-free here)
+WORKER_SOCKET = "worker-socket"  # fedsecure.federation.worker.NODE_WORKER_SOCKET (kept import-free here)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -39,7 +39,7 @@ def _worker(context: Context) -> str | None:
 def train(msg: Message, context: Context) -> Message:
     path = _worker(context)
     if path:
-        from fedsecure.deploy.worker import forward
+        from fedsecure.federation.worker import forward
 
         try:
             return forward("train", msg, context, path)
@@ -52,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     path = _worker(context)
     if path:
-        from fedsecure.deploy.worker import forward
+        from fedsecure.federation.worker import forward
 
         try:
             return forward("evaluate", msg, context, path)

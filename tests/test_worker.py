@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsecure.deploy.worker import _serve, forward
+from fedsecure.federation.worker import _serve, forward
 
 
 def _incoming() -> tuple[Message, Context]:

@@ -274,7 +274,7 @@ def run_site(sc: SiteConfig, emit: Callable[[str], None] = print, stopping: thre
 
 
 def start_worker(sc: SiteConfig, emit: Callable[[str], None], timeout_s: float = 300.0):
-    """Start the site's warm worker (fedsecure.deploy.worker) and wait until it listens."""
+    """Start the site's warm worker (fedsecure.federation.worker) and wait until it listens."""
     import tempfile
 
     sock_dir = sc.state_dir / "worker"
@@ -284,7 +284,7 @@ def start_worker(sc: SiteConfig, emit: Callable[[str], None], timeout_s: float =
     sock_dir.chmod(0o700)
     path = sock_dir / "worker.sock"
     log_file = (sc.state_dir / "worker.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "fedsecure.deploy.worker", "--socket", str(path)],
+    proc = subprocess.Popen([sys.executable, "-m", "fedsecure.federation.worker", "--socket", str(path)],
                             env=_env(sc.state_dir / "flwr-home"), stdout=log_file, stderr=subprocess.STDOUT,
                             start_new_session=True)
     log_file.close()
