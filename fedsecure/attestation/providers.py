@@ -79,7 +79,7 @@ class SoftwareProvider:
     def evidence(self, report_data: bytes) -> Evidence:
         _check_rd(report_data)
         warnings.warn(SOFTWARE_WARNING, SoftwareAttestationWarning, stacklevel=2)
-        log.warning("%s", SOFTWARE_WARNING)
+        log.warning("software attestation evidence (simulation only)")
         statement = json.dumps({"fedsecure-software-evidence": 1, "public_key": raw_public(self.key).hex(),
                                 "report_data": report_data.hex(), "measurement": self.measurement,
                                 "issued_at": _dt.datetime.now(_dt.UTC).isoformat()},
