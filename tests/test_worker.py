@@ -3,6 +3,7 @@ and exceptions come back as error replies; the socket is private to the site's u
 
 from __future__ import annotations
 
+import socket
 import stat
 import threading
 
@@ -25,6 +26,7 @@ def _incoming() -> tuple[Message, Context]:
 
 
 def test_worker_round_trip_and_errors(tmp_path):
+    """Also: a connection that never sends its request does not hold up the others."""
     seen = {}
 
     def train(msg, context):
@@ -41,10 +43,12 @@ def test_worker_round_trip_and_errors(tmp_path):
 
     path = tmp_path / "w" / "worker.sock"
     ready = threading.Event()
-    t = threading.Thread(target=_serve, args=(path, {"train": train, "evaluate": evaluate}, 3, ready), daemon=True)
+    t = threading.Thread(target=_serve, args=(path, {"train": train, "evaluate": evaluate}, 4, ready), daemon=True)
     t.start()
     assert ready.wait(10)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a ClientApp that connects and says nothing
+    stalled.connect(str(path))
 
     msg, context = _incoming()
     reply = forward("train", msg, context, str(path))
@@ -60,4 +64,5 @@ def test_worker_round_trip_and_errors(tmp_path):
     msg.content["config"]["server-round"] = 3
     reply = forward("evaluate", msg, context, str(path))
     assert reply.has_error() and "RuntimeError: boom" in reply.error.reason
+    stalled.close()
     t.join(10)

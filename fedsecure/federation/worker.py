@@ -36,6 +36,8 @@ VERSION = 1
 MAX_FRAME = 1 << 30
 NODE_WORKER_SOCKET = "worker-socket"
 ERR_WORKER = 4002
+#: how long the worker waits for a request's bytes, or for the ClientApp to take the reply
+IO_TIMEOUT_S = 60.0
 
 
 def _send(sock: socket.socket, *frames: bytes) -> None:
@@ -90,7 +92,7 @@ def forward(kind: str, msg: Message, context: Context, path: str) -> Message:
 
 
 # ---------------------------------------------------------------------------- worker side
-def _handle(conn: socket.socket, handlers: dict[str, Any]) -> None:
+def _handle(conn: socket.socket, handlers: dict[str, Any], lock: Any) -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
     head, content, state = _recv(conn, 3)
@@ -101,14 +103,15 @@ def _handle(conn: socket.socket, handlers: dict[str, Any]) -> None:
         return
     context = Context(run_id=int(h["run_id"]), node_id=int(h["node_id"]), node_config=dict(h["node_config"]),
                       state=_rd(state), run_config=dict(h["run_config"]))
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = context.run_id, context.node_id, 1
-    msg = Message(_rd(content), context.node_id, str(h["message_type"]), group_id=str(h["group_id"]))
-    msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-    try:
-        reply = handlers[h["kind"]](msg, context)
-    except Exception as e:  # noqa: BLE001 - like Flower's runtime: an exception becomes an error reply
-        log.error("worker: %s handler raised:\n%s", h["kind"], traceback.format_exc())
-        reply = Message(Error(code=ERR_WORKER, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+    with lock:  # one message at a time: the model and the site's state are shared
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = context.run_id, context.node_id, 1
+        msg = Message(_rd(content), context.node_id, str(h["message_type"]), group_id=str(h["group_id"]))
+        msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        try:
+            reply = handlers[h["kind"]](msg, context)
+        except Exception as e:  # noqa: BLE001 - like Flower's runtime: an exception becomes an error reply
+            log.error("worker: %s handler raised:\n%s", h["kind"], traceback.format_exc())
+            reply = Message(Error(code=ERR_WORKER, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
     if reply.has_error():
         out = {"error": {"code": reply.error.code, "reason": reply.error.reason}}
         _send(conn, json.dumps(out).encode(), b"", _rd_bytes(context.state))
@@ -124,6 +127,10 @@ def serve(path: Path) -> None:
 
 def _serve(path: Path, handlers: dict[str, Any], max_requests: int | None = None,
            ready: Any = None) -> None:
+    """Accept connections; each is read on its own thread (with a timeout, so a stalled or dead ClientApp
+    process cannot block the others), and the handlers run one at a time under a lock."""
+    import threading
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.unlink(missing_ok=True)
     old = os.umask(0o177)
@@ -132,20 +139,32 @@ def _serve(path: Path, handlers: dict[str, Any], max_requests: int | None = None
         server.bind(str(path))
     finally:
         os.umask(old)
-    server.listen(8)
+    server.listen(16)
     print(f"fedsecure worker ready on {path}", flush=True)
     if ready is not None:
         ready.set()
+    lock = threading.Lock()
+    threads = []
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(IO_TIMEOUT_S)
+                _handle(conn, handlers, lock)
+            except (ConnectionError, OSError, ValueError) as e:  # socket.timeout is an OSError
+                log.warning("worker: dropped a request: %s", e)
+
     served = 0
     with server:
         while max_requests is None or served < max_requests:
             conn, _ = server.accept()
             served += 1
-            with conn:
-                try:
-                    _handle(conn, handlers)
-                except (ConnectionError, OSError, ValueError) as e:
-                    log.warning("worker: dropped a request: %s", e)
+            t = threading.Thread(target=serve_one, args=(conn,), daemon=True)
+            t.start()
+            threads.append(t)
+            threads = [x for x in threads if x.is_alive()]
+    for t in threads:
+        t.join()
 
 
 def main() -> None:
