@@ -222,6 +222,7 @@ def test_coordinator_stopped_after_round_1_resumes_at_round_2(tmp_path):
         d.wait_for(lambda: (d.root / "run" / "coordinator-state.json").exists()
                    and json.loads((d.root / "run" / "coordinator-state.json").read_text())["round"] == 1, 400)
         r1 = global_adapter(d.root / "run", 1)
+        time.sleep(3)  # round 2's messages are out: the sites are busy with a run that is about to stop
         os.killpg(first.pid, signal.SIGTERM)
         assert first.wait(timeout=120) == 130, d.output("server")[-2000:]
         assert "resumes after the last completed round" in d.output("server")
