@@ -35,27 +35,24 @@ def _worker(context: Context) -> str | None:
     return str(path) if path else None
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _run(kind: str, msg: Message, context: Context) -> Message:
+    """Forward to the site's warm worker when it has one; otherwise (or if it is gone) run the handler here."""
     path = _worker(context)
     if path:
         from fedsecure.federation.worker import forward
 
         try:
-            return forward("train", msg, context, path)
+            return forward(kind, msg, context, path)
         except (ConnectionError, FileNotFoundError) as e:  # worker gone: do the work here (slower, same result)
             _warn_fallback(e)
-    return handle_train(msg, context)
+    return handle_train(msg, context) if kind == "train" else handle_evaluate(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _run("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    path = _worker(context)
-    if path:
-        from fedsecure.federation.worker import forward
-
-        try:
-            return forward("evaluate", msg, context, path)
-        except (ConnectionError, FileNotFoundError) as e:  # worker gone: do the work here (slower, same result)
-            _warn_fallback(e)
-    return handle_evaluate(msg, context)
+    return _run("evaluate", msg, context)

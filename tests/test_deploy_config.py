@@ -141,3 +141,17 @@ def test_client_refuses_a_readable_auth_key(consortium):
     (root / "certs" / "sites" / "a" / "auth.key").chmod(0o644)
     res = CliRunner().invoke(app, ["client", "--config", str(_write(root / "s.yaml", site))])
     assert res.exit_code == 2 and "readable by group or others" in res.output
+
+
+def test_dev_policy_writes_a_loadable_policy_and_never_overwrites(tmp_path):
+    from fedsecure.attestation.evidence import code_hash
+    from fedsecure.attestation.policy import load_policy
+
+    runner = CliRunner()
+    out = tmp_path / "policy.yaml"
+    res = runner.invoke(app, ["attest", "dev-policy", "--out", str(out), "--epsilon", "2"])
+    assert res.exit_code == 0 and "development only" in res.output
+    policy = load_policy(out)
+    assert policy.measurements == {"software": (code_hash(),)} and policy.min_dp.max_epsilon == 2.0
+    res = runner.invoke(app, ["attest", "dev-policy", "--out", str(out)])
+    assert res.exit_code == 2 and "already exists" in res.output

@@ -165,6 +165,7 @@ def test_two_sites_two_rounds_with_tls_and_node_auth_match_the_simulation(deploy
     out = d.output("server")
     assert "refused: a SuperNode with an unregistered key tried to join" in out
     assert "Attestation: 4/4 statements verified (software)" in out
+    assert "round 2: held-out loss" in out and "ε spent site-0" in out  # progress streamed, with ε per site
     assert "refused: the coordinator does not know this site's key" in d.output("rogue")
     assert "TLS, SuperNode authentication on" in out and (d.root / "run" / "superlink.db").exists()
 

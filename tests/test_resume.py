@@ -60,3 +60,33 @@ def test_restarted_coordinator_resumes_after_the_last_completed_round(tmp_path, 
                                                                              "local_steps": 3}})
     with pytest.raises(ConfigError, match="holds a run with a different configuration"):
         engines.run_inprocess_engine(changed, run)
+
+
+def test_a_damaged_checkpoint_is_refused_with_the_fix(tmp_path, site_data):
+    from fedsecure.errors import FedSecureError
+    from fedsecure.runs import RunDir
+
+    cfg = small_config(site_data, attestation={"enabled": False})
+    run = RunDir(tmp_path / "run")
+    (run.path / server.CHECKPOINT).write_text("{not json")
+    with pytest.raises(FedSecureError, match="coordinator-state.json is damaged. Fix: restore it"):
+        server.Coordinator(cfg, run)._resume()
+    (run.path / server.CHECKPOINT).write_text(json.dumps({"round": 2, "config_sha256": "0" * 64}))
+    with pytest.raises(ConfigError, match="different configuration"):
+        server.Coordinator(cfg, run)._resume()
+
+
+def test_coordinator_waits_for_sites_then_goes_on_with_fewer(tmp_path, site_data):
+    from fedsecure.runs import RunDir
+
+    class TwoNodes:
+        def get_node_ids(self):
+            return [1, 2]
+
+    cfg = small_config(site_data, federation={"sites": 2, "min_sites": 1, "join_timeout_s": 0.0},
+                       attestation={"enabled": False})
+    cfg = SimulationConfig.from_mapping({**cfg.to_dict(), "federation": {**cfg.to_dict()["federation"], "sites": 3}})
+    coord = server.Coordinator(cfg, RunDir(tmp_path / "run"))
+    coord._wait_for_sites(TwoNodes())
+    last = coord.audit.entries()[-1]
+    assert last["event"] == "run.sites-connected" and (last["connected"], last["expected"]) == (2, 3)

@@ -66,3 +66,19 @@ def test_worker_round_trip_and_errors(tmp_path):
     assert reply.has_error() and "RuntimeError: boom" in reply.error.reason
     stalled.close()
     t.join(10)
+
+
+def test_client_app_falls_back_to_local_handling_when_the_worker_is_gone(tmp_path, monkeypatch):
+    import client.app as client_app
+
+    calls = []
+
+    def local(msg, context):
+        calls.append(msg.metadata.message_type)
+        return Message(RecordDict({"metrics": MetricRecord({"loss": 1.0})}), reply_to=msg)
+
+    monkeypatch.setattr(client_app, "handle_train", local)
+    msg, context = _incoming()
+    context.node_config["worker-socket"] = str(tmp_path / "no-worker.sock")
+    reply = client_app.train(msg, context)
+    assert calls == ["train"] and reply.content["metrics"]["loss"] == 1.0

@@ -102,10 +102,6 @@ def _check_signed_by(child: x509.Certificate, issuer: x509.Certificate, what: st
         raise AttestationError(f"{what}: issuer name does not match")
 
 
-def _check_time(cert: x509.Certificate, at: _dt.datetime, what: str) -> None:
-    check_validity(cert, at, what)
-
-
 def check_validity(cert: x509.Certificate, at: _dt.datetime, what: str) -> None:
     """Raise AttestationError saying whether ``cert`` had expired or was not yet valid at ``at``."""
     if at > cert.not_valid_after_utc:
@@ -178,7 +174,7 @@ def _verify(report_bytes: bytes, vcek_der: bytes, chain_pem: bytes, *, at_time: 
     _check_signed_by(ask, ark, "ASK")
     _check_signed_by(vcek, ask, "VCEK")
     for cert, what in ((ark, "ARK"), (ask, "ASK"), (vcek, "VCEK")):
-        _check_time(cert, at, what)
+        check_validity(cert, at, what)
     key = vcek.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise AttestationError("VCEK key is not ECDSA P-384")
