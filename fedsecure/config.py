@@ -193,17 +193,21 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class TransportSettings:
-    """How adapters travel: deltas, error feedback, top-k, blockwise int8/int4, zstd (both directions)."""
+    """How adapters travel: deltas, error feedback, top-k, blockwise int8/int4 or dithered quantization, zstd."""
 
     enabled: bool = True
-    uplink_bits: int = 4  # site -> coordinator: 32 (float32), 8 or 4
-    uplink_topk: float = 1.0  # share of each tensor's entries kept; 0.05 for slow links (see BENCHMARKS.md)
+    uplink_bits: int = 4  # site -> coordinator when uplink_dither is 0: 32 (float32), 8 or 4 (blockwise)
+    uplink_topk: float = 1.0  # share of each tensor's entries kept (top-k by magnitude, with error feedback)
+    uplink_dither: float = 1.0  # > 0: dithered quantization, step = this x the tensor's RMS (replaces uplink_bits)
     downlink_bits: int = 8  # coordinator -> site, delta against the adapter the site already holds
     downlink_topk: float = 1.0
+    downlink_dither: float = 0.0
     error_feedback: bool = True  # carry what compression dropped into the next round (sealed at rest)
     stochastic_rounding: bool = True  # unbiased quantization
     zstd_level: int = 3  # 0 = off
-    policy: tuple[str, ...] = ()  # per-tensor uplink overrides "glob=bits/topk", e.g. "*kv_b_proj*=8/1.0"
+    # per-tensor uplink overrides "glob=bits/topk" (bits 32 | 8 | 4 | d<step>), first match wins; LoRA's A
+    # matrices are far less sensitive to quantization error than its B matrices (BENCHMARKS.md)
+    policy: tuple[str, ...] = ("*lora_A*=d3/1.0",)
     max_update_bytes: int = 64 << 20  # larger updates are rejected before anything is decompressed
 
     def validate(self, prefix: str) -> None:
@@ -211,6 +215,9 @@ class TransportSettings:
             _require(getattr(self, key) in (32, 8, 4), f"{prefix}.{key}", getattr(self, key), "must be 32, 8 or 4")
         for key in ("uplink_topk", "downlink_topk"):
             _require(0 < getattr(self, key) <= 1, f"{prefix}.{key}", getattr(self, key), "must be in (0, 1]")
+        for key in ("uplink_dither", "downlink_dither"):
+            _require(0 <= getattr(self, key) <= 1000, f"{prefix}.{key}", getattr(self, key),
+                     "must be in [0, 1000] (quantization step in units of the tensor's RMS; 0 = off)")
         _require(0 <= self.zstd_level <= 22, f"{prefix}.zstd_level", self.zstd_level, "must be in [0, 22]")
         _require(self.max_update_bytes >= 1024, f"{prefix}.max_update_bytes", self.max_update_bytes, "must be >= 1024")
         from fedsecure.transport.codec import CodecPolicy

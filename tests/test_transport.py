@@ -13,7 +13,19 @@ from hypothesis import strategies as st
 
 from fedsecure.config import TransportSettings
 from fedsecure.errors import UpdateRejected
-from fedsecure.transport.codec import BLOCK, CodecPolicy, TensorRule, decode, encode, expected_manifest, quantize
+from fedsecure.transport.codec import (
+    BLOCK,
+    KMAX,
+    CodecPolicy,
+    TensorRule,
+    decode,
+    dither_dequantize,
+    dither_quantize,
+    dither_stream,
+    encode,
+    expected_manifest,
+    quantize,
+)
 from fedsecure.transport.session import NO_BASE, RESEND_FULL, DownlinkTracker, site_encode, site_receive
 
 MAX = 1 << 24
@@ -29,7 +41,8 @@ def _exp(t):
     return expected_manifest({k: v.shape for k, v in t.items()})
 
 
-rules = st.builds(TensorRule, bits=st.sampled_from([32, 8, 4]), topk=st.sampled_from([1.0, 0.5, 0.1, 0.01]))
+rules = st.builds(TensorRule, bits=st.sampled_from([32, 8, 4]), topk=st.sampled_from([1.0, 0.5, 0.1, 0.01]),
+                  dither=st.sampled_from([0.0, 0.0, 0.5, 2.0, 6.0]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -51,7 +64,15 @@ def test_round_trip_and_error_bound_of_every_stage(seed, rule, zstd, stochastic)
             # top-k: nothing dropped is larger than what was kept (ties aside)
             if dropped.any():
                 assert np.abs(flat[dropped]).max() <= np.sort(np.abs(flat))[-n_keep] + 1e-12
-        if rule.bits == 32:
+        if rule.dither > 0:
+            # subtractive dither: |error| <= step / 2 on every kept entry, step <= max|x| / (KMAX - 1/2)
+            # unless the RMS rule asks for a larger one
+            vals = flat[np.argsort(-np.abs(flat), kind="stable")[:n_keep]] if rule.topk < 1 else flat
+            rms = float(np.sqrt(np.mean(vals.astype(np.float64) ** 2)))
+            step = max(rule.dither * rms, np.abs(vals).max() / (KMAX - 0.5))
+            if rule.topk >= 1:
+                assert np.all(np.abs(got - flat) <= step / 2 * (1 + 1e-5) + 1e-30)
+        elif rule.bits == 32:
             sel = got != 0
             np.testing.assert_array_equal(got[sel], flat[sel])
         else:
@@ -79,6 +100,86 @@ def test_stochastic_rounding_is_unbiased():
     assert np.abs(biased - x).mean() > 10 * np.abs(mean - x).mean()  # round-to-nearest is visibly biased
 
 
+def test_dither_is_unbiased_with_half_the_variance_of_stochastic_rounding():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(512).astype(np.float32)
+    trials = 2000
+    acc = np.zeros(x.size)
+    sq = np.zeros(x.size)
+    for i in range(trials):
+        u = dither_stream(i, x.size)
+        step, K, q = dither_quantize(x, 2.0, u)
+        err = dither_dequantize(step, q, u).astype(np.float64) - x
+        acc += err
+        sq += err ** 2
+    step = float(step)
+    # E[error] = 0 for every entry, and the error is uniform on [-step/2, step/2] whatever x is:
+    # variance step^2 / 12 at every entry (stochastic rounding: f (1 - f) step^2, up to step^2 / 4)
+    assert np.abs(acc / trials).max() < 5 * step / np.sqrt(12 * trials)
+    var = sq / trials
+    assert np.abs(var.mean() / (step ** 2 / 12) - 1) < 0.02
+    assert var.max() < 1.3 * step ** 2 / 12 and var.min() > 0.7 * step ** 2 / 12
+    # without dither, rounding to nearest is deterministic: biased for most entries
+    step0, _, q0 = dither_quantize(x, 2.0, None)
+    assert np.abs(dither_dequantize(step0, q0, None) - x).mean() > 0.1 * step
+
+
+def test_dither_stream_is_pinned():
+    # Both ends regenerate the dither from the seed in the payload: if NumPy ever changed PCG64's raw
+    # output, coordinator and sites of different installs would disagree silently. This pins it.
+    np.testing.assert_array_equal(dither_stream(42, 5), np.array([0.2739560008049011, -0.41074907779693604,
+                                                                  -0.061121582984924316, 0.15457147359848022,
+                                                                  0.35859787464141846], np.float32))
+    assert dither_stream(42, 5)[:3].tolist() == dither_stream(42, 3).tolist()  # a prefix does not depend on n
+    assert dither_stream(42, 0).size == 0
+
+
+def test_dithered_codes_cost_less_than_a_bit_where_the_step_is_coarse():
+    rng = np.random.default_rng(3)
+    t = {f"m.{i}.lora_{'AB'[i % 2]}.weight": (rng.standard_normal((8, 512)) * 0.05).astype(np.float32)
+         for i in range(32)}
+    fp32 = sum(v.nbytes for v in t.values())
+    sizes = {}
+    for step in (0.5, 2.0, 6.0):
+        payload, promised = encode(t, CodecPolicy(TensorRule(8, 1.0, step)), seed=0)
+        out = decode(payload, _exp(t), max_bytes=MAX)
+        assert all(np.array_equal(out[k], promised[k]) for k in t)
+        sizes[step] = len(payload)
+    assert sizes[0.5] > sizes[2.0] > sizes[6.0]
+    assert fp32 / sizes[6.0] >= 40  # < 0.8 bit per value: five codes per byte, then zstd's entropy stage
+    assert fp32 / sizes[2.0] >= 20
+    # a per-tensor rule sends the A matrices coarser than the rest
+    policy = CodecPolicy(TensorRule(8, 1.0, 2.0), CodecPolicy.parse_overrides(["*lora_A*=d6/1.0"]))
+    assert sizes[6.0] < len(encode(t, policy, seed=0)[0]) < sizes[2.0]
+    with pytest.raises(ValueError, match="d<step>"):
+        CodecPolicy.parse_overrides(["*=d0/1.0"])
+
+
+def _dq_payload():
+    x = {"w": np.linspace(-1, 1, 40, dtype=np.float32).reshape(5, 8)}
+    payload, _ = encode(x, CodecPolicy(TensorRule(8, 1.0, 2.0), (), 0), seed=0)
+    return x, bytearray(payload)
+
+
+@pytest.mark.parametrize(("offset", "value", "needle"), [
+    (5, 1, "format version 1 is not supported .* same fedsecure release"),
+    (6, 0x10, "unknown flags"),
+    (7 + 28 + 1 + 4, KMAX + 2, "invalid dither step"),  # the code range K
+    (7 + 28 + 1 + 3, 0xFF, "invalid dither step"),  # the step's sign/exponent byte: negative NaN
+    (7 + 28 + 1 + 5, 255, "packed code out of range"),
+    (7 + 28, 9, "invalid encoding"),
+])
+def test_decoder_names_what_is_wrong_with_a_dithered_update(offset, value, needle):
+    x, payload = _dq_payload()
+    decode(bytes(payload), _exp(x), max_bytes=MAX)  # the unmodified payload is fine
+    payload[offset] = value
+    with pytest.raises(UpdateRejected, match=needle):
+        decode(bytes(payload), _exp(x), max_bytes=MAX)
+    _, payload = _dq_payload()
+    with pytest.raises(UpdateRejected, match="follow the last section"):
+        decode(bytes(payload) + b"\0", _exp(x), max_bytes=MAX)
+
+
 def test_compression_ratio_of_the_default_uplink():
     t = {f"m.{i}.lora_A.weight": np.random.default_rng(i).standard_normal((8, 512)).astype(np.float32)
          for i in range(32)}
@@ -97,9 +198,9 @@ def test_per_tensor_policy_keeps_sensitive_layers_exact():
 
 
 @pytest.mark.parametrize(("mutate", "needle"), [
-    (lambda t: {**t, "extra": np.zeros(3, np.float32)}, "manifest lists"),
-    (lambda t: {k + "x": v for k, v in t.items()}, "manifest does not match the adapter"),
-    (lambda t: {k: v.reshape(-1) for k, v in t.items()}, "manifest does not match the adapter"),
+    (lambda t: {**t, "extra": np.zeros(3, np.float32)}, "lists 5 tensors, the adapter has 4"),
+    (lambda t: {k + "x": v for k, v in t.items()}, "does not match the adapter: its manifest digest"),
+    (lambda t: {k: v.reshape(-1) for k, v in t.items()}, "does not match the adapter: its manifest digest"),
 ])
 def test_manifest_must_match_the_expected_adapter(mutate, needle):
     t = _tensors(4)
@@ -128,18 +229,19 @@ def test_oversized_and_bomb_payloads_are_rejected_before_decompression():
     payload, _ = encode(t, CodecPolicy(), seed=0)
     with pytest.raises(UpdateRejected, match="over the"):
         decode(payload, _exp(t), max_bytes=len(payload) - 1)
-    # a body that decompresses to far more than the manifest allows
-    head_len = struct.unpack(">I", payload[7:11])[0]
-    bomb = payload[:11 + head_len] + zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
-    with pytest.raises(UpdateRejected, match="larger than allowed|does not match|corrupt"):
-        decode(bomb, _exp(t), max_bytes=MAX)
+    # a frame that decompresses to far more than this adapter can need, with and without a size claim
+    for size_claim in (True, False):
+        bomb = payload[:7] + zstandard.ZstdCompressor(write_content_size=size_claim).compress(b"\0" * (64 << 20))
+        with pytest.raises(UpdateRejected, match="larger than allowed"):
+            decode(bomb, _exp(t), max_bytes=MAX)
 
 
 def test_fuzz_decoder_never_crashes_or_hangs():
     t = _tensors(7)
     expected = _exp(t)
     valid = [encode(t, CodecPolicy(r, (), z), seed=1)[0]
-             for r in (TensorRule(8, 1.0), TensorRule(4, 0.1), TensorRule(32, 0.5)) for z in (0, 3)]
+             for r in (TensorRule(8, 1.0), TensorRule(4, 0.1), TensorRule(32, 0.5), TensorRule(8, 1.0, 2.0),
+                       TensorRule(8, 0.3, 0.5)) for z in (0, 3)]
     rnd = random.Random(0)
     start = time.monotonic()
     for i in range(3000):
@@ -155,7 +257,7 @@ def test_fuzz_decoder_never_crashes_or_hangs():
         elif op == 3:
             base = bytearray(rnd.randbytes(rnd.randrange(0, 400)))
             if rnd.random() < 0.5:
-                base[:6] = b"FSUPD\x01"
+                base[:6] = b"FSUPD\x02"
         else:
             for _ in range(rnd.randrange(1, 6)):
                 base[rnd.randrange(len(base))] = rnd.randrange(256)
@@ -187,6 +289,27 @@ def test_downlink_tracks_what_each_site_holds():
     assert RESEND_FULL in "[fedsecure:resend-full-adapter]"
 
 
+@pytest.mark.parametrize("ts", [TransportSettings(downlink_bits=8), TransportSettings(downlink_dither=1.0)])
+def test_downlink_sends_an_empty_step_when_the_global_has_not_changed(ts):
+    tracker = DownlinkTracker(ts)
+    g0, g1 = _tensors(14), _tensors(15)
+    held = site_receive(*tracker.payload_for(5, g0, seed=0), None, g0, ts)  # keyframe
+    step, base = tracker.payload_for(5, g1, seed=1)  # evaluate message: the new global
+    held = site_receive(step, base, held, g0, ts)
+    again, base = tracker.payload_for(5, g1, seed=2)  # the next train message: nothing new
+    assert len(again) < len(step) / 4
+    same = site_receive(again, base, held, g0, ts)
+    for k in g1:
+        np.testing.assert_array_equal(same[k], held[k])
+        np.testing.assert_array_equal(same[k], tracker.views[5][k])  # both ends still agree exactly
+    g2 = _tensors(16)  # a new global: the step is taken from what the site holds, lossy leftovers included
+    held = site_receive(*tracker.payload_for(5, g2, seed=3), same, g0, ts)
+    for k in g2:
+        np.testing.assert_array_equal(held[k], tracker.views[5][k])
+        gap = np.abs(g2[k] - same[k]).max()
+        assert np.abs(held[k] - g2[k]).max() <= 0.5 * gap * (1 + 1e-5)  # int8: gap/127, dither: step/2 <= gap/2
+
+
 def test_downlink_encodes_once_per_distinct_base():
     ts = TransportSettings(downlink_bits=8)
     tracker = DownlinkTracker(ts)
@@ -206,7 +329,7 @@ def test_downlink_encodes_once_per_distinct_base():
 
 
 def test_error_feedback_carries_what_compression_dropped():
-    ts = TransportSettings(uplink_bits=4, uplink_topk=0.05)
+    ts = TransportSettings(uplink_dither=0.0, policy=(), uplink_bits=4, uplink_topk=0.05)
     delta = _tensors(10)
     payload, residual = site_encode(delta, None, ts, seed=0)
     sent = decode(payload, _exp(delta), max_bytes=MAX)
@@ -223,6 +346,17 @@ def test_error_feedback_carries_what_compression_dropped():
     for k in delta:
         drift = np.abs(total_sent[k] - 30 * delta[k]).max()
         assert drift <= np.abs(res[k]).max() + 1e-4  # the gap is exactly the residual still held back
+
+
+def test_error_feedback_only_where_compression_is_biased():
+    delta = _tensors(13)
+    dithered = TransportSettings(uplink_dither=2.0, policy=("*lora_A*=4/0.1",))
+    _, residual = site_encode(delta, None, dithered, seed=0)
+    for k in delta:
+        if "lora_A" in k:  # top-k: what was dropped is carried to the next round
+            assert np.abs(residual[k]).max() > 0
+        else:  # dithered: unbiased, independent error; carrying it would only add variance
+            assert not residual[k].any()
 
 
 # --------------------------------------------------------------------------- in the federation
@@ -252,12 +386,16 @@ def test_bytes_on_the_wire_are_a_small_fraction_of_fp32(site_data, tmp_path):
 
     from fedsecure.simulation import simulate
 
-    for topk, ratio in ((1.0, 6), (0.05, 30)):  # default dense int4; the slow-link setting
-        run = tmp_path / f"run-{topk}"
-        simulate(small_config(site_data, transport={"uplink_topk": topk}), run_dir=run)
+    blockwise = {"uplink_dither": 0.0, "policy": []}
+    settings = {"default (dithered)": ({}, 12), "int4": (blockwise, 6),
+                "top-5%": ({**blockwise, "uplink_topk": 0.05}, 30),
+                "slow link (dithered)": ({"uplink_dither": 2.0, "policy": ["*lora_A*=d6/1.0"]}, 18)}
+    for label, (transport, ratio) in settings.items():
+        run = tmp_path / label
+        simulate(small_config(site_data, transport=transport), run_dir=run)
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         sites = [x for x in lines if x["round"] == 1 and x["site"] != "federation"]
         assert len(sites) == 2
         for x in sites:
-            assert x["fp32_bytes"] / x["bytes_up"] >= ratio, (topk, x)
+            assert x["fp32_bytes"] / x["bytes_up"] >= ratio, (label, x)
             assert x["bytes_down"] < x["fp32_bytes"]  # keyframe (int8) plus evaluate

@@ -7,7 +7,8 @@ with an error carrying :data:`RESEND_FULL`, and gets a full adapter ("keyframe")
 the lossy downlink drops is not lost: it stays in ``global - view`` and travels next round.
 
 Uplink: the site encodes its DP-noised delta plus the error-feedback residual (what earlier
-rounds' compression dropped, kept sealed in the site's state directory) and keeps the new residual.
+rounds' biased compression, top-k, dropped, kept sealed in the site's state directory) and keeps
+the new residual.
 """
 
 from __future__ import annotations
@@ -27,13 +28,22 @@ NO_BASE = "none"
 
 
 def uplink_policy(ts: TransportSettings) -> CodecPolicy:
-    return CodecPolicy(TensorRule(ts.uplink_bits, ts.uplink_topk), CodecPolicy.parse_overrides(ts.policy),
-                       ts.zstd_level, ts.stochastic_rounding)
+    return CodecPolicy(TensorRule(ts.uplink_bits, ts.uplink_topk, ts.uplink_dither),
+                       CodecPolicy.parse_overrides(ts.policy), ts.zstd_level, ts.stochastic_rounding)
 
 
 def downlink_policy(ts: TransportSettings, keyframe: bool) -> CodecPolicy:
-    return CodecPolicy(TensorRule(ts.downlink_bits, 1.0 if keyframe else ts.downlink_topk), (), ts.zstd_level,
-                       ts.stochastic_rounding)
+    # a keyframe carries the whole adapter (not a small difference): dense int8 whatever the delta setting
+    rule = TensorRule(ts.downlink_bits, 1.0) if keyframe else TensorRule(ts.downlink_bits, ts.downlink_topk,
+                                                                          ts.downlink_dither)
+    return CodecPolicy(rule, (), ts.zstd_level, ts.stochastic_rounding)
+
+
+def carries_error(rule: TensorRule, stochastic: bool) -> bool:
+    """Whether error feedback applies to a tensor sent under ``rule``: only where compression is biased
+    (top-k, round to nearest). Unbiased stages (dither, stochastic rounding) leave independent zero-mean
+    error; feeding it back would double its variance each round without removing any bias."""
+    return rule.topk < 1.0 or not stochastic
 
 
 def view_hash(state: dict[str, np.ndarray]) -> str:
@@ -53,6 +63,10 @@ class DownlinkTracker:
     def __init__(self, ts: TransportSettings) -> None:
         self.ts = ts
         self.views: dict[int, dict[str, np.ndarray]] = {}
+        # hash of the global adapter each node's last payload was computed from: when it has not
+        # changed since (the train message right after an evaluate message), only an empty step is
+        # sent; what lossy coding left out of the view stays in ``global - view`` for the next change
+        self.sent_for: dict[int, str] = {}
         # Sites normally hold the same adapter, so one round's payloads repeat: encode once per
         # distinct base. Key: (hash of the new global, seed, hash of the base or NO_BASE).
         self._memo: dict[tuple[str, int | None, str], tuple[bytes, dict[str, np.ndarray]]] = {}
@@ -61,29 +75,36 @@ class DownlinkTracker:
     def payload_for(self, node: int, state: dict[str, np.ndarray], seed: int | None = None) -> tuple[bytes, str]:
         base = self.views.get(node)
         base_id = NO_BASE if base is None else view_hash(base)
-        key = (view_hash(state), seed, base_id)
+        global_id = view_hash(state)
+        unchanged = base is not None and self.sent_for.get(node) == global_id
+        key = (global_id, seed, base_id, unchanged)
         if key not in self._memo:
             if not any(k[:2] == key[:2] for k in self._memo):
                 self._memo.clear()  # a new global adapter: earlier payloads are stale
-            self._memo[key] = self._encode(state, base, seed)
+            self._memo[key] = self._encode(state, base, seed, unchanged)
         payload, view = self._memo[key]
         self.views[node] = view
+        self.sent_for[node] = global_id
         return payload, base_id
 
     def _encode(self, state: dict[str, np.ndarray], base: dict[str, np.ndarray] | None,
-                seed: int | None) -> tuple[bytes, dict[str, np.ndarray]]:
+                seed: int | None, unchanged: bool = False) -> tuple[bytes, dict[str, np.ndarray]]:
         self.encodes += 1
         expected = _shapes(state)
         if base is None:
             payload, _ = encode(state, downlink_policy(self.ts, keyframe=True), seed=seed)
             return payload, decode(payload, expected, max_bytes=self.ts.max_update_bytes)
-        diff = {k: state[k] - base[k] for k in state}
+        if unchanged:
+            diff = {k: np.zeros_like(state[k]) for k in state}
+        else:
+            diff = {k: state[k] - base[k] for k in state}
         payload, _ = encode(diff, downlink_policy(self.ts, keyframe=False), seed=seed)
         step = decode(payload, expected, max_bytes=self.ts.max_update_bytes)
         return payload, {k: (base[k] + step[k]).astype(np.float32) for k in state}
 
     def forget(self, node: int) -> None:
         self.views.pop(node, None)
+        self.sent_for.pop(node, None)
 
 
 def site_receive(payload: bytes, base_id: str, held: dict[str, np.ndarray] | None,
@@ -136,6 +157,9 @@ def site_encode(delta: dict[str, np.ndarray], residual: dict[str, np.ndarray] | 
     The rounding randomness need not be secret: it acts on an already DP-noised update
     (post-processing), so a seed derived from the run seed keeps runs reproducible.
     """
-    target = {k: delta[k] + residual[k] for k in delta} if (ts.error_feedback and residual) else delta
-    payload, decoded = encode(target, uplink_policy(ts), seed=seed)
-    return payload, {k: (target[k] - decoded[k]).astype(np.float32) for k in target}
+    policy = uplink_policy(ts)
+    fed = {k for k in delta if ts.error_feedback and carries_error(policy.rule(k), policy.stochastic)}
+    target = {k: (delta[k] + residual[k]) if (residual and k in fed) else delta[k] for k in delta}
+    payload, decoded = encode(target, policy, seed=seed)
+    return payload, {k: (target[k] - decoded[k]).astype(np.float32) if k in fed else np.zeros_like(target[k])
+                     for k in target}
