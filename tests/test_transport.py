@@ -399,3 +399,29 @@ def test_bytes_on_the_wire_are_a_small_fraction_of_fp32(site_data, tmp_path):
         for x in sites:
             assert x["fp32_bytes"] / x["bytes_up"] >= ratio, (label, x)
             assert x["bytes_down"] < x["fp32_bytes"]  # keyframe (int8) plus evaluate
+
+
+def test_the_error_feedback_residual_is_sealed_at_the_site_and_only_kept_for_top_k(site_data, tmp_path):
+    from safetensors.numpy import load as plain_load
+
+    from fedsecure.crypto import read_keyring_file
+    from fedsecure.crypto.tensors import open_tensors
+    from fedsecure.simulation import simulate
+    from fedsecure.transport.session import residual_path
+
+    top_k = {"uplink_dither": 0.0, "policy": [], "uplink_topk": 0.05}
+    simulate(small_config(site_data, transport=top_k), run_dir=tmp_path / "topk")
+    sites = sorted((tmp_path / "topk" / "sites").glob("site-*"))
+    assert len(sites) == 2
+    for site in sites:
+        sealed = residual_path(site, sealed=True)
+        assert sealed.exists() and not residual_path(site, sealed=False).exists()
+        with pytest.raises(Exception):  # noqa: B017  ciphertext, not a readable safetensors file
+            plain_load(sealed.read_bytes())
+        ring = read_keyring_file(next((tmp_path / "topk" / "sites" / "keys").glob(f"{site.name}*")))
+        state, meta = open_tensors(sealed, ring)
+        assert meta["content-kind"] == "error-feedback-residual"
+        assert any(np.abs(v).max() > 0 for v in state.values())  # top-k left something out
+    simulate(small_config(site_data), run_dir=tmp_path / "dithered")  # default: unbiased, nothing to carry
+    for site in sorted((tmp_path / "dithered" / "sites").glob("site-*")):
+        assert not residual_path(site, sealed=True).exists()

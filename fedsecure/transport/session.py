@@ -120,6 +120,12 @@ def site_receive(payload: bytes, base_id: str, held: dict[str, np.ndarray] | Non
     return {k: (held[k] + step[k]).astype(np.float32) for k in held}
 
 
+def feeds_back(ts: TransportSettings, names) -> bool:
+    """Whether any tensor of the uplink keeps an error-feedback residual (else none is stored)."""
+    policy = uplink_policy(ts)
+    return ts.error_feedback and any(carries_error(policy.rule(k), policy.stochastic) for k in names)
+
+
 def residual_path(state_dir: Path, sealed: bool) -> Path:
     return Path(state_dir) / ("uplink-residual.safetensors" + (".sealed" if sealed else ""))
 
