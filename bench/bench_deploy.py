@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import yaml
 
 from fedsecure.data.synth import synthesize
 from fedsecure.deploy.certs import init as certs_init
-from fedsecure.federation.engines import _stop
+from fedsecure.federation.engines import _stop, flower_env
 
 BIN = Path(sys.executable).parent
 TRIVIAL_SERVER = '''
@@ -70,11 +69,6 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-
-
 def bare(root: Path, rounds: int) -> float:
     app = root / "trivial"
     (app / "trivial").mkdir(parents=True)
@@ -105,7 +99,7 @@ def bare(root: Path, rounds: int) -> float:
     home.mkdir()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "b"\n[superlink.b]\naddress = "127.0.0.1:{port}"\n'
                                       f'root-certificates = "{root / "certs" / "ca.pem"}"\n')
-    env, c = _env(home), root / "certs"
+    env, c = flower_env(home), root / "certs"
     procs = []
     t0 = time.perf_counter()
     try:

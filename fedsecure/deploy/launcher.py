@@ -17,21 +17,28 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import ssl
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedsecure.deploy.config import CoordinatorConfig, SiteConfig, node_config_arg
 from fedsecure.errors import ConfigError, FedSecureError
-from fedsecure.federation.engines import _bin, _stop, _toml_value, app_directory, run_config
+from fedsecure.federation.engines import (
+    _bin,
+    _stop,
+    _toml_value,
+    app_directory,
+    flower_env,
+    run_config,
+    run_status,
+    wait_healthy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,36 +54,8 @@ REFUSALS = (
 )
 
 
-def _env(home: Path) -> dict[str, str]:
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def wait_healthy(host: str, port: int, ca: Path, proc: subprocess.Popen, timeout_s: float) -> None:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + timeout_s
-    url = f"https://{_connect_host(host)}:{port}/health"
-    last = ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise FedSecureError(f"flower-superlink exited with code {proc.returncode} at start (port {port} in use? "
-                                 "see superlink.log in the run directory)")
-        try:
-            with urllib.request.urlopen(url, timeout=2.0, context=ctx) as r:
-                if r.status == 200:
-                    return
-        except ssl.SSLError as e:
-            last = f"TLS: {e.reason or e}"
-        except OSError as e:
-            last = str(e)
-        time.sleep(0.2)
-    raise FedSecureError(f"the SuperLink did not become healthy at {url} within {timeout_s:.0f} s ({last}). Fix: "
-                         "check that server.tls_cert names this host (fedsecure certs init --host ...)")
 
 
 class _LogFollower:
@@ -104,7 +83,7 @@ class Server:
         self.dc, self.emit = dc, emit
         self.run_dir = dc.run_dir
         self.home = self.run_dir / "flwr-home"
-        self.env = _env(self.home)
+        self.env = flower_env(self.home)
         self.superlink: subprocess.Popen | None = None
         self.run_id: str | None = None
         self.stopping = threading.Event()
@@ -142,7 +121,10 @@ class Server:
              "--database", str(self.run_dir / "superlink.db"), "--host", self.dc.host, "--port", str(self.dc.port)],
             env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
-        wait_healthy(self.dc.host, self.dc.port, self.dc.tls_ca, self.superlink, timeout_s=60.0)
+        wait_healthy(f"https://{_connect_host(self.dc.host)}:{self.dc.port}/health", self.superlink, timeout_s=60.0,
+                     context=ssl.create_default_context(cafile=str(self.dc.tls_ca)),
+                     fix="check that server.tls_cert names this host (fedsecure certs init --host ...) and see "
+                         "superlink.log in the run directory")
         self.emit(f"SuperLink up on https://{self.dc.address} (TLS, SuperNode authentication on, "
                   "runtime dependency installation off)")
 
@@ -171,11 +153,7 @@ class Server:
         return self.run_id
 
     def status(self) -> str:
-        out = self._flwr("ls", CONNECTION, "--run-id", str(self.run_id), "--format", "json", timeout=60)
-        try:
-            return str(json.loads(out.stdout)["runs"][0]["status"])
-        except (json.JSONDecodeError, KeyError, IndexError):
-            return "unknown"
+        return run_status(self.env, CONNECTION, self.run_id)
 
     def follow(self, timeout_s: float, started: float) -> dict[str, Any]:
         metrics = _LogFollower(self.run_dir / "metrics.jsonl")
@@ -285,7 +263,7 @@ def start_worker(sc: SiteConfig, emit: Callable[[str], None], timeout_s: float =
     path = sock_dir / "worker.sock"
     log_file = (sc.state_dir / "worker.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "fedsecure.federation.worker", "--socket", str(path)],
-                            env=_env(sc.state_dir / "flwr-home"), stdout=log_file, stderr=subprocess.STDOUT,
+                            env=flower_env(sc.state_dir / "flwr-home"), stdout=log_file, stderr=subprocess.STDOUT,
                             start_new_session=True)
     log_file.close()
     ready = _LogFollower(sc.state_dir / "worker.log")
@@ -309,7 +287,7 @@ def _supervise(sc: SiteConfig, argv: list[str], home: Path, log_path: Path, emit
     while not stopping.is_set():
         follower = _LogFollower(log_path)
         with log_path.open("ab") as log_file:
-            proc = subprocess.Popen(argv, env=_env(home), stdout=log_file, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, env=flower_env(home), stdout=log_file, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         emit(f"site {sc.name}: SuperNode started (coordinator {sc.superlink}, TLS with {sc.tls_ca.name}, "
              f"authentication key {sc.auth_key.name}); log: {log_path}")

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -93,18 +94,14 @@ def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 
     rc_file = home / "run-config.toml"
     rc_file.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config(cfg, run_dir).items()),
                        encoding="utf-8")
-    # Flower's processes spawn each other by name (flower-superexec, flwr-simulation): put this
-    # interpreter's bin directory first on PATH so they are this installation's.
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    env = flower_env(home)
     log_file = (run_dir / "flwr-superlink.log").open("wb")
     superlink = subprocess.Popen(
         [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
         env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_healthy(port, superlink, timeout_s=60.0)
+        wait_healthy(f"http://127.0.0.1:{port}/health", superlink, timeout_s=60.0)
         out = subprocess.run([_bin("flwr"), "run", str(app_directory()), "sim", "--run-config", str(rc_file),
                               "--format", "json"], env=env, capture_output=True, text=True, timeout=300)
         try:
@@ -114,7 +111,7 @@ def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 
                                  f"{out.stderr[-500:]}") from None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            status = _run_status(env, run_id)
+            status = run_status(env, "sim", run_id)
             if status.startswith("finished"):
                 if status != "finished:completed":
                     raise FedSecureError(f"Flower run {run_id} ended with status {status}; see "
@@ -129,23 +126,42 @@ def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 
         log_file.close()
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment for Flower's processes: this installation's, with ``home`` as FLWR_HOME.
+
+    Flower's processes spawn each other by name (flower-superexec, flwr-simulation, flwr-clientapp):
+    this interpreter's bin directory goes first on PATH so they are this installation's. Runtime
+    dependency installation and the update check are off (no network at run time)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, *, context: ssl.SSLContext | None = None,
+                 fix: str = "see the SuperLink's log in the run directory") -> None:
+    """Poll a SuperLink's health endpoint (HTTPS with ``context``) until it answers 200."""
     deadline = time.monotonic() + timeout_s
+    last = ""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise FedSecureError(f"flower-superlink exited with code {proc.returncode} at start")
+            raise FedSecureError(f"flower-superlink exited with code {proc.returncode} at start (port in use? "
+                                 f"{fix})")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as r:
+            with urllib.request.urlopen(url, timeout=2.0, context=context) as r:
                 if r.status == 200:
                     return
-        except OSError:
-            pass
+        except ssl.SSLError as e:
+            last = f"TLS: {e.reason or e}"
+        except OSError as e:
+            last = str(e)
         time.sleep(0.2)
-    raise FedSecureError(f"flower-superlink did not become healthy on 127.0.0.1:{port} in {timeout_s:.0f} s")
+    raise FedSecureError(f"the SuperLink did not become healthy at {url} within {timeout_s:.0f} s ({last}). "
+                         f"Fix: {fix}")
 
 
-def _run_status(env: dict[str, str], run_id: str) -> str:
-    out = subprocess.run([_bin("flwr"), "ls", "sim", "--run-id", str(run_id), "--format", "json"], env=env,
+def run_status(env: dict[str, str], connection: str, run_id: str | int) -> str:
+    """A Flower run's status as ``flwr ls`` reports it (e.g. ``finished:completed``), or ``unknown``."""
+    out = subprocess.run([_bin("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"], env=env,
                          capture_output=True, text=True, timeout=60)
     try:
         return str(json.loads(out.stdout)["runs"][0]["status"])
