@@ -31,6 +31,7 @@ SETTINGS = {
     "dense int4": {"transport.uplink_dither": 0.0, "transport.policy": []},
     "dithered B 1, A 3 (default)": {},
     "dithered B 2, A 6 (slow link)": {"transport.uplink_dither": 2.0, "transport.policy": ["*lora_A*=d6/1.0"]},
+    "dithered both ways (down 1.0)": {"transport.downlink_dither": 1.0},
     "top-5% int4 + EF": {"transport.uplink_dither": 0.0, "transport.policy": [], "transport.uplink_topk": 0.05},
 }
 
