@@ -72,12 +72,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="DP noise seeds; every setting runs with each")
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", default=None, help="comma-separated setting labels (the off run always runs)")
+    ap.add_argument("--only", action="append", default=None,
+                    help="a setting's label (repeatable; labels contain commas); the off run always runs")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = dict(SETTINGS)
     if args.only:
-        keep = set(args.only.split(","))
+        keep = set(args.only)
         settings = {k: v for i, (k, v) in enumerate(SETTINGS.items()) if i == 0 or k in keep}
     rows = {}
     for label, overrides in settings.items():

@@ -8,8 +8,9 @@ here. Heavy modules (torch, transformers, Opacus) are imported only on that seco
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedsecure.federation.keys import NODE_WORKER_SOCKET  # constants only: no heavy imports
+
 app = ClientApp()
-WORKER_SOCKET = "worker-socket"  # fedsecure.federation.worker.NODE_WORKER_SOCKET (kept import-free here)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -31,7 +32,7 @@ def _warn_fallback(e: Exception) -> None:
 
 
 def _worker(context: Context) -> str | None:
-    path = context.node_config.get(WORKER_SOCKET)
+    path = context.node_config.get(NODE_WORKER_SOCKET)
     return str(path) if path else None
 
 

@@ -119,6 +119,19 @@ def test_dither_is_unbiased_with_half_the_variance_of_stochastic_rounding():
     var = sq / trials
     assert np.abs(var.mean() / (step ** 2 / 12) - 1) < 0.02
     assert var.max() < 1.3 * step ** 2 / 12 and var.min() > 0.7 * step ** 2 / 12
+    # the codec's stochastic rounding on the same grid (one block, scale = max/3 = the dither step) has
+    # about twice the error variance
+    xb = x[:BLOCK]
+    rms = float(np.sqrt(np.mean(xb.astype(np.float64) ** 2)))
+    sr, dq = 0.0, 0.0
+    for i in range(trials):
+        q, s = quantize(xb, 3, np.random.default_rng(i))
+        sr += float(np.mean((q * s[0] - xb.astype(np.float64)) ** 2))
+        u = dither_stream(i, BLOCK)
+        st, _, qd = dither_quantize(xb, float(s[0]) / rms, u)
+        assert abs(float(st) / float(s[0]) - 1) < 1e-5  # the same step
+        dq += float(np.mean((dither_dequantize(st, qd, u) - xb.astype(np.float64)) ** 2))
+    assert 1.6 < sr / dq < 2.4
     # without dither, rounding to nearest is deterministic: biased for most entries
     step0, _, q0 = dither_quantize(x, 2.0, None)
     assert np.abs(dither_dequantize(step0, q0, None) - x).mean() > 0.1 * step

@@ -82,3 +82,30 @@ def test_client_app_falls_back_to_local_handling_when_the_worker_is_gone(tmp_pat
     context.node_config["worker-socket"] = str(tmp_path / "no-worker.sock")
     reply = client_app.train(msg, context)
     assert calls == ["train"] and reply.content["metrics"]["loss"] == 1.0
+
+
+def test_a_stale_ready_line_does_not_pass_for_a_new_worker():
+    """A killed worker leaves its socket file and its "ready" line in the appended worker.log; the next
+    start must wait for the new worker's own line (else the site would forward to a dead socket)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from fedsecure.deploy.launcher import start_worker
+    from fedsecure.federation.engines import _stop
+
+    state = Path(tempfile.mkdtemp(prefix="fs-w-"))  # short: AF_UNIX paths are limited
+    stale = state / "worker" / "worker.sock"
+    stale.parent.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(stale))  # a socket file nobody listens on
+    (state / "worker.log").write_text(f"fedsecure worker ready on {stale}\n")
+    proc, path = start_worker(SimpleNamespace(name="a", state_dir=state), emit=lambda line: None)
+    try:
+        assert path == stale
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(str(path))  # the new worker listens by the time start_worker returns
+    finally:
+        _stop(proc)
+        shutil.rmtree(state, ignore_errors=True)

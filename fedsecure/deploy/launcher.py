@@ -39,6 +39,7 @@ from fedsecure.federation.engines import (
     run_status,
     wait_healthy,
 )
+from fedsecure.federation.keys import NODE_WORKER_SOCKET
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def run_site(sc: SiteConfig, emit: Callable[[str], None] = print, stopping: thre
     worker = None
     if sc.warm_worker:
         worker, socket_path = start_worker(sc, emit)
-        node_config["worker-socket"] = str(socket_path)
+        node_config[NODE_WORKER_SOCKET] = str(socket_path)
     argv = [_bin("flower-supernode"), "--superlink", sc.superlink, "--root-certificates", str(sc.tls_ca),
             "--auth-supernode-private-key", str(sc.auth_key), "--node-config", node_config_arg(node_config),
             "--port", str(sc.runtime_port)]
@@ -261,13 +262,14 @@ def start_worker(sc: SiteConfig, emit: Callable[[str], None], timeout_s: float =
     sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     sock_dir.chmod(0o700)
     path = sock_dir / "worker.sock"
+    # only lines written from now on count: worker.log is appended to, and an earlier start's "ready"
+    # line (with a socket file left behind by a killed worker) must not pass for this one
+    ready = _LogFollower(sc.state_dir / "worker.log", from_end=True)
     log_file = (sc.state_dir / "worker.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "fedsecure.federation.worker", "--socket", str(path)],
                             env=flower_env(sc.state_dir / "flwr-home"), stdout=log_file, stderr=subprocess.STDOUT,
                             start_new_session=True)
     log_file.close()
-    ready = _LogFollower(sc.state_dir / "worker.log")
-    ready.pos = 0
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -32,7 +32,7 @@ from fedsecure.privacy.dpsgd import DPStepPlan, train_private
 from fedsecure.privacy.site import Refusal, SitePrivacyGuard
 from fedsecure.storage import site_keyring
 from fedsecure.training import evaluate, train_local
-from fedsecure.transport.session import feeds_back, load_residual, save_residual, site_encode, site_receive
+from fedsecure.transport.session import fed_back, load_residual, save_residual, site_encode, site_receive
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def _encode_update(context: Context, cfg: SimulationConfig, name: str, run_id: s
     if not cfg.transport.enabled:
         return None
     residual, ring, site_state = None, None, None
-    if feeds_back(cfg.transport, delta):  # top-k or round-to-nearest somewhere: keep what it leaves out
+    if fed_back(cfg.transport, delta):  # top-k or round-to-nearest somewhere: keep what it leaves out
         site_state = state_dir(context, cfg, name)
         ring = site_keyring(cfg, site_state, name, context.node_config)
         residual = load_residual(site_state, ring, run_id, delta)

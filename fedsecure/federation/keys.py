@@ -61,6 +61,7 @@ NODE_DATA_DIR = "data-dir"
 NODE_STATE_DIR = "state-dir"
 NODE_ATTEST_PROVIDER = "attestation-provider"  # the site's own TEE provider (overrides attestation.provider)
 NODE_DATASET_ID = "dataset-id"  # optional stable ledger key; default: the dataset's content fingerprint
+NODE_WORKER_SOCKET = "worker-socket"  # the site's warm worker (fedsecure client); absent = handle in-process
 
 # context.state keys (stay on the node)
 STATE_PLAN = "fedsecure.privacy-plan"

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 VERSION = 1
 MAX_FRAME = 1 << 30
-NODE_WORKER_SOCKET = "worker-socket"
 ERR_WORKER = 4002
 #: how long the worker waits for a request's bytes, or for the ClientApp to take the reply
 IO_TIMEOUT_S = 60.0

@@ -68,8 +68,8 @@ class DownlinkTracker:
         # sent; what lossy coding left out of the view stays in ``global - view`` for the next change
         self.sent_for: dict[int, str] = {}
         # Sites normally hold the same adapter, so one round's payloads repeat: encode once per
-        # distinct base. Key: (hash of the new global, seed, hash of the base or NO_BASE).
-        self._memo: dict[tuple[str, int | None, str], tuple[bytes, dict[str, np.ndarray]]] = {}
+        # distinct base. Key: (hash of the new global, seed, hash of the base or NO_BASE, unchanged).
+        self._memo: dict[tuple[str, int | None, str, bool], tuple[bytes, dict[str, np.ndarray]]] = {}
         self.encodes = 0  # how many payloads were actually encoded (the memo's effect is tested)
 
     def payload_for(self, node: int, state: dict[str, np.ndarray], seed: int | None = None) -> tuple[bytes, str]:
@@ -94,10 +94,10 @@ class DownlinkTracker:
         if base is None:
             payload, _ = encode(state, downlink_policy(self.ts, keyframe=True), seed=seed)
             return payload, decode(payload, expected, max_bytes=self.ts.max_update_bytes)
-        if unchanged:
-            diff = {k: np.zeros_like(state[k]) for k in state}
-        else:
-            diff = {k: state[k] - base[k] for k in state}
+        if unchanged:  # an empty step: the site keeps exactly what it holds
+            payload, _ = encode({k: np.zeros_like(state[k]) for k in state}, downlink_policy(self.ts, False), seed=seed)
+            return payload, base
+        diff = {k: state[k] - base[k] for k in state}
         payload, _ = encode(diff, downlink_policy(self.ts, keyframe=False), seed=seed)
         step = decode(payload, expected, max_bytes=self.ts.max_update_bytes)
         return payload, {k: (base[k] + step[k]).astype(np.float32) for k in state}
@@ -120,10 +120,12 @@ def site_receive(payload: bytes, base_id: str, held: dict[str, np.ndarray] | Non
     return {k: (held[k] + step[k]).astype(np.float32) for k in held}
 
 
-def feeds_back(ts: TransportSettings, names) -> bool:
-    """Whether any tensor of the uplink keeps an error-feedback residual (else none is stored)."""
+def fed_back(ts: TransportSettings, names) -> set[str]:
+    """The uplink tensors that keep an error-feedback residual (none: no residual is stored at all)."""
+    if not ts.error_feedback:
+        return set()
     policy = uplink_policy(ts)
-    return ts.error_feedback and any(carries_error(policy.rule(k), policy.stochastic) for k in names)
+    return {k for k in names if carries_error(policy.rule(k), policy.stochastic)}
 
 
 def residual_path(state_dir: Path, sealed: bool) -> Path:
@@ -164,7 +166,7 @@ def site_encode(delta: dict[str, np.ndarray], residual: dict[str, np.ndarray] | 
     (post-processing), so a seed derived from the run seed keeps runs reproducible.
     """
     policy = uplink_policy(ts)
-    fed = {k for k in delta if ts.error_feedback and carries_error(policy.rule(k), policy.stochastic)}
+    fed = fed_back(ts, delta)
     target = {k: (delta[k] + residual[k]) if (residual and k in fed) else delta[k] for k in delta}
     payload, decoded = encode(target, policy, seed=seed)
     return payload, {k: (target[k] - decoded[k]).astype(np.float32) if k in fed else np.zeros_like(target[k])
