@@ -154,7 +154,7 @@ def fedsecure(root: Path, rounds: int) -> float:
         (root / f"{s}.yaml").write_text(yaml.safe_dump({"site": {
             "name": s, "superlink": f"127.0.0.1:{port}", "tls_ca": "certs/ca.pem",
             "auth_key": f"certs/sites/{s}/auth.key", "data_dir": f"data/site-{i}", "state_dir": f"state/{s}",
-            "runtime_port": _port()}}))
+            "runtime_port": _port(), "privacy": {"max_epsilon": 3.0, "max_delta": 1e-5}}}))
     t0 = time.perf_counter()
     srv = subprocess.Popen([str(BIN / "fedsecure"), "server", "-c", "coordinator.yaml"], cwd=root,
                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)

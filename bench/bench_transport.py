@@ -38,7 +38,7 @@ SETTINGS = {
 
 def run(overrides: dict, noise_seed: int, rounds: int) -> tuple[dict, list[dict]]:
     cfg = load_config(ROOT / "configs" / "simulation.yaml",
-                      {"privacy.noise_seed": noise_seed, "federation.rounds": rounds, **overrides})
+                      {"site.noise_seed": noise_seed, "federation.rounds": rounds, **overrides})
     with tempfile.TemporaryDirectory() as tmp:
         summary = simulate(cfg, run_dir=Path(tmp) / "run")
         metrics = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -39,7 +39,7 @@ def run(overrides: dict, seed: int, capture: list | None = None) -> tuple[float,
     if capture is not None:
         client.adapter_delta = recording
     try:
-        cfg = load_config(ROOT / "configs" / "simulation.yaml", {"privacy.noise_seed": seed, **overrides})
+        cfg = load_config(ROOT / "configs" / "simulation.yaml", {"site.noise_seed": seed, **overrides})
         with tempfile.TemporaryDirectory() as tmp:
             summary = simulate(cfg, run_dir=Path(tmp) / "run")
             privacy = json.loads((Path(tmp) / "run" / "privacy.json").read_text())

@@ -30,8 +30,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=2)
     args = ap.parse_args()
-    base = run({"privacy.enabled": False})
-    dp = [run({"privacy.noise_seed": s}) for s in range(args.seeds)]
+    base = run({"privacy.enabled": False, "site.privacy.dp_required": False})
+    dp = [run({"site.noise_seed": s}) for s in range(args.seeds)]
     init = base["initial_eval_loss"]
     dp_final = statistics.mean(s["final_eval_loss"] for s in dp)
     eps = max(site["epsilon_spent"] for s in dp for site in s["privacy"]["sites"].values())

@@ -12,6 +12,7 @@ the ServerApp and ClientApp as dotted keys (``"model.lora.r" = 8``) through
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -26,6 +27,24 @@ from fedsecure.errors import ConfigError
 T = TypeVar("T")
 
 PRESETS = ("deepseek-v3-tiny", "deepseek-v2-tiny", "r1-distill-qwen-tiny")
+#: Privacy accountants a site may use: PRV (tightest sound bound) and RDP. The Gaussian/CLT accountant is refused.
+ACCOUNTANTS = ("prv", "rdp")
+#: Attestation evidence providers a site may use (``fedsecure.attestation.providers``).
+PROVIDERS = ("software", "tdx", "sev-snp", "nvidia-gpu", "command")
+
+
+def check_accountant(name: str, key: str = "privacy.accountant") -> str:
+    """``name`` if it is a sound accountant we support; else a ConfigError naming ``key`` and the fix."""
+    if name in ("gdp", "gaussian", "clt"):
+        raise ConfigError(f"{key}: {name!r} (the Gaussian/CLT accountant) can under-report epsilon "
+                          "and is refused. Fix: use 'prv' (default, tightest sound bound) or 'rdp'.")
+    if name not in ACCOUNTANTS:
+        raise ConfigError(f"{key}: expected one of {', '.join(ACCOUNTANTS)}; found {name!r}.")
+    return name
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -89,15 +108,14 @@ class TrainSettings:
     batch_size: int = 32
     learning_rate: float = 1e-2
     weight_decay: float = 0.0
-    threads: int = 0  # torch intra-op threads at a site; 0 keeps torch's default
 
     def validate(self, prefix: str) -> None:
         _require(self.local_steps >= 1, f"{prefix}.local_steps", self.local_steps, "must be >= 1")
         _require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
-        _require(0.0 < self.learning_rate < 10.0, f"{prefix}.learning_rate", self.learning_rate,
-                 "must be in (0, 10), e.g. 3e-3")
-        _require(self.weight_decay >= 0.0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
-        _require(self.threads >= 0, f"{prefix}.threads", self.threads, "must be >= 0 (0 = torch default)")
+        _require(_finite(self.learning_rate) and 0.0 < self.learning_rate < 10.0, f"{prefix}.learning_rate",
+                 self.learning_rate, "must be in (0, 10), e.g. 3e-3")
+        _require(_finite(self.weight_decay) and self.weight_decay >= 0.0, f"{prefix}.weight_decay", self.weight_decay,
+                 "must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -111,16 +129,25 @@ class FederationSettings:
     min_sites: int = 1
     round_timeout_s: float = 3600.0
     join_timeout_s: float = 600.0  # at start, wait this long for all `sites` to connect (then go on with min_sites)
+    max_site_records: int = 10_000_000  # a reply claiming more training records (its FedAvg weight) is rejected
+    max_update_norm: float | None = None  # optional L2 cap on one site's update (the per-value bound always applies)
 
     def validate(self, prefix: str) -> None:
-        _require(self.join_timeout_s >= 0, f"{prefix}.join_timeout_s", self.join_timeout_s, "must be >= 0 seconds")
+        _require(_finite(self.join_timeout_s) and self.join_timeout_s >= 0, f"{prefix}.join_timeout_s",
+                 self.join_timeout_s, "must be a finite number >= 0 seconds")
         _require(1 <= self.sites <= 1000, f"{prefix}.sites", self.sites, "must be in [1, 1000]")
         _require(1 <= self.rounds <= 100000, f"{prefix}.rounds", self.rounds, "must be >= 1")
         _require(0.0 < self.fraction_train <= 1.0, f"{prefix}.fraction_train", self.fraction_train,
                  "must be in (0, 1]")
         _require(1 <= self.min_sites <= self.sites, f"{prefix}.min_sites", self.min_sites,
                  f"must be in [1, {prefix}.sites]")
-        _require(self.round_timeout_s > 0, f"{prefix}.round_timeout_s", self.round_timeout_s, "must be > 0")
+        _require(_finite(self.round_timeout_s) and self.round_timeout_s > 0, f"{prefix}.round_timeout_s",
+                 self.round_timeout_s, "must be a finite number > 0")
+        _require(1 <= self.max_site_records <= 1 << 40, f"{prefix}.max_site_records", self.max_site_records,
+                 "must be in [1, 2^40]")
+        if self.max_update_norm is not None:
+            _require(_finite(self.max_update_norm) and self.max_update_norm > 0, f"{prefix}.max_update_norm",
+                     self.max_update_norm, "must be a finite number > 0, or null for no cap")
 
 
 @dataclass(frozen=True)
@@ -131,43 +158,46 @@ class ClientDPSettings:
     clip: float = 1.0  # S: L2 bound on one site's adapter delta
     noise_multiplier: float = 1.0  # sigma_c: noise std is sigma_c * S on the sum
     delta: float = 1e-5
+    noise_seed: int | None = None  # ONLY for reproducible tests of the coordinator's noise
 
     def validate(self, prefix: str) -> None:
-        _require(self.clip > 0, f"{prefix}.clip", self.clip, "must be > 0")
-        _require(self.noise_multiplier > 0, f"{prefix}.noise_multiplier", self.noise_multiplier, "must be > 0")
-        _require(0 < self.delta < 1, f"{prefix}.delta", self.delta, "must be in (0, 1)")
+        _require(_finite(self.clip) and self.clip > 0, f"{prefix}.clip", self.clip, "must be a finite number > 0")
+        _require(_finite(self.noise_multiplier) and self.noise_multiplier > 0, f"{prefix}.noise_multiplier",
+                 self.noise_multiplier, "must be a finite number > 0")
+        _require(_finite(self.delta) and 0 < self.delta < 1, f"{prefix}.delta", self.delta, "must be in (0, 1)")
 
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    """Record-level DP-SGD at every site (Opacus), under a budget each site enforces itself."""
+    """What the run asks of every site's record-level DP-SGD (Opacus).
 
-    enabled: bool = True
-    epsilon: float = 3.0  # the site's budget over all runs that touch its dataset
-    delta: float | None = None  # None = min(1e-5, 1/(10 N)), N = the site's training records
-    max_grad_norm: float = 1.0  # C: per-record L2 clipping bound
-    noise_multiplier: float | None = None  # sigma; None = calibrated from the remaining budget and the plan
+    These are requests: each site's own policy (:class:`SitePolicy`) is authoritative, and a request
+    looser than it (DP off, a larger epsilon or delta, a smaller sigma, a larger clip, another
+    accountant) is refused by the site with the key, both values and the fix.
+    """
+
+    enabled: bool = True  # false asks for non-private training: only sites whose own policy allows it comply
+    epsilon: float | None = None  # None = each site's own budget (site.privacy.max_epsilon); else at most that
+    delta: float | None = None  # None = each site's own delta; else at most that
+    max_grad_norm: float = 1.0  # C: per-record L2 clipping bound (at most the site's max_clip)
+    noise_multiplier: float | None = None  # sigma; None = calibrated by each site from its remaining budget
     accountant: str = "prv"  # prv (default, tightest sound) | rdp; the Gaussian/CLT accountant is refused
     grad_sample_mode: str = "ew"  # Opacus per-sample gradients: ew (fastest exact here) | hooks
-    state_dir: str | None = None  # where ledgers live; None = <run-dir>/sites/<site> (fresh per simulation)
-    noise_seed: int | None = None  # ONLY for reproducible tests: a known seed lets anyone remove the noise
     client_dp: ClientDPSettings = field(default_factory=ClientDPSettings)
 
     def validate(self, prefix: str) -> None:
-        from fedsecure.privacy.accounting import check_accountant
-
-        _require(0 < self.epsilon <= 100, f"{prefix}.epsilon", self.epsilon, "must be in (0, 100], e.g. 3")
+        if self.epsilon is not None:
+            _require(_finite(self.epsilon) and 0 < self.epsilon <= 100, f"{prefix}.epsilon", self.epsilon,
+                     "must be in (0, 100], e.g. 3, or null for each site's own budget")
         if self.delta is not None:
-            _require(0 < self.delta < 1e-2, f"{prefix}.delta", self.delta,
-                     "must be in (0, 0.01) and well below 1/records; null picks min(1e-5, 1/(10 N))")
-        _require(self.max_grad_norm > 0, f"{prefix}.max_grad_norm", self.max_grad_norm, "must be > 0, e.g. 1.0")
+            _require(_finite(self.delta) and 0 < self.delta < 1e-2, f"{prefix}.delta", self.delta,
+                     "must be in (0, 0.01) and well below 1/records; null uses each site's own delta")
+        _require(_finite(self.max_grad_norm) and self.max_grad_norm > 0, f"{prefix}.max_grad_norm",
+                 self.max_grad_norm, "must be a finite number > 0, e.g. 1.0")
         if self.noise_multiplier is not None:
-            _require(self.noise_multiplier > 0, f"{prefix}.noise_multiplier", self.noise_multiplier,
-                     "must be > 0, or null to calibrate it from the budget")
-        try:
-            check_accountant(self.accountant)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("privacy.", f"{prefix}.")) from None
+            _require(_finite(self.noise_multiplier) and self.noise_multiplier > 0, f"{prefix}.noise_multiplier",
+                     self.noise_multiplier, "must be a finite number > 0, or null to calibrate it from the budget")
+        check_accountant(self.accountant, f"{prefix}.accountant")
         _require(self.grad_sample_mode in ("ew", "hooks"), f"{prefix}.grad_sample_mode", self.grad_sample_mode,
                  "must be ew or hooks (both exact for LoRA on the DeepSeek presets)")
         self.client_dp.validate(f"{prefix}.client_dp")
@@ -189,6 +219,147 @@ class StorageSettings:
         if self.key_provider == "command":
             _require(bool(self.key_command), f"{prefix}.key_command", self.key_command,
                      "must name the program that prints the keyring when key_provider is command")
+
+
+# ---------------------------------------------------------------------------- the site's own settings
+@dataclass(frozen=True)
+class SitePolicy:
+    """A site's own privacy policy. It is authoritative: the run config (the coordinator's request) may
+    only ask for less privacy loss, and anything looser is refused at the site."""
+
+    dp_required: bool = True  # false: this site may train without DP when the run asks (reported non-private)
+    max_epsilon: float = 3.0  # budget of each dataset over all runs that ever use it
+    max_delta: float | None = None  # None = min(1e-5, 1/(10 N)); always below 1/N (N = training records)
+    min_sigma: float = 0.5  # smallest noise multiplier the site accepts (also bounds the accountant's cost)
+    max_clip: float = 10.0  # largest per-record clipping bound C
+    accountants: tuple[str, ...] = ACCOUNTANTS  # accountants the site accepts
+    max_steps_per_round: int = 1000  # DP-SGD steps one message may ask for
+    max_batch_size: int = 1024  # expected records sampled per step
+
+    def validate(self, prefix: str) -> None:
+        _require(_finite(self.max_epsilon) and 0 < self.max_epsilon <= 100, f"{prefix}.max_epsilon",
+                 self.max_epsilon, "must be a finite number in (0, 100], e.g. 3")
+        if self.max_delta is not None:
+            _require(_finite(self.max_delta) and 0 < self.max_delta < 1e-2, f"{prefix}.max_delta", self.max_delta,
+                     "must be in (0, 0.01) and below 1/N for N training records (e.g. 1e-5); null picks "
+                     "min(1e-5, 1/(10 N))")
+        _require(_finite(self.min_sigma) and 0.3 <= self.min_sigma <= 50, f"{prefix}.min_sigma", self.min_sigma,
+                 "must be in [0.3, 50]: below 0.3 a few steps spend a budget and accounting gets costly")
+        _require(_finite(self.max_clip) and self.max_clip > 0, f"{prefix}.max_clip", self.max_clip,
+                 "must be a finite number > 0, e.g. 10")
+        _require(len(self.accountants) > 0, f"{prefix}.accountants", list(self.accountants),
+                 f"must list at least one of {', '.join(ACCOUNTANTS)}")
+        for name in self.accountants:
+            check_accountant(name, f"{prefix}.accountants")
+        _require(1 <= self.max_steps_per_round <= 100_000, f"{prefix}.max_steps_per_round", self.max_steps_per_round,
+                 "must be in [1, 100000]")
+        _require(1 <= self.max_batch_size <= 1_000_000, f"{prefix}.max_batch_size", self.max_batch_size,
+                 "must be in [1, 1000000]")
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """What one coordinator message may make the site allocate (bounded cost)."""
+
+    max_seq_len: int = 4096  # data.max_length the run may ask for (tokens per record)
+    max_lora_rank: int = 256  # model.lora.r the run may ask for
+
+    def validate(self, prefix: str) -> None:
+        _require(8 <= self.max_seq_len <= 1 << 20, f"{prefix}.max_seq_len", self.max_seq_len, "must be in [8, 1048576]")
+        _require(1 <= self.max_lora_rank <= 65536, f"{prefix}.max_lora_rank", self.max_lora_rank,
+                 "must be in [1, 65536]")
+
+
+@dataclass(frozen=True)
+class SiteAttestation:
+    """Where the site's TEE evidence comes from: chosen by the site, never by the coordinator."""
+
+    provider: str = "software"  # software (dev/simulation, warns) | tdx | sev-snp | nvidia-gpu | command
+    command: tuple[str, ...] = ()  # command provider: argv, "{report_data}" becomes the hex report data
+    configfs_root: str = "/sys/kernel/config/tsm/report"
+
+    def validate(self, prefix: str) -> None:
+        _require(self.provider in PROVIDERS, f"{prefix}.provider", self.provider,
+                 f"must be one of {', '.join(PROVIDERS)}")
+        if self.provider == "command":
+            _require(bool(self.command), f"{prefix}.command", list(self.command),
+                     "must name the attestation tool and its arguments when provider is command")
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Everything a site decides for itself. In deployment it comes from the site's ``site.yaml`` through the
+    SuperNode's node config; in simulation the engine builds one per simulated site. Nothing here is ever
+    read from the run config (the coordinator's), except at a node of Flower's own simulation engine."""
+
+    name: str | None = None
+    data_dir: str | None = None
+    state_dir: str | None = None  # ledgers, node key, residuals (persist across runs)
+    dataset_id: str | None = None  # stable ledger key; None = the dataset's content fingerprint
+    model_dir: str | None = None  # this site's copy of the model when the run names a local model directory
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    simulated: bool = False  # set only by fedsecure's simulation engines
+    noise_seed: int | None = None  # simulated sites only: reproducible tests; a deployed site refuses it
+    worker_socket: str | None = None  # the site's warm worker (set by fedsecure client)
+    privacy: SitePolicy = field(default_factory=SitePolicy)
+    limits: SiteLimits = field(default_factory=SiteLimits)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    attestation: SiteAttestation = field(default_factory=SiteAttestation)
+
+    def validate(self, prefix: str = "site") -> SiteSettings:
+        _require(self.threads >= 0, f"{prefix}.threads", self.threads, "must be >= 0 (0 = torch default)")
+        if self.noise_seed is not None and not self.simulated:
+            raise ConfigError(f"{prefix}.noise_seed: a deployed site draws its noise from the operating system's "
+                              "secure generator; a noise seed would let anyone who knows it remove the noise. "
+                              "Fix: remove it (it is a simulation-only testing aid).")
+        self.privacy.validate(f"{prefix}.privacy")
+        self.limits.validate(f"{prefix}.limits")
+        self.storage.validate(f"{prefix}.storage")
+        self.attestation.validate(f"{prefix}.attestation")
+        return self
+
+    def to_flat(self, prefix: str = "site.") -> dict[str, bool | int | float | str]:
+        """As flat ``site.*`` keys (a SuperNode's node config, or Flower's run config)."""
+        return flatten(to_dict(self), prefix)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], prefix: str = "site.") -> SiteSettings:
+        """Inverse of :meth:`to_flat`; keys without ``prefix`` are ignored, unknown ``site.*`` keys refused."""
+        own = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        known = set(flatten(to_dict(cls()), ""))
+        unknown = sorted(set(own) - known)
+        if unknown:
+            raise ConfigError(f"{prefix}{unknown[0]}: unknown site setting. Known: "
+                              f"{', '.join(prefix + k for k in sorted(known))}.")
+        return from_mapping(cls, unflatten(own, cls)).validate(prefix.rstrip("."))
+
+
+@dataclass(frozen=True)
+class SimulatedSites:
+    """The simulated sites' own settings (``site:`` in configs/simulation.yaml): what each hospital's
+    ``site.yaml`` would hold in deployment. The run's ``privacy`` section can only tighten them."""
+
+    state_dir: str | None = None  # each site's state in <state_dir>/<site>; None = <run-dir>/sites/<site> (fresh)
+    threads: int = 0
+    noise_seed: int | None = None  # ONLY for reproducible tests: a known seed lets anyone remove the noise
+    privacy: SitePolicy = field(default_factory=SitePolicy)
+    limits: SiteLimits = field(default_factory=SiteLimits)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    attestation: SiteAttestation = field(default_factory=SiteAttestation)
+
+    def validate(self, prefix: str) -> None:
+        _require(self.threads >= 0, f"{prefix}.threads", self.threads, "must be >= 0 (0 = torch default)")
+        self.privacy.validate(f"{prefix}.privacy")
+        self.limits.validate(f"{prefix}.limits")
+        self.storage.validate(f"{prefix}.storage")
+        self.attestation.validate(f"{prefix}.attestation")
+
+    def for_site(self, name: str, data_dir: str | Path, run_dir: str | Path) -> SiteSettings:
+        """The settings of simulated site ``name``."""
+        root = Path(self.state_dir) if self.state_dir else Path(run_dir) / "sites"
+        return SiteSettings(name=name, data_dir=str(data_dir), state_dir=str(root / name), threads=self.threads,
+                            simulated=True, noise_seed=self.noise_seed, privacy=self.privacy, limits=self.limits,
+                            storage=self.storage, attestation=self.attestation).validate()
 
 
 @dataclass(frozen=True)
@@ -230,23 +401,14 @@ class TransportSettings:
 
 @dataclass(frozen=True)
 class AttestationSettings:
-    """TEE attestation of every update: sites prove their code and DP settings (``fedsecure.attestation``)."""
+    """TEE attestation of every update (coordinator side): the sites' providers are their own (``site.attestation``)."""
 
     enabled: bool = True
-    provider: str = "software"  # site: software (dev/simulation, warns) | tdx | sev-snp | nvidia-gpu | command
     policy: str | None = None  # coordinator: policy file; None in `fedsecure simulate` = generated for this build
-    command: tuple[str, ...] = ()  # command provider: argv, "{report_data}" becomes the hex report data
-    configfs_root: str = "/sys/kernel/config/tsm/report"
 
     def validate(self, prefix: str) -> None:
-        from fedsecure.attestation.providers import PROVIDERS
-
-        _require(self.provider in PROVIDERS, f"{prefix}.provider", self.provider,
-                 f"must be one of {', '.join(PROVIDERS)} (a site may override it with node config "
-                 "'attestation-provider')")
-        if self.provider == "command":
-            _require(bool(self.command), f"{prefix}.command", self.command,
-                     "must name the attestation tool and its arguments when provider is command")
+        if self.policy is not None:
+            _require(bool(self.policy.strip()), f"{prefix}.policy", self.policy, "must be a file path or null")
 
 
 @dataclass(frozen=True)
@@ -263,6 +425,7 @@ class SimulationConfig:
     storage: StorageSettings = field(default_factory=StorageSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
     attestation: AttestationSettings = field(default_factory=AttestationSettings)
+    site: SimulatedSites = field(default_factory=SimulatedSites)  # the simulated sites' own settings
 
     def validate(self) -> SimulationConfig:
         self.federation.validate("federation")
@@ -273,6 +436,7 @@ class SimulationConfig:
         self.storage.validate("storage")
         self.transport.validate("transport")
         self.attestation.validate("attestation")
+        self.site.validate("site")
         return self
 
     # ------------------------------------------------------------------ conversions
@@ -284,13 +448,19 @@ class SimulationConfig:
         return to_dict(self)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
-        """Flatten into Flower's run config: dotted keys, ``None`` as ``""``, tuples comma-joined."""
-        return flatten(self.to_dict())
+        """Flatten into Flower's run config: dotted keys, ``None`` as ``""``, tuples comma-joined.
+
+        The simulated sites' own settings (``site``) never travel in the run config, which is the
+        coordinator's: each site gets its own through its node config."""
+        doc = self.to_dict()
+        doc.pop("site")
+        return flatten(doc)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> SimulationConfig:
-        """Inverse of :meth:`to_run_config`; keys not owned by this config are ignored."""
-        return cls.from_mapping(unflatten(run_config, cls))
+        """Inverse of :meth:`to_run_config`; keys not owned by this config (and any ``site.*``) are ignored."""
+        doc = unflatten({k: v for k, v in run_config.items() if not str(k).startswith("site.")}, cls)
+        return cls.from_mapping(doc)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -432,6 +602,7 @@ def to_dict(obj: Any) -> Any:
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested mapping to dotted keys: ``None`` becomes ``""``, lists are comma-joined."""
     out: dict[str, bool | int | float | str] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"

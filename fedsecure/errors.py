@@ -52,3 +52,8 @@ class UpdateRejected(FedSecureError):
 
 class AttestationError(FedSecureError):
     """Evidence failed verification; the message says which check failed."""
+
+
+class ReplyRejected(FedSecureError):
+    """A site's reply to the coordinator is malformed, out of range or inconsistent; the site's contribution to
+    the round is rejected (and audited), and the round goes on."""

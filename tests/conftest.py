@@ -22,16 +22,20 @@ def site_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def small_config(data_dir: Path | None = None, **sections: dict) -> SimulationConfig:
-    """A quick config: 2 sites, 1 round, 4 local steps, DP on with a fixed noise seed; override by section."""
+    """A quick config: 2 sites, 1 round, 4 local steps, DP on with a fixed noise seed; override by section
+    (the ``site`` section's ``privacy`` is merged one level deeper, so a test can raise one policy key)."""
     base: dict = {
         "seed": 3,
         "federation": {"sites": 2, "rounds": 1},
         "data": {"dir": str(data_dir) if data_dir else None, "records_per_site": 60, "max_length": 64},
         "train": {"local_steps": 4, "batch_size": 8},
-        # reproducible tests: a known noise seed (never in production, where OS entropy is used)
-        "privacy": {"noise_seed": 5},
+        # reproducible tests: simulated sites with a known noise seed (a deployed site refuses one and draws
+        # its noise from the operating system's secure generator)
+        "site": {"noise_seed": 5},
     }
     for name, values in sections.items():
+        if name == "site" and "privacy" in values:
+            values = {**values, "privacy": {**base["site"].get("privacy", {}), **values["privacy"]}}
         base.setdefault(name, {}).update(values)
     return SimulationConfig.from_mapping(base)
 

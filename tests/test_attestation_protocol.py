@@ -32,7 +32,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "attestatio
 if not DATA.is_dir():
     DATA = Path(__file__).resolve().parents[1] / "shared" / "testdata" / "attestation"
 V4_AT = dt.datetime(2023, 7, 1, 1, tzinfo=dt.UTC)
-DP = dp_config_document(enabled=True, epsilon_budget=3.0, delta=1e-5, sigma=0.9, q=0.1, steps=16, max_grad_norm=1.0)
+DP = dp_config_document(enabled=True, epsilon_budget=3.0, delta=1e-5, sigma=0.9, q=0.1, steps=16, max_grad_norm=1.0,
+                        noise="os-csprng")
 
 
 def _policy(**kw) -> Policy:
@@ -147,6 +148,8 @@ def test_node_key_may_not_change_within_a_run(tmp_path, site):
     ({"epsilon_budget": 8.0}, "epsilon_budget=8 breaks max_epsilon=3"),
     ({"delta": 1e-3}, "delta=0.001 breaks max_delta=1e-05"),
     ({"enabled": False}, "differential privacy off"),
+    ({"noise": "seeded"}, "draws its noise from 'seeded', not the operating system's secure generator"),
+    ({"noise": None}, "draws its noise from None"),
 ])
 def test_dp_configuration_weaker_than_policy_is_rejected(tmp_path, site, change, match):
     provider, key = site
@@ -163,6 +166,14 @@ def test_reported_numbers_must_match_the_attested_ones(tmp_path, site):
     nonce = gate.challenge(7, "site-a", 1)
     with pytest.raises(AttestationError, match="reported sigma=2 differs from the attested sigma=0.9"):
         gate.check(7, "site-a", 1, site_statement(provider, key, nonce, DP, b"u"), b"u", {"sigma": 2.0})
+    # the FedAvg weight is the attested number of records: a reply that claims more, or attests none, fails
+    dp = dp_config_document(**{**json.loads(DP), "records": 96})
+    nonce = gate.challenge(7, "site-a", 2)
+    with pytest.raises(AttestationError, match="reported records=1e\\+30 differs from the attested records=96"):
+        gate.check(7, "site-a", 2, site_statement(provider, key, nonce, dp, b"u"), b"u", {"records": 1e30})
+    nonce = gate.challenge(7, "site-a", 3)
+    with pytest.raises(AttestationError, match="reports records=96 but the attested DP configuration has no"):
+        gate.check(7, "site-a", 3, site_statement(provider, key, nonce, DP, b"u"), b"u", {"records": 96})
 
 
 def test_measurement_not_on_the_list_and_unapproved_code_are_rejected(tmp_path, site):

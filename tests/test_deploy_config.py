@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from fedsecure.cli import app
 from fedsecure.data.synth import synthesize
 from fedsecure.deploy.certs import init
-from fedsecure.deploy.config import load_coordinator_config, load_site_config, node_config_arg
+from fedsecure.deploy.config import load_coordinator_config, load_site_config, write_node_config
 from fedsecure.errors import ConfigError, KeyMaterialError
 
 
@@ -70,7 +70,7 @@ def consortium(tmp_path):
              "federation": {"rounds": 2}}
     site = {"site": {"name": "a", "superlink": "localhost:9999", "tls_ca": "certs/ca.pem",
                      "auth_key": "certs/sites/a/auth.key", "data_dir": "data/site-0", "state_dir": "state/a",
-                     "epsilon": 1.5}}
+                     "privacy": {"max_epsilon": 1.5, "max_delta": 1e-5}}}
     return tmp_path, coord, site
 
 
@@ -103,23 +103,45 @@ def test_coordinator_config_errors(consortium, change, match):
 
 
 def test_site_config_builds_the_node_config(consortium):
+    from flwr.common.config import parse_config_args
+
+    from fedsecure.config import SiteSettings
+
     root, _, site = consortium
+    site["site"]["attestation"] = {"provider": "command", "command": ["/opt/agent", "--say", 'a "quoted" arg']}
     sc = load_site_config(_write(root / "s.yaml", site))
-    assert sc.node_config == {"site-name": "a", "data-dir": str(root / "data" / "site-0"),
-                              "state-dir": str(root / "state" / "a"), "privacy.epsilon": 1.5,
-                              "attestation-provider": "software"}
-    assert node_config_arg(sc.node_config).startswith('site-name="a" data-dir="')
-    assert 'privacy.epsilon=1.5' in node_config_arg(sc.node_config)
-    with pytest.raises(ConfigError, match="quotes"):
-        node_config_arg({"x": 'a"b'})
+    node = sc.node_config
+    assert node["site.name"] == "a" and node["site.data_dir"] == str(root / "data" / "site-0")
+    assert node["site.state_dir"] == str(root / "state" / "a") and node["site.privacy.max_epsilon"] == 1.5
+    assert node["site.privacy.dp_required"] is True and node["site.simulated"] is False
+    # the node config travels as a TOML file, read back exactly as flower-supernode reads it
+    path = write_node_config(root / "node.toml", node)
+    assert path.stat().st_mode & 0o777 == 0o600
+    back = parse_config_args([str(path)])
+    assert back == node
+    assert SiteSettings.from_flat(back) == sc.settings
+    with pytest.raises(ConfigError, match="not a finite number"):
+        write_node_config(root / "bad.toml", {"x": float("nan")})
 
 
 @pytest.mark.parametrize(("change", "match"), [
     (lambda s: s["site"].update(superlink="http://x:1"), "is not host:port"),
     (lambda s: s["site"].update(data_dir="."), "train.jsonl is missing"),
-    (lambda s: s["site"].update(attestation_provider="sgx"), "attestation_provider: 'sgx'"),
+    (lambda s: s["site"].update(attestation={"provider": "sgx"}), "site.attestation.provider: must be one of"),
+    (lambda s: s["site"].update(attestation_provider="sgx"), "site.attestation_provider: this key moved to "
+                                                             "site.attestation.provider"),
+    (lambda s: s["site"].update(epsilon=1.0), "site.epsilon: this key moved to site.privacy.max_epsilon"),
     (lambda s: s["site"].update(name="a b"), "site.name"),
-    (lambda s: s["site"].update(epsilon=-1), "site.epsilon: -1"),
+    (lambda s: s["site"].pop("privacy"), "site.privacy: the site's own privacy policy must set max_epsilon"),
+    (lambda s: s["site"]["privacy"].update(max_epsilon=-1), r"site.privacy.max_epsilon: must be a finite"),
+    (lambda s: s["site"]["privacy"].update(max_epsilon=float("nan")), r"site.privacy.max_epsilon: must be a fin"),
+    (lambda s: s["site"]["privacy"].update(max_epsilon=float("inf")), r"site.privacy.max_epsilon: must be a fin"),
+    (lambda s: s["site"]["privacy"].update(max_delta=0.5), r"site.privacy.max_delta: must be in \(0, 0.01\)"),
+    (lambda s: s["site"]["privacy"].update(max_delta=None), r"site.privacy.max_delta: must be a number below 1/N"),
+    (lambda s: s["site"]["privacy"].update(min_sigma=0.01), r"site.privacy.min_sigma: must be in \[0.3, 50\]"),
+    (lambda s: s["site"]["privacy"].update(accountants=["gdp"]), "can under-report epsilon"),
+    (lambda s: s["site"]["privacy"].update(noise_seed=3), "site.privacy.noise_seed: unknown key"),
+    (lambda s: s["site"].update(noise_seed=3), "site.noise_seed: unknown key"),
     (lambda s: s.update(extra={}), "extra: unknown section"),
     (lambda s: s["site"].update(warm_worker="yes"), "site.warm_worker: 'yes' must be true or false"),
 ])
@@ -128,6 +150,30 @@ def test_site_config_errors(consortium, change, match):
     change(site)
     with pytest.raises(ConfigError, match=match):
         load_site_config(_write(root / "s.yaml", site))
+
+
+def test_site_delta_must_be_below_one_over_its_records(consortium):
+    root, _, site = consortium
+    synthesize(root / "big", sites=1, records_per_site=250, eval_fraction=0.2, seed=2)
+    site["site"].update(data_dir="big/site-0", privacy={"max_epsilon": 3.0, "max_delta": 0.009})
+    with pytest.raises(ConfigError, match=r"delta 0.009 is not below 1/N = 1/200 = 0.005.*publishing one random "
+                                          r"record outright.*Fix: use delta <= 1/\(10 N\), e.g. 5.0e-04"):
+        load_site_config(_write(root / "s.yaml", site))
+    (root / "empty").mkdir()
+    (root / "empty" / "train.jsonl").write_text("")
+    (root / "empty" / "eval.jsonl").write_text('{"text": "x"}\n')
+    site["site"].update(data_dir="empty", privacy={"max_epsilon": 3.0, "max_delta": 1e-5})
+    from fedsecure.errors import DataError
+
+    with pytest.raises(DataError, match="train.jsonl: no records"):
+        load_site_config(_write(root / "s.yaml", site))
+
+
+def test_coordinator_config_holds_no_site_settings(consortium):
+    root, coord, _ = consortium
+    coord["site"] = {"privacy": {"max_epsilon": 100}}
+    with pytest.raises(ConfigError, match="a coordinator config holds no site settings"):
+        load_coordinator_config(_write(root / "c.yaml", coord))
 
 
 def test_server_refuses_to_start_without_an_attestation_policy(consortium):

@@ -39,17 +39,28 @@ def _port() -> int:
 class Deployment:
     """Files for one consortium in ``root`` and the processes started from them (all stopped at the end)."""
 
-    def __init__(self, root: Path, rounds: int = 2, round_timeout_s: float = 120.0) -> None:
+    def __init__(self, root: Path, rounds: int = 2, round_timeout_s: float = 120.0, private: bool = True) -> None:
+        """``private=False``: both sites' own policies allow non-private training and the run asks for it, so the
+        run is deterministic and can be compared with the simulation bit for bit (a deployed site's DP noise
+        comes from the OS's secure generator, which nobody can replay)."""
         self.root = root
         self.port = _port()
         certs_init(root / "certs", ["localhost", "127.0.0.1"], ["site-0", "site-1", "rogue"])
         synthesize(root / "data", sites=2, records_per_site=40, eval_fraction=0.2, seed=7)
-        subprocess.run([FEDSECURE, "attest", "dev-policy", "--out", str(root / "policy.yaml")], check=True,
-                       capture_output=True)
+        if private:
+            subprocess.run([FEDSECURE, "attest", "dev-policy", "--out", str(root / "policy.yaml")], check=True,
+                           capture_output=True)
+        else:  # the development policy without minimum DP settings: the sites attest DP off, as they run
+            from fedsecure.attestation.evidence import code_hash
+            from fedsecure.attestation.policy import Policy
+
+            (root / "policy.yaml").write_text(Policy(measurements={"software": (code_hash(),)},
+                                                     code=(code_hash(),)).to_yaml())
         self.federation = {"seed": 3, "federation": {"rounds": rounds, "round_timeout_s": round_timeout_s,
                                                      "join_timeout_s": 120},
                            "data": {"max_length": 48}, "train": {"local_steps": 2, "batch_size": 8},
-                           "privacy": {"noise_seed": 5}, "attestation": {"policy": "policy.yaml"}}
+                           "privacy": {"enabled": private}, "attestation": {"policy": "policy.yaml"}}
+        self.site_privacy = {"max_epsilon": 3.0, "max_delta": 1e-5, "dp_required": private}
         server = {"run_dir": "run", "host": "127.0.0.1", "port": self.port, "tls_ca": "certs/ca.pem",
                   "tls_cert": "certs/coordinator.pem", "tls_key": "certs/coordinator.key",
                   "sites": {s: f"certs/sites/{s}/auth.pub" for s in ("site-0", "site-1")}}
@@ -57,7 +68,7 @@ class Deployment:
         for i, name in enumerate(["site-0", "site-1", "rogue"]):
             site = {"name": name, "superlink": f"127.0.0.1:{self.port}", "tls_ca": "certs/ca.pem",
                     "auth_key": f"certs/sites/{name}/auth.key", "data_dir": f"data/site-{min(i, 1)}",
-                    "state_dir": f"state/{name}", "runtime_port": _port()}
+                    "state_dir": f"state/{name}", "runtime_port": _port(), "privacy": self.site_privacy}
             (root / f"{name}.yaml").write_text(yaml.safe_dump({"site": site}))
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -132,21 +143,21 @@ def _kill_site(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    d = Deployment(tmp_path)
-    yield d
-    d.stop_all()
-    time.sleep(1)
-    assert not _running_with(f"127.0.0.1:{d.port}") and not _running_with(str(tmp_path)), "processes left running"
-
-
 def _registered(d: Deployment) -> bool:
     return "submitted Flower run" in d.output("server")
 
 
-def test_two_sites_two_rounds_with_tls_and_node_auth_match_the_simulation(deployment):
-    d = deployment
+def test_two_sites_two_rounds_with_tls_and_node_auth_match_the_simulation(tmp_path):
+    d = Deployment(tmp_path, private=False)
+    try:
+        _two_sites_match_the_simulation(d)
+    finally:
+        d.stop_all()
+        time.sleep(1)
+    assert not _running_with(f"127.0.0.1:{d.port}") and not _running_with(str(tmp_path)), "processes left running"
+
+
+def _two_sites_match_the_simulation(d: Deployment) -> None:
     server = d.server()
     d.wait_for(lambda: _registered(d), 120)
     for name in ("site-0", "site-1", "rogue"):
@@ -165,13 +176,16 @@ def test_two_sites_two_rounds_with_tls_and_node_auth_match_the_simulation(deploy
     out = d.output("server")
     assert "refused: a SuperNode with an unregistered key tried to join" in out
     assert "Attestation: 4/4 statements verified (software)" in out
-    assert "round 2: held-out loss" in out and "ε spent site-0" in out  # progress streamed, with ε per site
+    assert "round 2: held-out loss" in out  # progress streamed
+    # non-private by both sites' own choice, and reported as such; their ledgers say so too
+    assert {s["status"] for s in summary["privacy"]["sites"].values()} == {"non-private"}
     assert "refused: the coordinator does not know this site's key" in d.output("rogue")
     assert "TLS, SuperNode authentication on" in out and (d.root / "run" / "superlink.db").exists()
 
     # the same seeds in the in-process simulation give the same global adapter
     fed = {**d.federation, "federation": {**d.federation["federation"], "sites": 2},
-           "data": {**d.federation["data"], "dir": str(d.root / "data")}, "attestation": {"policy": None}}
+           "data": {**d.federation["data"], "dir": str(d.root / "data")}, "attestation": {"policy": None},
+           "site": {"privacy": {"dp_required": False}}}
     simulate(SimulationConfig.from_mapping(fed), run_dir=d.root / "sim")
     deployed, simulated = global_adapter(d.root / "run", 2), global_adapter(d.root / "sim", 2)
     assert sorted(deployed) == sorted(simulated)
@@ -192,6 +206,7 @@ def test_site_killed_during_round_1_is_dropped_and_rejoins(tmp_path):
         d.wait_for(lambda: len(d.rounds_done()) >= 2, 300)
         d.site("site-1")  # it comes back
         assert server.wait(timeout=600) == 0, d.output("server")[-3000:]
+        assert "ε spent site-0" in d.output("server")  # progress streamed, with ε per site
         rounds = json.loads((d.root / "run" / "summary.json").read_text())["rounds"]
         assert rounds[1]["sites_ok"] == 1 and "site-1" in rounds[1]["failures"]
         assert rounds[-1]["eval_loss"] is not None and len(rounds) == 4

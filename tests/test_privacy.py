@@ -22,6 +22,7 @@ from fedsecure.model import adapter_state, attach_lora, load_model_and_tokenizer
 from fedsecure.privacy.accounting import Spend, calibrate_noise, default_delta, epsilon_of
 from fedsecure.privacy.dpsgd import DPStepPlan, _unwrap, _wrap, train_private
 from fedsecure.privacy.ledger import PrivacyLedger, ledger_path
+from fedsecure.privacy.policy import Terms
 from fedsecure.privacy.site import Approval, Refusal, SitePrivacyGuard
 from fedsecure.training import per_sequence_loss
 
@@ -205,26 +206,53 @@ def test_ledger_of_another_dataset_is_not_accepted(tmp_path):
 
 
 # --------------------------------------------------------------------------- the site guard
+def _terms(**kw) -> Terms:
+    base = dict(private=True, epsilon=3.0, delta=1e-5, clip=1.0, sigma=None, min_sigma=0.3, accountant="prv",
+                steps=10, batch_size=10)
+    return Terms(**{**base, **kw})
+
+
 def test_fixed_sigma_guard_refuses_exactly_the_overspending_round(tmp_path):
     q, steps = 0.1, 10
     eps2, eps3 = (epsilon_of([Spend(1.0, q, steps * r)], 1e-5) for r in (2, 3))
     budget = (eps2 + eps3) / 2
-    settings_ = PrivacySettings(epsilon=budget, delta=1e-5, noise_multiplier=1.0)
-    guard = SitePrivacyGuard(settings_, state_dir=tmp_path, dataset="ee" * 32, num_records=100)
+    guard = SitePrivacyGuard(_terms(epsilon=budget, sigma=1.0), state_dir=tmp_path, dataset="ee" * 32,
+                             num_records=100)
     for r in (1, 2):
-        decision = guard.plan(server_round=r, rounds_total=5, local_steps=steps, batch_size=10)
+        decision = guard.plan(server_round=r, rounds_total=5)
         assert isinstance(decision, Approval)
         guard.record(decision, run_id="t", server_round=r)
-    decision = guard.plan(server_round=3, rounds_total=5, local_steps=steps, batch_size=10)
+    decision = guard.plan(server_round=3, rounds_total=5)
     assert isinstance(decision, Refusal)
     assert decision.epsilon_if_trained == pytest.approx(eps3) and decision.epsilon_spent <= budget
-    assert len(PrivacyLedger.open(tmp_path, "ee" * 32).entries) == 2  # nothing charged for the refusal
+    guard.refuse(decision.reason, run_id="t", server_round=3)
+    ledger = PrivacyLedger.open(tmp_path, "ee" * 32)
+    assert len(ledger.spends) == 2 and [e.kind for e in ledger.entries] == ["spend", "spend", "refusal"]
+    assert ledger.entries[-1].reason == decision.reason and ledger.epsilon(1e-5, "prv") <= budget
 
 
-def test_node_budget_beats_the_run_config(tmp_path):
-    guard = SitePrivacyGuard(PrivacySettings(epsilon=50.0), state_dir=tmp_path, dataset="aa" * 32, num_records=100,
-                             node_config={"privacy.epsilon": 1.5, "privacy.delta": 1e-7})
-    assert guard.epsilon_budget == 1.5 and guard.delta == 1e-7
+def test_switching_accountants_never_lowers_the_epsilon_spent(tmp_path):
+    rdp = SitePrivacyGuard(_terms(epsilon=50.0, sigma=0.8, accountant="rdp"), state_dir=tmp_path,
+                           dataset="aa" * 32, num_records=100)
+    first = rdp.plan(server_round=1, rounds_total=2)
+    rdp.record(first, run_id="r", server_round=1)
+    prv = SitePrivacyGuard(_terms(epsilon=50.0, sigma=0.8, accountant="prv"), state_dir=tmp_path,
+                           dataset="aa" * 32, num_records=100)
+    # PRV alone would count less for the same history; the site keeps the larger (RDP) bound
+    history = [Spend(0.8, 0.1, 10)]
+    assert epsilon_of(history, 1e-5, "prv") < epsilon_of(history, 1e-5, "rdp")
+    assert prv.spent() == pytest.approx(epsilon_of(history, 1e-5, "rdp"))
+    second = prv.plan(server_round=2, rounds_total=2)
+    assert second.accountant == "rdp" and second.epsilon_after == pytest.approx(epsilon_of(history * 2, 1e-5, "rdp"))
+    entry = prv.record(second, run_id="r", server_round=2)
+    assert PrivacyLedger.open(tmp_path, "aa" * 32).epsilon(1e-5, "prv") == pytest.approx(entry.epsilon_after)
+
+
+def test_a_sigma_below_the_policy_minimum_is_never_used(tmp_path):
+    guard = SitePrivacyGuard(_terms(epsilon=50.0, min_sigma=0.8), state_dir=tmp_path, dataset="bb" * 32,
+                             num_records=100)
+    decision = guard.plan(server_round=1, rounds_total=1, sigma_hint=0.4)  # e.g. a stored plan of a looser policy
+    assert isinstance(decision, Approval) and decision.plan.sigma >= 0.8
 
 
 # --------------------------------------------------------------------------- DP-SGD steps
@@ -240,43 +268,67 @@ def test_empty_poisson_batches_take_noise_only_steps():
     model, tok, data = _tiny_training_setup()
     before = adapter_state(model)
     res = train_private(model, data, TrainSettings(local_steps=3, batch_size=1, learning_rate=1e-2),
-                        DPStepPlan(sigma=1.0, q=1e-9, steps=3, max_grad_norm=1.0), pad_id=0, seed=5)
+                        DPStepPlan(sigma=1.0, q=1e-9, steps=3, max_grad_norm=1.0), pad_id=0, randomness=5)
     after = adapter_state(model)
     assert math.isnan(res.loss)  # no record was ever sampled
     assert any(not np.array_equal(before[k], after[k]) for k in before)  # but noise was applied
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())  # hooks cleaned up
 
 
-def test_noise_is_unpredictable_unless_seeded():
+def test_noise_is_unpredictable_unless_seeded(monkeypatch):
+    from fedsecure.privacy.noise import SystemRandomness
+
     model, tok, data = _tiny_training_setup()
     start = adapter_state(model)
     plan = DPStepPlan(sigma=1.0, q=0.5, steps=2, max_grad_norm=1.0)
     ts = TrainSettings(local_steps=2, batch_size=3, learning_rate=1e-2)
     results = []
-    for seed in (None, None, 7, 7):
+    for source in (SystemRandomness(), SystemRandomness(), 7, 7):
         set_adapter_state(model, start)
-        train_private(model, data, ts, plan, pad_id=0, seed=seed)
+        train_private(model, data, ts, plan, pad_id=0, randomness=source)
         results.append(adapter_state(model))
     k = next(iter(start))
     assert not np.array_equal(results[0][k], results[1][k])
     assert all(np.array_equal(results[2][x], results[3][x]) for x in start)
+    # the secure path takes nothing from torch's generators: seeding (or breaking) them changes nothing
+    monkeypatch.setattr(torch, "normal", lambda *a, **k: (_ for _ in ()).throw(AssertionError("torch RNG used")))
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: (_ for _ in ()).throw(AssertionError("torch RNG used")))
+    set_adapter_state(model, start)
+    train_private(model, data, ts, plan, pad_id=0, randomness=SystemRandomness())
+
+
+def test_os_noise_has_the_calibrated_distribution():
+    from scipy import stats
+
+    from fedsecure.privacy.noise import SystemRandomness
+
+    ref = torch.zeros(200_000, dtype=torch.float32)
+    draws = SystemRandomness().gaussian(ref, std=2.5).double().numpy()
+    assert abs(draws.mean()) < 4 * 2.5 / np.sqrt(draws.size)
+    assert draws.std() == pytest.approx(2.5, rel=0.01)
+    assert stats.kstest(draws / 2.5, "norm").pvalue > 1e-4  # Gaussian, not merely the right variance
+    mask = SystemRandomness().poisson_mask(100_000, 0.1)
+    assert mask.dtype == torch.bool and abs(float(mask.double().mean()) - 0.1) < 0.005
 
 
 # --------------------------------------------------------------------------- in the federation
 from .conftest import site_ledger_entries, small_config  # noqa: E402
 
 
-def _sim(cfg, run_dir, node_configs=None):
+def _sim(cfg, run_dir, node_overrides=None):
+    """Simulate in process; ``node_overrides`` maps a site index to node-config keys of its own settings."""
     from client.app import app as client_app
-    from fedsecure.federation.engines import node_configs as default_nodes
-    from fedsecure.federation.engines import run_config
+    from fedsecure.federation.engines import node_configs, run_config
     from fedsecure.federation.inprocess import run_inprocess
     from fedsecure.simulation import prepare
     from server.app import app as server_app
 
     cfg, run = prepare(cfg, run_dir)
+    nodes = node_configs(cfg, run.path)
+    for i, extra in (node_overrides or {}).items():
+        nodes[i].update(extra)
     run_inprocess(server_app, client_app, num_nodes=cfg.federation.sites, run_config=run_config(cfg, run.path),
-                  node_configs=node_configs or default_nodes(cfg))
+                  node_configs=nodes)
     return run.read_summary()
 
 
@@ -301,13 +353,11 @@ def _budget_for_two_rounds(q: float, steps: int) -> float:
 
 
 def test_small_budget_site_is_retired_at_the_round_it_would_overspend(site_data, tmp_path):
-    # fixed sigma; the run config allows a large budget but site-1's own node config does not
-    cfg = small_config(site_data, federation={"rounds": 4},
-                       privacy={"noise_multiplier": 1.0, "epsilon": 50.0, "delta": 1e-5})
+    # fixed sigma; the run asks for no budget of its own (each site's), and site-1's own policy is small
+    cfg = small_config(site_data, federation={"rounds": 4}, privacy={"noise_multiplier": 1.0, "delta": 1e-5},
+                       site={"privacy": {"max_epsilon": 50.0}})
     small = _budget_for_two_rounds(8 / 96, 4)
-    nodes = [{"partition-id": 0, "num-partitions": 2},
-             {"partition-id": 1, "num-partitions": 2, "privacy.epsilon": small}]
-    summary = _sim(cfg, tmp_path / "run", nodes)
+    summary = _sim(cfg, tmp_path / "run", {1: {"site.privacy.max_epsilon": small}})
     s1 = summary["privacy"]["sites"]["site-1"]
     assert s1["status"] == "exhausted" and s1["rounds_trained"] == [1, 2] and s1["refused_rounds"] == [3]
     assert s1["epsilon_spent"] <= small
@@ -331,14 +381,15 @@ def test_run_ends_cleanly_when_every_site_is_exhausted(site_data, tmp_path):
 
 def test_a_restarted_site_continues_its_epsilon(site_data, tmp_path):
     state = tmp_path / "state"
-    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0, "delta": 1e-5,
-                                           "state_dir": str(state)})
+    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0, "delta": 1e-5},
+                       site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0}})
     first = _sim(cfg, tmp_path / "run1")["privacy"]["sites"]["site-0"]["epsilon_spent"]
     second = _sim(cfg, tmp_path / "run2")["privacy"]["sites"]["site-0"]["epsilon_spent"]
     assert second > first > 0
     assert second == pytest.approx(epsilon_of([Spend(1.5, 8 / 96, 8)], 1e-5), rel=1e-9)
     # a calibrated run on a dataset that already spent its budget trains nothing
-    spent = small_config(site_data, privacy={"epsilon": second * 0.99, "delta": 1e-5, "state_dir": str(state)})
+    spent = small_config(site_data, privacy={"epsilon": second * 0.99, "delta": 1e-5},
+                         site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0}})
     summary = _sim(spent, tmp_path / "run3")
     assert summary["privacy"]["sites"]["site-0"]["refused_rounds"] == [1]
     assert summary["stopped"] == "privacy budget exhausted at too many sites"
@@ -346,8 +397,9 @@ def test_a_restarted_site_continues_its_epsilon(site_data, tmp_path):
 
 def test_a_tampered_ledger_stops_that_site_with_a_clear_reason(site_data, tmp_path):
     state = tmp_path / "state"
-    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0, "state_dir": str(state)},
-                       storage={"seal": False})  # a plain ledger, edited by hand (sealed ones: test_storage)
+    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0},
+                       site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0},
+                             "storage": {"seal": False}})  # a plain ledger, edited by hand (sealed: test_storage)
     _sim(cfg, tmp_path / "run1")
     ledger = next((state / "site-0").glob("privacy-ledger-*.jsonl"))
     entry = json.loads(ledger.read_text().splitlines()[0])
@@ -362,7 +414,8 @@ def test_a_tampered_ledger_stops_that_site_with_a_clear_reason(site_data, tmp_pa
 
 def test_killing_a_site_between_training_and_sending_keeps_the_spend(site_data, tmp_path):
     cfg = small_config(site_data, federation={"sites": 1, "min_sites": 1},
-                       privacy={"noise_multiplier": 1.0, "epsilon": 20.0, "state_dir": str(tmp_path / "state")})
+                       privacy={"noise_multiplier": 1.0, "epsilon": 20.0},
+                       site={"state_dir": str(tmp_path / "state"), "privacy": {"max_epsilon": 20.0}})
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     script = textwrap.dedent(f"""
@@ -385,8 +438,8 @@ def test_killing_a_site_between_training_and_sending_keeps_the_spend(site_data, 
 
 
 def test_client_level_dp_is_reported_separately(site_data, tmp_path):
-    cfg = small_config(site_data, privacy={"client_dp": {"enabled": True, "clip": 0.5, "noise_multiplier": 2.0},
-                                           "noise_seed": 1})
+    cfg = small_config(site_data, privacy={"client_dp": {"enabled": True, "clip": 0.5, "noise_multiplier": 2.0,
+                                                         "noise_seed": 1}})
     summary = _sim(cfg, tmp_path / "run")
     cl = summary["privacy"]["client_level"]
     assert cl["enabled"] and cl["rounds"] == 1 and cl["q"] == [1.0]
@@ -412,9 +465,9 @@ def test_a_pinned_dataset_id_keeps_charging_the_same_ledger_when_the_data_change
     data = tmp_path / "data"
     shutil.copytree(site_data, data)
     state = tmp_path / "state"
-    cfg = small_config(data, federation={"sites": 1},
-                       privacy={"noise_multiplier": 1.5, "epsilon": 20.0, "state_dir": str(state)})
-    nodes = [{"partition-id": 0, "num-partitions": 1, "dataset-id": "st-agnes-notes"}]
+    cfg = small_config(data, federation={"sites": 1}, privacy={"noise_multiplier": 1.5, "epsilon": 20.0},
+                       site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0}})
+    nodes = {0: {"site.dataset_id": "st-agnes-notes"}}
     first = _sim(cfg, tmp_path / "run1", nodes)["privacy"]["sites"]["site-0"]["epsilon_spent"]
     with (data / "site-0" / "train.jsonl").open("a") as f:
         f.write('{"text": "one more patient note"}\n')  # the content fingerprint changes

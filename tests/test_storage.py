@@ -261,7 +261,7 @@ def _plaintext_tensor_hits(root: Path, needles: list[bytes]) -> list[str]:
 def test_no_plaintext_tensors_at_rest_after_a_run(site_data, tmp_path):
     from fedsecure.simulation import simulate
 
-    summary = simulate(small_config(site_data, privacy={"state_dir": str(tmp_path / "state")}),
+    summary = simulate(small_config(site_data, site={"state_dir": str(tmp_path / "state")}),
                        run_dir=tmp_path / "run")
     final = global_adapter(tmp_path / "run", summary["rounds_completed"])
     needles = [np.ascontiguousarray(v).tobytes()[:32] for v in final.values() if np.any(v)][:8]
@@ -270,7 +270,8 @@ def test_no_plaintext_tensors_at_rest_after_a_run(site_data, tmp_path):
     assert _plaintext_tensor_hits(tmp_path / "state", needles) == []
     assert all(p.name.endswith(".sealed") for p in (tmp_path / "state").rglob("privacy-ledger-*"))
     # and with sealing off, the same scan does find them (the scan can fail)
-    simulate(small_config(site_data, storage={"seal": False}), run_dir=tmp_path / "plain")
+    simulate(small_config(site_data, storage={"seal": False}, site={"storage": {"seal": False}}),
+             run_dir=tmp_path / "plain")
     assert any("safetensors header" in h for h in _plaintext_tensor_hits(tmp_path / "plain", []))
 
 
@@ -290,13 +291,14 @@ def test_sealed_ledger_is_never_silently_replaced(site_data, tmp_path):
     from fedsecure.simulation import simulate
 
     state = tmp_path / "state"
-    cfg = small_config(site_data, privacy={"state_dir": str(state), "noise_multiplier": 1.5, "epsilon": 20.0})
+    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0},
+                       site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0}})
     simulate(cfg, run_dir=tmp_path / "run1")
     # sealing turned off afterwards: the site must refuse, not start a fresh budget
-    off = small_config(site_data, privacy={"state_dir": str(state), "noise_multiplier": 1.5, "epsilon": 20.0},
-                       storage={"seal": False})
+    off = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0},
+                       site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0}, "storage": {"seal": False}})
     summary = simulate(off, run_dir=tmp_path / "run2")
-    assert any("is sealed but storage.seal is off" in v for v in summary["rounds"][1]["failures"].values())
+    assert any("is sealed but site.storage.seal is off" in v for v in summary["rounds"][1]["failures"].values())
     # a damaged sealed ledger stops the site with a clear error
     ledger = next((state / "site-0").glob("*.sealed"))
     raw = bytearray(ledger.read_bytes())

@@ -382,9 +382,9 @@ def test_a_malformed_update_is_rejected_and_the_round_goes_on(site_data, tmp_pat
 
     real = client._encode_update
 
-    def garbage_from_site_1(context, cfg, name, run_id, delta, seed):
-        payload = real(context, cfg, name, run_id, delta, seed)
-        return payload[:20] + b"\xff" * 40 if name == "site-1" else payload
+    def garbage_from_site_1(r, ring, delta, seed):
+        payload = real(r, ring, delta, seed)
+        return payload[:20] + b"\xff" * 40 if r.name == "site-1" else payload
 
     monkeypatch.setattr(client, "_encode_update", garbage_from_site_1)
     summary = simulate(small_config(site_data), run_dir=tmp_path / "run")

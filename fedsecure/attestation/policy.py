@@ -12,6 +12,7 @@ Example (``configs/attestation-policy.example.yaml``)::
       max_epsilon: 3.0
       max_delta: 1.0e-5
       min_sigma: 0.5
+      secure_noise: true       # noise from the OS's secure generator, never a seed (default true)
     max_evidence_age_s: 3600   # from the nonce (sent with the train message) to the verified reply
     on_failure: reject-update  # or retire-site
     vcek_dir: /etc/fedsecure/vcek   # SEV-SNP VCEK cache: <chip_id hex>.der and cert_chain.pem
@@ -41,6 +42,7 @@ class MinDP:
     max_epsilon: float | None = None
     max_delta: float | None = None
     min_sigma: float | None = None
+    secure_noise: bool = True  # the attested noise source must be the OS's secure generator
 
 
 @dataclass(frozen=True)
@@ -121,13 +123,17 @@ def policy_from_mapping(doc: Any, source: str = "<memory>", base: Path | None = 
     min_dp = None
     if doc.get("min_dp") is not None:
         md = doc["min_dp"]
-        if not isinstance(md, dict) or set(md) - {"max_epsilon", "max_delta", "min_sigma"}:
-            raise _fail(source, "min_dp", f"must hold only max_epsilon, max_delta, min_sigma, got {md!r}",
-                        "e.g. {max_epsilon: 3.0, max_delta: 1.0e-5, min_sigma: 0.5}")
-        for k, v in md.items():
+        if not isinstance(md, dict) or set(md) - {"max_epsilon", "max_delta", "min_sigma", "secure_noise"}:
+            raise _fail(source, "min_dp", f"must hold only max_epsilon, max_delta, min_sigma, secure_noise, got "
+                        f"{md!r}", "e.g. {max_epsilon: 3.0, max_delta: 1.0e-5, min_sigma: 0.5, secure_noise: true}")
+        secure = md.get("secure_noise", True)
+        if not isinstance(secure, bool):
+            raise _fail(source, "min_dp.secure_noise", f"{secure!r} is not true or false", "write true or false")
+        numbers = {k: v for k, v in md.items() if k != "secure_noise"}
+        for k, v in numbers.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise _fail(source, f"min_dp.{k}", f"{v!r} is not a positive number", "write a positive number")
-        min_dp = MinDP(**{k: float(v) for k, v in md.items()})
+        min_dp = MinDP(**{k: float(v) for k, v in numbers.items()}, secure_noise=secure)
     age = doc.get("max_evidence_age_s", 3600)
     if isinstance(age, bool) or not isinstance(age, (int, float)) or not 0 < age <= 86400:
         raise _fail(source, "max_evidence_age_s", f"{age!r} is out of range", "use seconds in (0, 86400]")

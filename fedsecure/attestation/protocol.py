@@ -193,9 +193,13 @@ class AttestationGate:
         except ValueError:
             raise AttestationError("the attested DP configuration is not a JSON object with 'enabled'") from None
         self._check_min_dp(cfg)
-        for key, value in reported.items():  # what the site reports must be what it attested
-            if key in cfg and not math.isclose(float(cfg[key]), float(value), rel_tol=1e-9):
-                raise AttestationError(f"reported {key}={value:g} differs from the attested {key}={cfg[key]!r}")
+        for key, value in reported.items():  # what the site reports (and the FedAvg weight) must be what it attested
+            attested = cfg.get(key)
+            if isinstance(attested, bool) or not isinstance(attested, (int, float)):
+                raise AttestationError(f"the reply reports {key}={value:g} but the attested DP configuration has no "
+                                       f"numeric {key}")
+            if not math.isclose(float(attested), float(value), rel_tol=1e-9):
+                raise AttestationError(f"reported {key}={value:g} differs from the attested {key}={attested!r}")
 
     def _check_min_dp(self, cfg: dict[str, Any]) -> None:
         m = self.policy.min_dp
@@ -207,6 +211,10 @@ class AttestationGate:
         checks = [("epsilon_budget", m.max_epsilon, "max_epsilon", lambda v, b: v <= b),
                   ("delta", m.max_delta, "max_delta", lambda v, b: v <= b),
                   ("sigma", m.min_sigma, "min_sigma", lambda v, b: v >= b)]
+        if m.secure_noise and cfg.get("noise") != "os-csprng":
+            raise AttestationError(f"the attested DP configuration draws its noise from {cfg.get('noise')!r}, not "
+                                   "the operating system's secure generator ('os-csprng'); the policy requires it "
+                                   "(min_dp.secure_noise)")
         for key, bound, name, ok in checks:
             if bound is None:
                 continue

@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsecure.errors import DataError
+
 SPECIALTIES: dict[str, dict[str, list[str]]] = {
     "cardiology": {
         "complaint": ["chest pain radiating to the left arm", "palpitations at rest", "exertional dyspnea",
@@ -178,9 +180,17 @@ def synthesize(out_dir: str | Path, *, sites: int, records_per_site: int, eval_f
     Returns the site directories. Each record is ``{"text": ..., "specialty": ...}``.
     """
     if sites < 1 or records_per_site < 2:
-        raise ValueError(f"need sites >= 1 and records_per_site >= 2; got {sites}, {records_per_site}")
+        raise DataError(f"need sites >= 1 and records per site >= 2; got {sites}, {records_per_site}")
+    if not 0 < eval_fraction < 1:
+        raise DataError(f"the eval fraction must be in (0, 1); got {eval_fraction}")
+    n_eval = max(1, round(records_per_site * eval_fraction))
+    if records_per_site - n_eval < 1:
+        raise DataError(f"{records_per_site} records per site with eval fraction {eval_fraction} leave no training "
+                        f"record ({n_eval} held out). Fix: more records per site or a smaller eval fraction.")
     rng = random.Random(seed)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a folder. Fix: pass a folder (it is created if missing).")
     profiles = make_profiles(sites, rng)
     dirs = []
     for i, profile in enumerate(profiles):
@@ -189,9 +199,12 @@ def synthesize(out_dir: str | Path, *, sites: int, records_per_site: int, eval_f
         for _ in range(records_per_site):
             text, specialty = make_note(profile, site_rng)
             records.append({"text": text, "specialty": specialty})
-        n_eval = max(1, round(records_per_site * eval_fraction))
         site_dir = out / f"site-{i}"
-        site_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            site_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create {site_dir} ({e.strerror or e}). Fix: pass a folder you can write to.") \
+                from None
         _write_jsonl(site_dir / "train.jsonl", records[n_eval:])
         _write_jsonl(site_dir / "eval.jsonl", records[:n_eval])
         (site_dir / "profile.json").write_text(json.dumps({

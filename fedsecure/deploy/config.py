@@ -4,6 +4,8 @@ every error names the key and the fix."""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fedsecure.config import SimulationConfig, from_mapping
+from fedsecure.config import SimulationConfig, SiteSettings, from_mapping
 from fedsecure.errors import ConfigError
 
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -21,10 +23,12 @@ _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 def _read(path: str | Path) -> tuple[dict[str, Any], Path]:
     p = Path(path)
     try:
-        doc = yaml.safe_load(p.read_text())
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"{p}: cannot read it ({e.strerror}). Fix: pass the path of an existing config file.") \
             from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (not UTF-8). Fix: pass the YAML config file.") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({e}). Fix: correct the file.") from None
     if not isinstance(doc, dict):
@@ -32,13 +36,14 @@ def _read(path: str | Path) -> tuple[dict[str, Any], Path]:
     return doc, p.resolve().parent
 
 
-def _path(base: Path, value: Any, key: str, *, must_exist: bool = True) -> Path:
+def _path(base: Path, value: Any, key: str, *, must_exist: bool = True,
+          fix: str = "run `fedsecure certs init` or correct the path") -> Path:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: must be a path, got {value!r}. Fix: set {key} in the config.")
     p = Path(value).expanduser()
     p = p if p.is_absolute() else (base / p).resolve()
     if must_exist and not p.exists():
-        raise ConfigError(f"{key}: {p} does not exist. Fix: run `fedsecure certs init` or correct the path.")
+        raise ConfigError(f"{key}: {p} does not exist. Fix: {fix}.")
     return p
 
 
@@ -87,6 +92,10 @@ def load_coordinator_config(path: str | Path, overrides: Mapping[str, Any] | Non
         raise ConfigError("server.sites: must map each site name to its SuperNode public key file "
                           "(auth.pub from `fedsecure certs init --site NAME`).")
     rest = {k: v for k, v in doc.items() if k != "server"}
+    if "site" in rest or any(str(k).startswith("site.") for k in (overrides or {})):
+        raise ConfigError("site: a coordinator config holds no site settings: each hospital's privacy policy, "
+                          "storage and attestation provider are its own (site.yaml). Fix: remove the site section; "
+                          "ask for tighter privacy with the privacy section instead.")
     for key, value in (overrides or {}).items():
         set_dotted(rest, key, value)
     rest.setdefault("federation", {})
@@ -106,62 +115,100 @@ def load_coordinator_config(path: str | Path, overrides: Mapping[str, Any] | Non
 
 @dataclass(frozen=True)
 class SiteConfig:
-    name: str
+    """``site.yaml``: how to reach the coordinator, plus the site's own settings (:class:`SiteSettings`)."""
+
     superlink: str
     tls_ca: Path
     auth_key: Path
-    data_dir: Path
-    state_dir: Path
     runtime_port: int
-    node_config: dict[str, str | float]
+    settings: SiteSettings
     source: Path
     warm_worker: bool = True
 
+    @property
+    def name(self) -> str:
+        return str(self.settings.name)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(str(self.settings.data_dir))
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(str(self.settings.state_dir))
+
+    @property
+    def node_config(self) -> dict[str, bool | int | float | str]:
+        """What the SuperNode hands every ClientApp: the site's own settings, which no run config can change."""
+        return self.settings.to_flat()
+
+
+#: keys of earlier site.yaml files, and where they live now
+_MOVED = {"epsilon": "site.privacy.max_epsilon", "delta": "site.privacy.max_delta",
+          "attestation_provider": "site.attestation.provider", "keyring": "site.storage.keyring"}
+_SITE_KEYS = {"name", "superlink", "tls_ca", "auth_key", "data_dir", "state_dir", "runtime_port", "dataset_id",
+              "model_dir", "threads", "warm_worker", "privacy", "limits", "storage", "attestation"}
+
 
 def load_site_config(path: str | Path) -> SiteConfig:
-    from fedsecure.attestation.providers import PROVIDERS
+    """Read and check ``site.yaml``, including the site's privacy policy against its data (delta < 1/N)."""
+    from fedsecure.data.dataset import read_jsonl
     from fedsecure.deploy.certs import SITE_NAME
+    from fedsecure.privacy.policy import check_delta
 
     doc, base = _read(path)
     src = Path(path)
     unknown = sorted(set(doc) - {"site"})
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section. Fix: a site config holds one 'site' section.")
-    sec = _section(doc, "site", {"name", "superlink", "tls_ca", "auth_key", "data_dir", "state_dir", "runtime_port",
-                                 "epsilon", "delta", "dataset_id", "attestation_provider", "keyring",
-                                 "warm_worker"}, src)
+    raw = doc.get("site")
+    if isinstance(raw, dict):
+        for old, new in _MOVED.items():
+            if old in raw:
+                raise ConfigError(f"site.{old}: this key moved to {new} (the site's own policy). Fix: see "
+                                  "configs/site.yaml.")
+    sec = _section(doc, "site", _SITE_KEYS, src)
     name = sec.get("name")
     if not isinstance(name, str) or not SITE_NAME.match(name):
         raise ConfigError(f"site.name: {name!r} must be 1-63 letters, digits, '.', '_' or '-'.")
     superlink = str(sec.get("superlink", ""))
     if not _HOSTPORT.match(superlink):
         raise ConfigError(f"site.superlink: {superlink!r} is not host:port. Fix: e.g. coordinator.example.org:9093.")
-    data_dir = _path(base, sec.get("data_dir"), "site.data_dir")
+    privacy = sec.get("privacy")
+    if not isinstance(privacy, dict) or "max_epsilon" not in privacy or "max_delta" not in privacy:
+        raise ConfigError("site.privacy: the site's own privacy policy must set max_epsilon and max_delta (this "
+                          "site's budget for each dataset, over every run). Fix: e.g. privacy: {max_epsilon: 3.0, "
+                          "max_delta: 1.0e-5} (see configs/site.yaml).")
+    if privacy.get("max_delta") is None:
+        raise ConfigError("site.privacy.max_delta: must be a number below 1/N (N = this site's training records), "
+                          "e.g. 1.0e-5. Fix: set it in site.yaml.")
+    data_dir = _path(base, sec.get("data_dir"), "site.data_dir", fix="create the folder and put the site's "
+                     "train.jsonl and eval.jsonl there (one JSON object with a 'text' field per line)")
+    records = {}
     for split in ("train.jsonl", "eval.jsonl"):
         if not (data_dir / split).is_file():
             raise ConfigError(f"site.data_dir: {data_dir / split} is missing. Fix: put the site's records there "
                               "(one JSON object with a 'text' field per line).")
+        records[split] = len(read_jsonl(data_dir / split))  # DataError names an empty or broken file
+    rest = {k: sec[k] for k in ("dataset_id", "threads", "privacy", "limits", "storage", "attestation") if k in sec}
+    storage = dict(rest.get("storage") or {})
+    if storage.get("keyring") is not None:
+        storage["keyring"] = str(_path(base, storage["keyring"], "site.storage.keyring", must_exist=False))
+    rest["storage"] = storage
+    model_dir = None
+    if sec.get("model_dir") is not None:
+        model_dir = str(_path(base, sec["model_dir"], "site.model_dir", fix="point it at this site's copy of the "
+                              "model (a Hugging Face model directory)"))
     state_dir = _path(base, sec.get("state_dir"), "site.state_dir", must_exist=False)
-    node: dict[str, str | float] = {"site-name": name, "data-dir": str(data_dir), "state-dir": str(state_dir)}
-    for key, node_key in (("epsilon", "privacy.epsilon"), ("delta", "privacy.delta")):
-        v = sec.get(key)
-        if v is not None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ConfigError(f"site.{key}: {v!r} is not a positive number.")
-            node[node_key] = float(v)
-    if sec.get("dataset_id") is not None:
-        node["dataset-id"] = str(sec["dataset_id"])
-    provider = sec.get("attestation_provider", "software")
-    if provider not in PROVIDERS:
-        raise ConfigError(f"site.attestation_provider: {provider!r} must be one of {', '.join(PROVIDERS)}.")
-    node["attestation-provider"] = provider
-    if sec.get("keyring") is not None:
-        node["keyring"] = str(_path(base, sec["keyring"], "site.keyring", must_exist=False))
-    return SiteConfig(name=name, superlink=superlink, tls_ca=_path(base, sec.get("tls_ca"), "site.tls_ca"),
-                      auth_key=_path(base, sec.get("auth_key"), "site.auth_key"), data_dir=data_dir,
-                      state_dir=state_dir, runtime_port=_port(sec.get("runtime_port", 9094), "site.runtime_port"),
-                      node_config=node, source=src, warm_worker=_bool(sec.get("warm_worker", True),
-                                                                        "site.warm_worker"))
+    settings = from_mapping(SiteSettings, {**rest, "name": name, "data_dir": str(data_dir),
+                                           "state_dir": str(state_dir), "model_dir": model_dir}, "site.").validate()
+    bad = check_delta(float(settings.privacy.max_delta or 0), records["train.jsonl"], "site.privacy.max_delta")
+    if bad is not None:
+        raise ConfigError(bad)
+    return SiteConfig(superlink=superlink, tls_ca=_path(base, sec.get("tls_ca"), "site.tls_ca"),
+                      auth_key=_path(base, sec.get("auth_key"), "site.auth_key"),
+                      runtime_port=_port(sec.get("runtime_port", 9094), "site.runtime_port"), settings=settings,
+                      source=src, warm_worker=_bool(sec.get("warm_worker", True), "site.warm_worker"))
 
 
 def _bool(value: Any, key: str) -> bool:
@@ -170,14 +217,21 @@ def _bool(value: Any, key: str) -> bool:
     return value
 
 
-def node_config_arg(node: Mapping[str, str | float]) -> str:
-    """flower-supernode's --node-config: space-separated key=value, strings double-quoted (TOML style)."""
-    parts = []
+def write_node_config(path: Path, node: Mapping[str, str | int | float | bool]) -> Path:
+    """Write the SuperNode's node config as a TOML file (0600): flower-supernode takes ``--node-config FILE.toml``,
+    and a file needs no shell quoting, whatever the values hold."""
+    from fedsecure.fsutil import atomic_write
+
+    lines = []
     for k, v in node.items():
-        if isinstance(v, str):
-            if '"' in v or "\\" in v:
-                raise ConfigError(f"node config value for {k} may not contain quotes or backslashes: {v!r}")
-            parts.append(f'{k}="{v}"')
+        if isinstance(v, bool):
+            value = "true" if v else "false"
+        elif isinstance(v, (int, float)):
+            if not math.isfinite(v):
+                raise ConfigError(f"node config {k}: {v!r} is not a finite number")
+            value = repr(v)
         else:
-            parts.append(f"{k}={v!r}")
-    return " ".join(parts)
+            value = json.dumps(str(v))  # a JSON string is a valid TOML basic string
+        lines.append(f"{json.dumps(k)} = {value}\n")
+    atomic_write(path, "".join(lines).encode("utf-8"), mode=0o600)
+    return path

@@ -9,7 +9,8 @@ stop the Flower run and everything started; the run directory stays consistent (
 a checkpoint after every round), and a restart with the same run directory resumes.
 
 Client: ``flower-supernode`` with the CA certificate, the site's authentication key and its node config
-(site name, data and state directories, budget cap, attestation provider); it keeps running across
+(the site's own settings from site.yaml: name, data and state directories, privacy policy and limits,
+storage, attestation provider; a 0600 TOML file in the state directory); it keeps running across
 rounds and runs, and its refusals (wrong CA, unregistered key) are explained.
 """
 
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedsecure.deploy.config import CoordinatorConfig, SiteConfig, node_config_arg
+from fedsecure.deploy.config import CoordinatorConfig, SiteConfig, write_node_config
 from fedsecure.errors import ConfigError, FedSecureError
 from fedsecure.federation.engines import (
     _bin,
@@ -243,7 +244,8 @@ def run_site(sc: SiteConfig, emit: Callable[[str], None] = print, stopping: thre
         worker, socket_path = start_worker(sc, emit)
         node_config[NODE_WORKER_SOCKET] = str(socket_path)
     argv = [_bin("flower-supernode"), "--superlink", sc.superlink, "--root-certificates", str(sc.tls_ca),
-            "--auth-supernode-private-key", str(sc.auth_key), "--node-config", node_config_arg(node_config),
+            "--auth-supernode-private-key", str(sc.auth_key),
+            "--node-config", str(write_node_config(sc.state_dir / "node-config.toml", node_config)),
             "--port", str(sc.runtime_port)]
     try:
         return _supervise(sc, argv, home, log_path, emit, stopping, retry_s)

@@ -1,7 +1,17 @@
-"""Site side of a round: what the ClientApp in ``client/app.py`` does with each message."""
+"""Site side of a round: what the ClientApp in ``client/app.py`` does with each message.
+
+A site trusts no one with its privacy. Everything it decides for itself (its privacy policy and
+limits, where its state, keys and data live, its attestation provider, where its noise comes from)
+is its own :class:`~fedsecure.config.SiteSettings`, read from the SuperNode's node config, which only
+the site sets. The run config, which the coordinator sets, is a request: the training plan, the model,
+the transport, and privacy settings that :func:`fedsecure.privacy.policy.resolve` may only tighten.
+A request the site will not honour is refused with the key, both values and the fix; the refusal is
+written to the site's ledger and reported to the coordinator, which audits it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -21,14 +31,17 @@ from fedsecure.attestation.protocol import (
     update_digest_state,
 )
 from fedsecure.attestation.providers import load_or_create_ed25519, make_provider
-from fedsecure.config import ModelSettings, SimulationConfig
-from fedsecure.data.dataset import SiteData, load_site, site_dir
+from fedsecure.config import ModelSettings, SimulationConfig, SiteSettings
+from fedsecure.data.dataset import SiteData, fingerprint, load_site, site_dir
 from fedsecure.data.tokenizer import TextTokenizer
-from fedsecure.errors import FedSecureError
+from fedsecure.errors import ConfigError, DataError, FedSecureError
 from fedsecure.federation import keys
 from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.model import adapter_delta, adapter_state, attach_lora, load_model_and_tokenizer, set_adapter_state
 from fedsecure.privacy.dpsgd import DPStepPlan, train_private
+from fedsecure.privacy.ledger import PrivacyLedger
+from fedsecure.privacy.noise import Randomness, SeededRandomness, SystemRandomness
+from fedsecure.privacy.policy import PolicyRefusal, check_limits, resolve, site_delta
 from fedsecure.privacy.site import Refusal, SitePrivacyGuard
 from fedsecure.storage import site_keyring
 from fedsecure.training import evaluate, train_local
@@ -48,8 +61,7 @@ def _model(settings: ModelSettings) -> tuple[torch.nn.Module, TextTokenizer]:
     return attach_lora(base, settings.lora), tokenizer
 
 
-def _site_data(directory: str, tokenizer: TextTokenizer, max_length: int) -> SiteData:
-    """The site's tokenized data, cached per process until a file changes (size or mtime)."""
+def _stamp(directory: str) -> tuple:
     stamp = []
     for split in ("train.jsonl", "eval.jsonl"):
         try:
@@ -57,7 +69,12 @@ def _site_data(directory: str, tokenizer: TextTokenizer, max_length: int) -> Sit
             stamp.append((st.st_size, st.st_mtime_ns))
         except OSError:
             stamp.append(None)
-    return _load_site_cached(directory, tokenizer, max_length, tuple(stamp))
+    return tuple(stamp)
+
+
+def _site_data(directory: str, tokenizer: TextTokenizer, max_length: int) -> SiteData:
+    """The site's tokenized data, cached per process until a file changes (size or mtime)."""
+    return _load_site_cached(directory, tokenizer, max_length, _stamp(directory))
 
 
 @lru_cache(maxsize=16)
@@ -65,20 +82,47 @@ def _load_site_cached(directory: str, tokenizer: TextTokenizer, max_length: int,
     return load_site(directory, tokenizer, max_length)
 
 
-def site_identity(context: Context, cfg: SimulationConfig) -> tuple[str, Path]:
-    """(site name, site data directory) from the node config."""
+@lru_cache(maxsize=16)
+def _fingerprint_cached(directory: str, stamp: tuple) -> str:
+    train = Path(directory) / "train.jsonl"
+    try:
+        return fingerprint([train])
+    except OSError as e:
+        raise DataError(f"site data file {train} cannot be read ({e.strerror or e}). Fix: put the site's training "
+                        "records there (one JSON object with a 'text' field per line).") from None
+
+
+# ---------------------------------------------------------------------------- the site's own settings
+def site_settings(context: Context) -> SiteSettings:
+    """This site's own settings: from its node config (``site.*``, written by ``fedsecure client`` or the
+    in-process engine). A node of Flower's Ray simulation engine, which cannot be given a node config,
+    takes the simulated sites' settings from the run config: there one operator runs every party."""
     nc = context.node_config
-    if keys.NODE_DATA_DIR in nc:
-        directory = Path(str(nc[keys.NODE_DATA_DIR]))
-        return str(nc.get(keys.NODE_SITE_NAME, directory.name)), directory
-    if keys.PARTITION_ID not in nc:
-        raise FedSecureError("this node has neither 'data-dir' nor 'partition-id' in its node config. "
-                             "Fix: start the SuperNode with --node-config 'data-dir=\"/path/to/site\"'.")
-    if not cfg.data.dir:
-        raise FedSecureError("data.dir is not set, so a simulated site cannot find its data. "
-                             "Fix: set data.dir (fedsecure simulate does this for you).")
-    pid = int(nc[keys.PARTITION_ID])
-    return str(nc.get(keys.NODE_SITE_NAME, f"site-{pid}")), site_dir(cfg.data.dir, pid)
+    if any(str(k).startswith("site.") for k in nc):
+        return SiteSettings.from_flat(nc)
+    if keys.PARTITION_ID in nc:
+        return _ray_site(context)
+    raise FedSecureError("this node has no site configuration (no site.* keys in its node config). Fix: start the "
+                         "site with `fedsecure client --config site.yaml`, which gives the SuperNode the site's own "
+                         "privacy policy, data and state directories.")
+
+
+def _ray_site(context: Context) -> SiteSettings:
+    """A simulated site of Flower's Ray engine: the settings `fedsecure simulate` wrote into the run directory."""
+    import yaml
+
+    from fedsecure.config import SimulatedSites, from_mapping
+
+    cfg = SimulationConfig.from_run_config(context.run_config)
+    run_dir = Path(str(context.run_config.get("run-dir", "")))
+    sites_file = run_dir / keys.SIMULATED_SITES
+    if not cfg.data.dir or not sites_file.is_file():
+        raise FedSecureError(f"this simulated node finds no site settings ({sites_file}). Fix: run simulations through "
+                             "`fedsecure simulate --engine ray`, which writes them.")
+    sites = from_mapping(SimulatedSites, yaml.safe_load(sites_file.read_text(encoding="utf-8")) or {}, "site.")
+    sites.validate("site")
+    pid = int(context.node_config[keys.PARTITION_ID])
+    return sites.for_site(f"site-{pid}", site_dir(cfg.data.dir, pid), run_dir)
 
 
 def round_seed(seed: int, server_round: int, site: str) -> int:
@@ -87,17 +131,81 @@ def round_seed(seed: int, server_round: int, site: str) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _prepare(msg: Message, context: Context):
-    cfg = SimulationConfig.from_run_config(context.run_config)
-    name, directory = site_identity(context, cfg)
+def _randomness(site: SiteSettings, server_round: int) -> Randomness:
+    """The OS's secure generator; a known seed only at a simulated site that asked for one."""
+    if site.noise_seed is not None and site.simulated:
+        warnings.warn("site.noise_seed is set: the DP noise and sampling are reproducible by anyone who knows the "
+                      "seed, which voids the guarantee. Simulation and tests only.", stacklevel=2)
+        return SeededRandomness(round_seed(site.noise_seed, server_round, str(site.name)))
+    return SystemRandomness()
+
+
+def _model_settings(cfg: SimulationConfig, site: SiteSettings) -> ModelSettings:
+    """The model to load: the run's, but a local model directory is the site's own copy, never a path that
+    the coordinator chose (a simulated site may use the simulation's path)."""
+    if not cfg.model.path:
+        return cfg.model
+    if site.model_dir:
+        return dataclasses.replace(cfg.model, path=site.model_dir, preset=None)
+    if site.simulated:
+        return cfg.model
+    raise FedSecureError(f"the run trains a local model (model.path={cfg.model.path}) and this site has no copy "
+                         "configured. Fix: set site.model_dir in site.yaml to this site's copy of that model.")
+
+
+def _seeded_request(context: Context, site: SiteSettings) -> PolicyRefusal | None:
+    """A deployed site refuses a run that tries to seed its noise."""
+    if site.simulated:
+        return None
+    for key in ("privacy.noise_seed", "site.noise_seed"):
+        value = context.run_config.get(key)
+        if value not in (None, ""):
+            return PolicyRefusal(key, f"{key}: the run asks for noise seeded with {value!r}; anyone who knows a "
+                                      "seed can remove the noise, so this site draws its noise from the operating "
+                                      "system's secure generator only. Fix: the coordinator removes the key.")
+    return None
+
+
+# ---------------------------------------------------------------------------- one message
+@dataclasses.dataclass
+class _Round:
+    """What one message is about, parsed and checked before any heavy work."""
+
+    cfg: SimulationConfig
+    site: SiteSettings
+    name: str
+    server_round: int
+    run_id: str
+    refusal: PolicyRefusal | None
+
+
+def _parse(msg: Message, context: Context) -> _Round:
+    try:
+        cfg = SimulationConfig.from_run_config(context.run_config)
+    except ConfigError as e:
+        raise FedSecureError(f"the run config is invalid: {e}") from None
+    site = site_settings(context)
+    name = str(site.name or f"node-{context.node_id}")
     context.state.config_records[keys.SITE] = ConfigRecord({keys.SITE_NAME: name})
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    model, tokenizer = _model(cfg.model)
-    data = _site_data(str(directory), tokenizer, cfg.data.max_length)
-    global_state = _receive_global(msg, context, cfg, model)
+    if not site.data_dir or not site.state_dir:
+        raise FedSecureError(f"{name}: site.data_dir and site.state_dir must be set in the site's own config")
+    rec = msg.content.config_records.get(keys.CONFIG)
+    server_round = rec.get(keys.SERVER_ROUND) if rec is not None else None
+    if isinstance(server_round, bool) or not isinstance(server_round, int) or not 0 <= server_round < 1 << 31:
+        raise FedSecureError(f"the coordinator's message has no valid {keys.SERVER_ROUND} ({server_round!r})")
+    run_id = f"{Path(str(context.run_config.get('run-dir', ''))).name}/{context.run_id}"
+    refusal = _seeded_request(context, site) or check_limits(site.privacy, site.limits, cfg)
+    return _Round(cfg, site, name, server_round, run_id, refusal)
+
+
+def _load(r: _Round, msg: Message, context: Context):
+    if r.site.threads:
+        torch.set_num_threads(r.site.threads)
+    model, tokenizer = _model(_model_settings(r.cfg, r.site))
+    data = _site_data(str(r.site.data_dir), tokenizer, r.cfg.data.max_length)
+    global_state = _receive_global(msg, context, r.cfg, model)
     set_adapter_state(model, global_state)
-    return cfg, name, model, tokenizer, data, global_state
+    return model, tokenizer, data, global_state
 
 
 def _receive_global(msg: Message, context: Context, cfg: SimulationConfig, model: torch.nn.Module):
@@ -121,78 +229,79 @@ def _error_reply(msg: Message, context: Context, what: str, e: Exception) -> Mes
     return Message(Error(code=ERR_SITE, reason=f"{name}: {e}"), reply_to=msg)
 
 
-def _site_record(name: str, data: SiteData) -> ConfigRecord:
-    return ConfigRecord({keys.SITE_NAME: name, keys.DATASET_FINGERPRINT: data.fingerprint})
+def _site_record(r: _Round) -> ConfigRecord:
+    return ConfigRecord({keys.SITE_NAME: r.name, keys.DATASET_FINGERPRINT: _content_fingerprint(r.site)})
 
 
-def state_dir(context: Context, cfg: SimulationConfig, name: str) -> Path:
-    """Where this site's ledger lives: node config, else privacy.state_dir/<site>, else <run-dir>/sites/<site>."""
-    if keys.NODE_STATE_DIR in context.node_config:
-        return Path(str(context.node_config[keys.NODE_STATE_DIR]))
-    if cfg.privacy.state_dir:
-        return Path(cfg.privacy.state_dir) / name
-    run_dir = context.run_config.get("run-dir")
-    if not run_dir:
-        raise FedSecureError("no place for the privacy ledger: set privacy.state_dir, or start the SuperNode "
-                             "with --node-config 'state-dir=\"/secure/site-state\"'.")
-    return Path(str(run_dir)) / "sites" / name
+def _content_fingerprint(site: SiteSettings) -> str:
+    return _fingerprint_cached(str(site.data_dir), _stamp(str(site.data_dir)))
+
+
+def _dataset_key(site: SiteSettings) -> str:
+    """The ledger's key: a stable id the site pins (so an edited or extended dataset keeps charging the same
+    ledger), or the content fingerprint of its training file."""
+    return site.dataset_id or _content_fingerprint(site)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    """Check the budget, train (DP-SGD), charge the ledger, then reply with the adapter delta."""
+    """Check the request against the site's policy and budget, train (DP-SGD), charge the ledger, then reply."""
     try:
-        cfg, name, model, tokenizer, data, global_state = _prepare(msg, context)
-        server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
-        seed = round_seed(cfg.seed, server_round, name)
-        attester = _attester(msg, context, cfg, name)
-        run_id = f"{Path(str(context.run_config.get('run-dir', ''))).name}/{context.run_id}"
-        if not cfg.privacy.enabled:
-            log.warning("%s: differential privacy is OFF: this update is not private. Simulation only.", name)
+        r = _parse(msg, context)
+        ring = site_keyring(r.site)
+        dataset = _dataset_key(r.site)
+        if r.refusal is not None:  # the sizes or the noise seed: refused before anything is loaded
+            return _refuse(msg, r, ring, dataset, r.refusal.reason)
+        attester = _attester(msg, r.site, r.name)
+        model, tokenizer, data, global_state = _load(r, msg, context)
+        terms = resolve(r.site.privacy, r.site.limits, r.cfg, len(data.train))
+        if isinstance(terms, PolicyRefusal):
+            return _refuse(msg, r, ring, dataset, terms.reason, len(data.train))
+        seed = round_seed(r.cfg.seed, r.server_round, r.name)
+        if not terms.private:
+            log.warning("%s: differential privacy is OFF (the site's own policy allows it): this update is not "
+                        "private", r.name)
+            ledger = PrivacyLedger.open(r.site.state_dir, dataset, ring=ring)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                result = train_local(model, data.train, cfg.train, pad_id=tokenizer.pad_id, seed=seed)
+                result = train_local(model, data.train, r.cfg.train, pad_id=tokenizer.pad_id, seed=seed)
             delta_state = adapter_delta(adapter_state(model), global_state)
-            privacy, dp_metrics = ConfigRecord({keys.STATUS: keys.STATUS_NON_PRIVATE}), {}
-            dp_config = dp_config_document(enabled=False)
+            ledger.append_non_private(run_id=r.run_id, server_round=r.server_round, steps=result.steps)
+            privacy = ConfigRecord({keys.STATUS: keys.STATUS_NON_PRIVATE})
+            dp_metrics: dict[str, float | int] = {}
+            dp_config = dp_config_document(enabled=False, records=len(data.train))
         else:
-            # The ledger is keyed by the dataset, not the run: by its content fingerprint, or by a
-            # stable id the site pins in its node config (so an edited or extended dataset keeps
-            # charging the same ledger instead of starting a fresh budget).
-            dataset_key = str(context.node_config.get(keys.NODE_DATASET_ID, data.fingerprint))
-            site_state = state_dir(context, cfg, name)
-            guard = SitePrivacyGuard(cfg.privacy, state_dir=site_state, dataset=dataset_key,
-                                     num_records=len(data.train), node_config=context.node_config,
-                                     ring=site_keyring(cfg, site_state, name, context.node_config))
+            guard = SitePrivacyGuard(terms, state_dir=r.site.state_dir, dataset=dataset, num_records=len(data.train),
+                                     ring=ring)
+            if guard.ledger.trained(r.run_id, r.server_round):
+                return _refuse(msg, r, ring, dataset, f"round {r.server_round} of run {r.run_id} was already "
+                               "trained and released: a replayed message is not trained again", len(data.train),
+                               guard=guard)
             stored = context.state.config_records.get(keys.STATE_PLAN)
-            decision = guard.plan(server_round=server_round, rounds_total=cfg.federation.rounds,
-                                  local_steps=cfg.train.local_steps, batch_size=cfg.train.batch_size,
+            decision = guard.plan(server_round=r.server_round, rounds_total=r.cfg.federation.rounds,
                                   sigma_hint=float(stored["sigma"]) if stored else None)
             if isinstance(decision, Refusal):
-                log.warning("%s: refusing round %d: %s", name, server_round, decision.reason)
-                return Message(_refusal_content(name, data, guard, decision), reply_to=msg)
+                log.warning("%s: refusing round %d: %s", r.name, r.server_round, decision.reason)
+                guard.refuse(f"budget exhausted: {decision.reason}", run_id=r.run_id, server_round=r.server_round)
+                return Message(_exhausted_content(r, guard, decision), reply_to=msg)
             context.state.config_records[keys.STATE_PLAN] = ConfigRecord({"sigma": decision.plan.sigma})
-            if cfg.privacy.noise_seed is not None:
-                warnings.warn("privacy.noise_seed is set: the DP noise and sampling are reproducible by anyone who "
-                              "knows the seed, which voids the guarantee. Use it for tests only.", stacklevel=1)
-            noise_seed = None if cfg.privacy.noise_seed is None else round_seed(cfg.privacy.noise_seed,
-                                                                                 server_round, name)
+            randomness = _randomness(r.site, r.server_round)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                result = train_private(model, data.train, cfg.train, decision.plan, pad_id=tokenizer.pad_id,
-                                       seed=noise_seed, grad_sample_mode=cfg.privacy.grad_sample_mode)
+                result = train_private(model, data.train, r.cfg.train, decision.plan, pad_id=tokenizer.pad_id,
+                                       randomness=randomness, grad_sample_mode=r.cfg.privacy.grad_sample_mode)
             delta_state = adapter_delta(adapter_state(model), global_state)
             # Spend before release: the entry is on disk (fsynced) before the update can leave.
-            entry = guard.record(decision, run_id=run_id, server_round=server_round)
+            entry = guard.record(decision, run_id=r.run_id, server_round=r.server_round)
             privacy = _privacy_record(guard, keys.STATUS_TRAINED)
             dp_metrics = _dp_metrics(guard, entry.epsilon_after, decision.plan)
-            dp_config = _dp_config(guard, decision.plan, entry.epsilon_after, cfg)
-        update = _encode_update(context, cfg, name, run_id, delta_state, seed ^ 0xC0DEC)
+            dp_config = _dp_config(guard, decision.plan, entry.epsilon_after, r.cfg, randomness, len(data.train))
+        update = _encode_update(r, ring, delta_state, seed ^ 0xC0DEC)
         attestation = _attest(attester, dp_config, update, delta_state)
     except FedSecureError as e:
         return _error_reply(msg, context, "train", e)
     metrics = MetricRecord({keys.NUM_EXAMPLES: result.examples, keys.TRAIN_LOSS: result.loss,
                             keys.STEPS: result.steps, keys.SECONDS: result.seconds, **dp_metrics})
-    content = RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(name, data), keys.PRIVACY: privacy})
+    content = RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(r), keys.PRIVACY: privacy})
     if update is None:
         content[keys.ARRAYS] = to_array_record(delta_state)
     else:
@@ -202,27 +311,48 @@ def handle_train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _dp_config(guard: SitePrivacyGuard, plan: DPStepPlan, epsilon_spent: float, cfg: SimulationConfig) -> str:
+def _refuse(msg: Message, r: _Round, ring, dataset: str, reason: str, num_records: int | None = None,
+            guard: SitePrivacyGuard | None = None) -> Message:
+    """Refuse this round: record why in the site's ledger (nothing is spent), and tell the coordinator."""
+    log.warning("%s: refusing round %d: %s", r.name, r.server_round, reason)
+    if guard is not None:
+        entry = guard.refuse(reason, run_id=r.run_id, server_round=r.server_round)
+    else:
+        policy = r.site.privacy
+        accountant = policy.accountants[0]
+        delta = site_delta(policy, num_records or 1)
+        ledger = PrivacyLedger.open(r.site.state_dir, dataset, ring=ring)
+        entry = ledger.append_refusal(run_id=r.run_id, server_round=r.server_round, reason=reason, delta=delta,
+                                      accountant=accountant, epsilon_spent=ledger.epsilon(delta, accountant),
+                                      budget_epsilon=policy.max_epsilon)
+    privacy = ConfigRecord({keys.STATUS: keys.STATUS_REFUSED, keys.ACCOUNTANT: entry.accountant,
+                            keys.LEDGER_HEAD: entry.hash, keys.LEDGER_ENTRIES: entry.seq + 1, keys.REASON: reason})
+    metrics = MetricRecord({keys.NUM_EXAMPLES: 0})
+    return Message(RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(r), keys.PRIVACY: privacy}),
+                   reply_to=msg)
+
+
+def _dp_config(guard: SitePrivacyGuard, plan: DPStepPlan, epsilon_spent: float, cfg: SimulationConfig,
+               randomness: Randomness, records: int) -> str:
     """The DP settings of this round, as the site attests them (the coordinator checks them against policy)."""
     return dp_config_document(enabled=True, epsilon_budget=guard.epsilon_budget, delta=guard.delta,
-                              sigma=plan.sigma, q=plan.q, steps=plan.steps,
-                              max_grad_norm=guard.settings.max_grad_norm, accountant=guard.accountant,
-                              epsilon_spent=epsilon_spent, grad_sample_mode=cfg.privacy.grad_sample_mode)
+                              sigma=plan.sigma, q=plan.q, steps=plan.steps, max_grad_norm=plan.max_grad_norm,
+                              accountant=guard.accountant, epsilon_spent=epsilon_spent,
+                              grad_sample_mode=cfg.privacy.grad_sample_mode, noise=randomness.name, records=records)
 
 
-def _attester(msg: Message, context: Context, cfg: SimulationConfig, name: str):
+def _attester(msg: Message, site: SiteSettings, name: str):
     """(nonce, provider, node key) when the coordinator sent a challenge, else None. Built before training,
-    so a misconfigured provider fails before any privacy budget is spent."""
+    so a misconfigured provider fails before any privacy budget is spent. The provider is the site's own."""
     nonce = msg.content[keys.CONFIG].get(keys.ATTEST_NONCE)
     if nonce is None:
         return None
     if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
         raise FedSecureError("the coordinator's attestation nonce is malformed")
-    site_state = state_dir(context, cfg, name)
-    provider_name = str(context.node_config.get(keys.NODE_ATTEST_PROVIDER, cfg.attestation.provider))
-    provider = make_provider(provider_name, state_dir=site_state, command=cfg.attestation.command,
-                             configfs_root=cfg.attestation.configfs_root)
-    return nonce, provider, load_or_create_ed25519(site_state / "attestation" / "node-key.pem")
+    state = Path(str(site.state_dir))
+    att = site.attestation
+    provider = make_provider(att.provider, state_dir=state, command=att.command, configfs_root=att.configfs_root)
+    return nonce, provider, load_or_create_ed25519(state / "attestation" / "node-key.pem")
 
 
 def _attest(attester, dp_config: str, update: bytes | None, delta_state) -> ConfigRecord | None:
@@ -235,19 +365,18 @@ def _attest(attester, dp_config: str, update: bytes | None, delta_state) -> Conf
     return ConfigRecord(site_statement(provider, node_key, nonce, dp_config, digest))
 
 
-def _encode_update(context: Context, cfg: SimulationConfig, name: str, run_id: str, delta,
-                   seed: int) -> bytes | None:
+def _encode_update(r: _Round, ring, delta, seed: int) -> bytes | None:
     """Compress the (already DP-noised) delta; the error-feedback residual stays sealed at the site."""
-    if not cfg.transport.enabled:
+    ts = r.cfg.transport
+    if not ts.enabled:
         return None
-    residual, ring, site_state = None, None, None
-    if fed_back(cfg.transport, delta):  # top-k or round-to-nearest somewhere: keep what it leaves out
-        site_state = state_dir(context, cfg, name)
-        ring = site_keyring(cfg, site_state, name, context.node_config)
-        residual = load_residual(site_state, ring, run_id, delta)
-    payload, new_residual = site_encode(delta, residual, cfg.transport, seed)
-    if site_state is not None:
-        save_residual(site_state, ring, run_id, new_residual)
+    residual, state = None, Path(str(r.site.state_dir))
+    fed = bool(fed_back(ts, delta))  # top-k or round-to-nearest somewhere: keep what it leaves out
+    if fed:
+        residual = load_residual(state, ring, r.run_id, delta)
+    payload, new_residual = site_encode(delta, residual, ts, seed)
+    if fed:
+        save_residual(state, ring, r.run_id, new_residual)
     return payload
 
 
@@ -259,22 +388,26 @@ def _privacy_record(guard: SitePrivacyGuard, status: str, reason: str = "") -> C
 def _dp_metrics(guard: SitePrivacyGuard, epsilon: float, plan: DPStepPlan | None) -> dict[str, float | int]:
     return {keys.DP_EPSILON: epsilon, keys.DP_EPSILON_BUDGET: guard.epsilon_budget, keys.DP_DELTA: guard.delta,
             keys.DP_SIGMA: plan.sigma if plan else 0.0, keys.DP_Q: plan.q if plan else 0.0,
-            keys.DP_STEPS: plan.steps if plan else 0, keys.DP_MAX_GRAD_NORM: guard.settings.max_grad_norm}
+            keys.DP_STEPS: plan.steps if plan else 0,
+            keys.DP_MAX_GRAD_NORM: plan.max_grad_norm if plan else guard.terms.clip}
 
 
-def _refusal_content(name: str, data: SiteData, guard: SitePrivacyGuard, refusal: Refusal) -> RecordDict:
+def _exhausted_content(r: _Round, guard: SitePrivacyGuard, refusal: Refusal) -> RecordDict:
     """The structured "budget exhausted" answer: privacy numbers, no arrays, nothing trained."""
     metrics = MetricRecord({keys.NUM_EXAMPLES: 0, **_dp_metrics(guard, refusal.epsilon_spent, None),
-                            "dp.epsilon-if-trained": refusal.epsilon_if_trained
+                            keys.DP_EPSILON_IF_TRAINED: refusal.epsilon_if_trained
                             if math.isfinite(refusal.epsilon_if_trained) else -1.0})
-    return RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(name, data),
+    return RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(r),
                        keys.PRIVACY: _privacy_record(guard, keys.STATUS_EXHAUSTED, refusal.reason)})
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Held-out loss of the global adapter on this site's eval split."""
     try:
-        cfg, name, model, tokenizer, data, _ = _prepare(msg, context)
+        r = _parse(msg, context)
+        if r.refusal is not None:
+            raise FedSecureError(f"refused: {r.refusal.reason}")
+        model, tokenizer, data, _ = _load(r, msg, context)
         start = time.perf_counter()
         loss, tokens = evaluate(model, data.eval, pad_id=tokenizer.pad_id)
         seconds = time.perf_counter() - start
@@ -282,4 +415,6 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         return _error_reply(msg, context, "evaluate", e)
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(data.eval), keys.EVAL_LOSS: loss, keys.EVAL_TOKENS: tokens,
                             keys.SECONDS: seconds})
-    return Message(RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(name, data)}), reply_to=msg)
+    return Message(RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(r)}), reply_to=msg)
+
+

@@ -27,13 +27,22 @@ from typing import Any
 
 from fedsecure.config import SimulationConfig
 from fedsecure.errors import FedSecureError
+from fedsecure.federation.keys import SIMULATED_SITES
 
 log = logging.getLogger(__name__)
 
 
-def node_configs(cfg: SimulationConfig) -> list[dict[str, Any]]:
+def node_configs(cfg: SimulationConfig, run_dir: str | Path) -> list[dict[str, Any]]:
+    """One node config per simulated site: its own settings (``site.*``), as `fedsecure client` gives a
+    deployed site's SuperNode, plus Flower's partition keys."""
+    from fedsecure.data.dataset import site_dir
+
     n = cfg.federation.sites
-    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
+    if not cfg.data.dir:
+        raise FedSecureError("data.dir is not set. Fix: run through `fedsecure simulate`, which prepares the data.")
+    return [{"partition-id": i, "num-partitions": n,
+             **cfg.site.for_site(f"site-{i}", site_dir(cfg.data.dir, i), Path(run_dir).resolve()).to_flat()}
+            for i in range(n)]
 
 
 def run_config(cfg: SimulationConfig, run_dir: Path) -> dict[str, bool | int | float | str]:
@@ -48,7 +57,7 @@ def run_inprocess_engine(cfg: SimulationConfig, run_dir: Path) -> None:
     from server.app import app as server_app
 
     run_inprocess(server_app, client_app, num_nodes=cfg.federation.sites, run_config=run_config(cfg, run_dir),
-                  node_configs=node_configs(cfg))
+                  node_configs=node_configs(cfg, run_dir))
 
 
 def app_directory() -> Path:
@@ -83,9 +92,15 @@ def _bin(name: str) -> str:
 def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 1800.0,
                     poll: Callable[[], None] | None = None) -> None:
     """Run through Flower's simulation engine (Ray); blocks until the run ends."""
+    import yaml
+
+    from fedsecure.fsutil import atomic_write
+
     run_dir = Path(run_dir).resolve()
     home = run_dir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / SIMULATED_SITES, yaml.safe_dump(cfg.to_dict()["site"], sort_keys=False).encode(),
+                 mode=0o600)
     port = _free_port()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'

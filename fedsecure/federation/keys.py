@@ -37,10 +37,11 @@ DP_SIGMA = "dp.sigma"
 DP_Q = "dp.q"
 DP_STEPS = "dp.steps"  # DP-SGD steps of this round
 DP_MAX_GRAD_NORM = "dp.max-grad-norm"
+DP_EPSILON_IF_TRAINED = "dp.epsilon-if-trained"  # budget-exhausted replies: epsilon the round would have reached
 
 # ConfigRecord PRIVACY, site -> coordinator
 PRIVACY = "privacy"
-STATUS = "status"  # "trained" | "budget-exhausted" | "non-private"
+STATUS = "status"  # "trained" | "budget-exhausted" | "refused" | "non-private"
 ACCOUNTANT = "accountant"
 LEDGER_HEAD = "ledger-head"
 LEDGER_ENTRIES = "ledger-entries"
@@ -48,20 +49,20 @@ REASON = "reason"
 STATUS_TRAINED = "trained"
 STATUS_EXHAUSTED = "budget-exhausted"
 STATUS_NON_PRIVATE = "non-private"
+STATUS_REFUSED = "refused"  # the run asked for more than the site's own policy allows (or replayed a round)
 
 # ConfigRecord keys, site -> coordinator
 SITE_NAME = "name"
 DATASET_FINGERPRINT = "dataset-fingerprint"
 
-# node_config keys
+# node_config keys. A site's own settings travel as "site.*" keys (fedsecure.config.SiteSettings.to_flat),
+# written by `fedsecure client` from site.yaml or by the in-process engine; Flower's simulation sets these two:
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
-NODE_SITE_NAME = "site-name"
-NODE_DATA_DIR = "data-dir"
-NODE_STATE_DIR = "state-dir"
-NODE_ATTEST_PROVIDER = "attestation-provider"  # the site's own TEE provider (overrides attestation.provider)
-NODE_DATASET_ID = "dataset-id"  # optional stable ledger key; default: the dataset's content fingerprint
-NODE_WORKER_SOCKET = "worker-socket"  # the site's warm worker (fedsecure client); absent = handle in-process
+NODE_WORKER_SOCKET = "site.worker_socket"  # the site's warm worker (fedsecure client); absent = handle in-process
+# Flower's Ray simulation engine gives its nodes no node config of ours: `fedsecure simulate --engine ray` writes the
+# simulated sites' own settings to this file in the run directory, and a simulated node reads them from there
+SIMULATED_SITES = "simulated-sites.yaml"
 
 # context.state keys (stay on the node)
 STATE_PLAN = "fedsecure.privacy-plan"

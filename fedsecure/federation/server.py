@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -26,8 +25,9 @@ from fedsecure.attestation.policy import load_policy
 from fedsecure.attestation.protocol import AttestationGate, update_digest_payload, update_digest_state
 from fedsecure.audit import AuditLog
 from fedsecure.config import SimulationConfig
-from fedsecure.errors import AttestationError, ConfigError, FedSecureError, UpdateRejected
+from fedsecure.errors import AttestationError, ConfigError, FedSecureError, ReplyRejected, UpdateRejected
 from fedsecure.federation import keys
+from fedsecure.federation.intake import TrainReply, check_update, parse_eval_reply, parse_train_reply
 from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.model import adapter_state, apply_delta, attach_lora, load_model_and_tokenizer
 from fedsecure.privacy import report
@@ -64,9 +64,12 @@ def quiet_flower_logs(verbose: bool) -> None:
     flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
-def privacy_status(reply: Message) -> str | None:
-    rec = reply.content.config_records.get(keys.PRIVACY) if reply.has_content() else None
-    return str(rec[keys.STATUS]) if rec and keys.STATUS in rec else None
+def _clean(name: str, tr: TrainReply, delta: dict[str, np.ndarray], reply: Message) -> Message:
+    """The reply as Flower's FedAvg sees it: only the checked delta and weight, nothing else the site sent."""
+    reply.content = RecordDict({keys.ARRAYS: to_array_record(delta),
+                                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: tr.records}),
+                                keys.SITE: ConfigRecord({keys.SITE_NAME: name})})
+    return reply
 
 
 class SiteOrderedFedAvg(FedAvg):
@@ -131,7 +134,8 @@ class Coordinator:
         fed = cfg.federation
         client_dp = None
         if cfg.privacy.client_dp.enabled:
-            client_dp = ClientLevelDP(cfg.privacy.client_dp, cfg.privacy.accountant, seed=cfg.privacy.noise_seed)
+            client_dp = ClientLevelDP(cfg.privacy.client_dp, cfg.privacy.accountant,
+                                      seed=cfg.privacy.client_dp.noise_seed)
         self.strategy = SiteOrderedFedAvg(
             fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_train_nodes=fed.min_sites,
             min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
@@ -199,43 +203,38 @@ class Coordinator:
                 self._failed(reply.metadata.src_node_id, name, reply.error.reason, rl)
                 continue
             try:
-                m = reply.content[keys.METRICS]
-                values = dict(eval_loss=float(m[keys.EVAL_LOSS]), eval_tokens=int(m[keys.EVAL_TOKENS]),
-                              eval_records=int(m[keys.NUM_EXAMPLES]), eval_seconds=round(float(m[keys.SECONDS]), 4))
-                if not math.isfinite(values["eval_loss"]) or values["eval_tokens"] < 0:
-                    raise ValueError("a non-finite loss or a negative token count")
-            except (KeyError, TypeError, ValueError) as e:
-                self._failed(reply.metadata.src_node_id, name, f"malformed evaluation reply ({e})", rl)
+                ev = parse_eval_reply(reply.content, self.cfg)
+            except ReplyRejected as e:
+                self._failed(reply.metadata.src_node_id, name, f"evaluation reply rejected: {e}", rl)
                 continue
+            values = dict(eval_loss=ev.loss, eval_tokens=ev.tokens, eval_records=ev.records,
+                          eval_seconds=round(ev.seconds, 4))
             entry = rl.site(name)
             entry.update(values)
             entry["bytes_down"] = entry.get("bytes_down", 0) + self.bytes_down.get(reply.metadata.src_node_id, 0)
         return _weighted_eval(e for e in rl.sites.values() if "eval_loss" in e)
 
     # ------------------------------------------------------------------ privacy bookkeeping
-    def _note_privacy(self, name: str, reply: Message, server_round: int) -> str | None:
-        status = privacy_status(reply)
-        if status is None:
-            return None
+    def _note_privacy(self, name: str, tr: TrainReply, server_round: int) -> None:
         p = self.privacy_sites.setdefault(name, report.new_site_entry(name))
-        rec = reply.content[keys.PRIVACY]
-        m = reply.content[keys.METRICS]
-        if status == keys.STATUS_NON_PRIVATE:
+        if tr.status == keys.STATUS_NON_PRIVATE:
             p.update(status="non-private")
             p["rounds_trained"].append(server_round)
-            return status
-        p.update(epsilon_spent=float(m[keys.DP_EPSILON]), epsilon_budget=float(m[keys.DP_EPSILON_BUDGET]),
-                 delta=float(m[keys.DP_DELTA]), max_grad_norm=float(m[keys.DP_MAX_GRAD_NORM]),
-                 accountant=str(rec[keys.ACCOUNTANT]), dataset_ledger_head=str(rec[keys.LEDGER_HEAD]),
-                 ledger_entries=int(rec[keys.LEDGER_ENTRIES]))
-        if status == keys.STATUS_TRAINED:
-            p.update(sigma=float(m[keys.DP_SIGMA]), q=float(m[keys.DP_Q]))
-            p["steps_this_run"] += int(m[keys.DP_STEPS])
+            return
+        p.update(accountant=tr.accountant, dataset_ledger_head=tr.ledger_head, ledger_entries=tr.ledger_entries)
+        if tr.dp:
+            p.update(epsilon_spent=tr.dp["epsilon"], epsilon_budget=tr.dp["epsilon_budget"], delta=tr.dp["delta"],
+                     max_grad_norm=tr.dp["max_grad_norm"])
+        if tr.status == keys.STATUS_TRAINED:
+            p.update(sigma=tr.dp["sigma"], q=tr.dp["q"])
+            p["steps_this_run"] += int(tr.dp["steps"])
             p["rounds_trained"].append(server_round)
-        elif status == keys.STATUS_EXHAUSTED:
-            p.update(status="exhausted", reason=str(rec[keys.REASON]))
+        elif tr.status == keys.STATUS_EXHAUSTED:
+            p.update(status="exhausted", reason=tr.reason)
             p["refused_rounds"].append(server_round)
-        return status
+        elif tr.status == keys.STATUS_REFUSED:
+            p.update(status="refused", reason=tr.reason)
+            p["refused_rounds"].append(server_round)
 
     # ------------------------------------------------------------------ checkpoint / resume
     def _config_digest(self) -> str:
@@ -347,7 +346,7 @@ class Coordinator:
                 if node not in answered:
                     self._failed(node, self.known_sites.get(node, f"node-{node}"), "no reply before the round timeout",
                                  rl)
-            ok = []
+            ok: list[tuple[str, TrainReply, dict[str, np.ndarray], Message]] = []
             for reply in replies:
                 name = self._site_of(reply)
                 if reply.has_error():
@@ -355,15 +354,12 @@ class Coordinator:
                     log.warning("round %d: %s failed: %s", server_round, name, reply.error.reason)
                     continue
                 try:
-                    accepted = self._take_train_reply(reply, name, server_round, rl, expected, fp32_bytes)
-                except (KeyError, TypeError, ValueError) as e:
-                    reason = f"update rejected: malformed reply ({type(e).__name__}: {e})"
-                    self._failed(reply.metadata.src_node_id, name, reason, rl)
-                    self.audit.append("update.rejected", site=name, round=server_round, reason=reason)
-                    log.warning("round %d: %s: %s", server_round, name, reason)
+                    taken = self._take_train_reply(reply, name, server_round, rl, expected, fp32_bytes, state)
+                except ReplyRejected as e:
+                    self._reject(reply.metadata.src_node_id, name, server_round, rl, str(e))
                     continue
-                if accepted:
-                    ok.append(reply)
+                if taken is not None:
+                    ok.append((name, *taken, reply))
             if self.gate is not None:
                 self.gate.close_round(server_round)
             if len(ok) < cfg.federation.min_sites:
@@ -374,13 +370,13 @@ class Coordinator:
                           "saved", server_round, len(ok), cfg.federation.min_sites, stopped)
                 self._record(rl, None, time.perf_counter() - t_round, stopped=stopped)
                 break
-            delta_record, _ = self.strategy.aggregate_train(server_round, ok)
+            delta_record, _ = self.strategy.aggregate_train(server_round, [_clean(*x) for x in ok])
             assert delta_record is not None
             state = apply_delta(state, from_array_record(delta_record))
             arrays = to_array_record(state)
             self.run_dir.save_global_adapter(server_round, state, meta)
-            self.audit.append("round.aggregated", round=server_round,
-                              sites=sorted(self.known_sites.get(m.metadata.src_node_id, "?") for m in ok))
+            self.audit.append("round.aggregated", round=server_round, sites=sorted(x[0] for x in ok),
+                              weights={x[0]: x[1].records for x in sorted(ok, key=lambda x: x[0])})
             loss = self._evaluate(grid, server_round, state, arrays, rl)
             self._record(rl, loss, time.perf_counter() - t_round)
             self._checkpoint(server_round, initial_loss)
@@ -388,41 +384,50 @@ class Coordinator:
 
         return self._finish(initial_loss, stopped)
 
+    def _reject(self, node: int, name: str, server_round: int, rl: RoundLog, reason: str) -> None:
+        self._failed(node, name, reason, rl)
+        self.audit.append("update.rejected", site=name, round=server_round, reason=reason)
+        log.warning("round %d: %s: %s", server_round, name, reason)
+
+    def _retire(self, node: int, name: str, server_round: int, rl: RoundLog, event: str, reason: str) -> None:
+        self.retired[node] = name
+        rl.refused.append(name)
+        self.audit.append(event, site=name, round=server_round, reason=reason)
+
     def _take_train_reply(self, reply: Message, name: str, server_round: int, rl: RoundLog, expected,
-                          fp32_bytes: int) -> bool:
-        """Privacy bookkeeping, attestation and strict decoding of one train reply; True if its update counts."""
-        status = self._note_privacy(name, reply, server_round)
-        if status == keys.STATUS_EXHAUSTED:
-            self.retired[reply.metadata.src_node_id] = name
-            rl.refused.append(name)
-            log.warning("round %d: %s retired: privacy budget exhausted (%s)", server_round, name,
-                        reply.content[keys.PRIVACY][keys.REASON])
-            self.audit.append("site.retired", site=name, round=server_round, reason="privacy budget exhausted")
-            return False
-        rejected = self._attest(reply, name, server_round, rl)
+                          fp32_bytes: int, state: dict[str, np.ndarray]
+                          ) -> tuple[TrainReply, dict[str, np.ndarray]] | None:
+        """Strict reading, privacy bookkeeping, attestation and decoding of one train reply; (reply, delta) if its
+        update counts. A malformed reply raises ReplyRejected (the caller audits it and goes on)."""
+        node = reply.metadata.src_node_id
+        tr = parse_train_reply(reply.content, self.cfg)
+        self._note_privacy(name, tr, server_round)
+        if tr.status == keys.STATUS_EXHAUSTED:
+            log.warning("round %d: %s retired: privacy budget exhausted (%s)", server_round, name, tr.reason)
+            self._retire(node, name, server_round, rl, "site.retired", "privacy budget exhausted")
+            return None
+        if tr.status == keys.STATUS_REFUSED:
+            log.warning("round %d: %s refused the run's privacy settings and is retired: %s", server_round, name,
+                        tr.reason)
+            self._retire(node, name, server_round, rl, "site.refused", tr.reason)
+            rl.failures[name] = f"refused by the site: {tr.reason}"
+            return None
+        rejected = self._attest(tr, node, name, server_round, rl)
         if rejected is not None:
-            self._failed(reply.metadata.src_node_id, name, rejected, rl)
+            self._failed(node, name, rejected, rl)
             log.warning("round %d: %s: %s", server_round, name, rejected)
             if self.gate is not None and self.gate.policy.on_failure == "retire-site":
-                self.retired[reply.metadata.src_node_id] = name
-                rl.refused.append(name)
-                self.audit.append("site.retired", site=name, round=server_round, reason=rejected)
-            return False
-        bytes_up = self._accept_update(reply, expected)
-        if isinstance(bytes_up, str):
-            self._failed(reply.metadata.src_node_id, name, bytes_up, rl)
-            self.audit.append("update.rejected", site=name, round=server_round, reason=bytes_up)
-            log.warning("round %d: %s: %s", server_round, name, bytes_up)
-            return False
-        m = reply.content[keys.METRICS]
+                self._retire(node, name, server_round, rl, "site.retired", rejected)
+            return None
+        delta, bytes_up = self._decode(tr, expected)
+        check_update(delta, self.cfg, server_round, state)
         entry = rl.site(name)
-        entry.update(train_loss=float(m[keys.TRAIN_LOSS]), records=int(m[keys.NUM_EXAMPLES]),
-                     steps=int(m[keys.STEPS]), train_seconds=round(float(m[keys.SECONDS]), 4),
-                     bytes_down=self.bytes_down.get(reply.metadata.src_node_id, 0), bytes_up=bytes_up,
+        entry.update(train_loss=tr.train_loss, records=tr.records, steps=tr.steps,
+                     train_seconds=round(tr.seconds, 4), bytes_down=self.bytes_down.get(node, 0), bytes_up=bytes_up,
                      fp32_bytes=fp32_bytes)
-        if keys.DP_EPSILON in m:
-            entry.update(epsilon=float(m[keys.DP_EPSILON]), sigma=float(m[keys.DP_SIGMA]))
-        return True
+        if tr.dp:
+            entry.update(epsilon=tr.dp["epsilon"], sigma=tr.dp["sigma"])
+        return tr, delta
 
     def _site_of(self, reply: Message) -> str:
         """The reply's site name, bound to its node for the whole run: a node cannot switch names, nor take a
@@ -441,54 +446,44 @@ class Coordinator:
         self.known_sites[node] = claimed
         return claimed
 
-    def _attest(self, reply: Message, name: str, server_round: int, rl: RoundLog) -> str | None:
+    def _attest(self, tr: TrainReply, node: int, name: str, server_round: int, rl: RoundLog) -> str | None:
         """Check the reply's attestation statement; returns the rejection reason, or None if accepted
-        (or attestation is off)."""
+        (or attestation is off). The attested record count must equal the reply's FedAvg weight."""
         if self.gate is None:
             return None
-        statement = dict(reply.content[keys.ATTESTATION]) if keys.ATTESTATION in reply.content else None
         try:
-            if keys.UPDATE in reply.content:
-                digest = update_digest_payload(bytes(reply.content[keys.UPDATE][keys.PAYLOAD]))
+            if tr.payload is not None:
+                digest = update_digest_payload(tr.payload)
             else:
-                digest = update_digest_state(from_array_record(reply.content[keys.ARRAYS]))
+                digest = update_digest_state(from_array_record(tr.arrays))
         except (KeyError, TypeError, ValueError):
             digest = b""  # malformed update: the signature check fails, and so would decoding
-        m = reply.content[keys.METRICS]
-        reported = {"sigma": m[keys.DP_SIGMA], "epsilon_budget": m[keys.DP_EPSILON_BUDGET],
-                    "delta": m[keys.DP_DELTA]} if keys.DP_SIGMA in m else {}
+        reported: dict[str, float] = {"records": float(tr.records)}
+        if tr.dp:
+            reported.update(sigma=tr.dp["sigma"], epsilon_budget=tr.dp["epsilon_budget"], delta=tr.dp["delta"])
         try:
-            claims = self.gate.check(reply.metadata.src_node_id, name, server_round, statement, digest, reported)
+            claims = self.gate.check(node, name, server_round, tr.statement, digest, reported)
         except AttestationError as e:
             rl.attestation[name] = f"rejected: {e}"
             return f"attestation failed: {e}"
         rl.attestation[name] = f"verified ({claims.tee}, measurement {claims.measurement[:12]})"
         return None
 
-    def _accept_update(self, reply: Message, expected) -> int | str:
-        """Decode a site's update in place (strictly); returns its wire bytes, or the rejection reason."""
-        if keys.UPDATE not in reply.content:
-            if keys.ARRAYS not in reply.content:
-                return "update rejected: the reply holds no adapter update"
-            arrays = reply.content[keys.ARRAYS]
+    def _decode(self, tr: TrainReply, expected) -> tuple[dict[str, np.ndarray], int]:
+        """A site's update, decoded strictly, and its bytes on the wire; raises ReplyRejected."""
+        if tr.payload is None:
             try:
-                delta = from_array_record(arrays)
-                if [(k, tuple(v.shape)) for k, v in sorted(delta.items())] != expected:
-                    return "update rejected: its tensors do not match the adapter"
-                if not all(np.all(np.isfinite(v)) for v in delta.values()):
-                    return "update rejected: it holds NaN or infinite values"
+                delta = from_array_record(tr.arrays)
             except (ValueError, TypeError):
-                return "update rejected: malformed arrays"
-            return arrays.count_bytes()
+                raise ReplyRejected("update rejected: malformed arrays") from None
+            if [(k, tuple(v.shape)) for k, v in sorted(delta.items())] != expected:
+                raise ReplyRejected("update rejected: its tensors do not match the adapter")
+            return delta, tr.arrays.count_bytes()
         try:
-            payload = reply.content[keys.UPDATE][keys.PAYLOAD]
-            delta = decode(payload, expected, max_bytes=self.cfg.transport.max_update_bytes)
+            delta = decode(tr.payload, expected, max_bytes=self.cfg.transport.max_update_bytes)
         except UpdateRejected as e:
-            return f"update rejected: {e}"
-        except (KeyError, TypeError):
-            return "update rejected: the update record is malformed"
-        reply.content[keys.ARRAYS] = to_array_record(delta)
-        return len(payload)
+            raise ReplyRejected(f"update rejected: {e}") from None
+        return delta, len(tr.payload)
 
     def _record(self, rl: RoundLog, loss: float | None, seconds: float, stopped: str | None = None) -> None:
         for entry in rl.sites.values():

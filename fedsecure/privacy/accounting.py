@@ -5,6 +5,13 @@ mechanism run ``steps`` times (noise multiplier ``sigma``, sampling rate ``q``).
 hand-roll an accountant: :func:`epsilon_of` hands the events to Opacus' ``PRVAccountant``
 (the upper bound of its estimate) or ``RDPAccountant``. The Gaussian/CLT accountant (``gdp``)
 is refused, because it can under-report ε.
+
+Bounded cost: PRV discretises the privacy loss on a grid whose size grows with the RDP bound of
+the history and with the square root of the steps (about 180 bytes per point). Before running it,
+:func:`prv_grid_points` predicts that size with the cheap RDP accountant; past
+:data:`MAX_PRV_POINTS` the RDP bound is reported instead. Both are sound upper bounds, so the
+fallback is never optimistic; it only happens where ε is already far beyond any sensible budget
+or the history is enormous, and it keeps one message from making a site allocate gigabytes.
 """
 
 from __future__ import annotations
@@ -16,14 +23,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
+from fedsecure.config import ACCOUNTANTS, check_accountant
 from fedsecure.errors import ConfigError
 
-ACCOUNTANTS = ("prv", "rdp")
+__all__ = ["ACCOUNTANTS", "Spend", "calibrate_noise", "check_accountant", "default_delta", "epsilon_of"]
 #: Absolute ε error allowed in the PRV computation; PRV returns the *upper* end of it.
 PRV_EPS_ERROR = 0.01
 #: Largest noise multiplier calibration will consider; needing more means the budget is gone.
 SIGMA_MAX = 64.0
 SIGMA_MIN = 0.3
+#: Largest PRV grid (points) computed; beyond it the RDP bound is used (see the module docstring).
+MAX_PRV_POINTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -33,15 +45,6 @@ class Spend:
     sigma: float
     q: float
     steps: int
-
-
-def check_accountant(name: str) -> str:
-    if name in ("gdp", "gaussian", "clt"):
-        raise ConfigError(f"privacy.accountant: {name!r} (the Gaussian/CLT accountant) can under-report epsilon "
-                          "and is refused. Fix: use 'prv' (default, tightest sound bound) or 'rdp'.")
-    if name not in ACCOUNTANTS:
-        raise ConfigError(f"privacy.accountant: expected one of {', '.join(ACCOUNTANTS)}; found {name!r}.")
-    return name
 
 
 def default_delta(num_records: int) -> float:
@@ -77,8 +80,11 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
         return 0.0
     from opacus.accountants import PRVAccountant, RDPAccountant
 
+    active = [h for h in history if h[1] > 0]
+    if accountant == "prv" and prv_grid_points(tuple(active), delta) > MAX_PRV_POINTS:
+        accountant = "rdp"  # a sound, looser bound at a bounded cost (module docstring)
     acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    acc.history = [h for h in history if h[1] > 0]
+    acc.history = active
     with warnings.catch_warnings():
         # prvs.py takes log(0) on a masked branch for q close to 1; the result is still finite
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\..*")
@@ -93,49 +99,83 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     return eps if math.isfinite(eps) else math.inf
 
 
+def prv_grid_points(history: tuple[tuple[float, float, int], ...], delta: float, eps_error: float = PRV_EPS_ERROR
+                    ) -> float:
+    """Points of the grid Opacus' PRV accountant would build for ``history`` (its ``_get_domain``), from RDP."""
+    from opacus.accountants import RDPAccountant
+
+    if not history:
+        return 0.0
+    delta_error = delta / 1000  # PRVAccountant.get_epsilon's default
+    total = sum(n for _, _, n in history)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"opacus\.accountants\..*")
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\..*")
+        rdp = RDPAccountant()
+        rdp.history = list(history)
+        size = rdp.get_epsilon(delta_error / 4)
+        for sigma, q, _ in history:
+            one = RDPAccountant()
+            one.history = [(sigma, q, 1)]
+            size = max(size, one.get_epsilon(delta_error / (8 * total)))
+    size = max(float(size), eps_error) + 3
+    if not math.isfinite(size):
+        return math.inf
+    mesh = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+    return 2 * size / mesh
+
+
 def calibrate_noise(*, target_epsilon: float, delta: float, spent: Sequence[Spend], q: float, steps: int,
-                    accountant: str = "prv", tolerance: float = 0.01) -> float | None:
-    """Smallest σ (to ``tolerance`` in ε) whose ``steps`` more steps keep ε ≤ ``target_epsilon``.
+                    accountant: str = "prv", tolerance: float = 0.01, sigma_min: float = SIGMA_MIN) -> float | None:
+    """Smallest σ ≥ ``sigma_min`` (to ``tolerance`` in ε) whose ``steps`` more steps keep ε ≤ ``target_epsilon``.
 
     ``spent`` is what the dataset has already spent. Returns None when even ``SIGMA_MAX`` would
     overshoot (the budget is exhausted). The result never overshoots: the returned σ is checked.
     """
     return _calibrate(float(target_epsilon), float(delta), _merge(spent), float(q), int(steps), accountant,
-                      float(tolerance))
+                      float(tolerance), float(sigma_min))
 
 
 @lru_cache(maxsize=256)
 def _calibrate(target: float, delta: float, spent: tuple[tuple[float, float, int], ...], q: float, steps: int,
-               accountant: str, tolerance: float) -> float | None:
+               accountant: str, tolerance: float, sigma_min: float = SIGMA_MIN) -> float | None:
     check_accountant(accountant)
+    if not (math.isfinite(target) and target > 0 and 0 < delta < 1 and 0 < q <= 1 and steps >= 1
+            and SIGMA_MIN <= sigma_min < SIGMA_MAX):
+        raise ConfigError(f"cannot calibrate sigma for epsilon={target}, delta={delta}, q={q}, steps={steps}, "
+                          f"sigma_min={sigma_min}: each must be finite and in range (epsilon > 0, 0 < delta < 1, "
+                          "0 < q <= 1, steps >= 1)")
     spends = [Spend(*h) for h in spent]
 
     def eps(sigma: float) -> float:
         return epsilon_of([*spends, Spend(sigma, q, steps)], delta, accountant)
 
-    lo, hi = SIGMA_MIN, SIGMA_MAX
+    floor = sigma_min
+    lo, hi = floor, SIGMA_MAX
     bracketed = False
     if accountant == "prv":
         # RDP bounds are not below PRV's, so the RDP-calibrated sigma is (checked) feasible for PRV,
         # and PRV's answer is within ~20% below it: a cheap, tight bracket for the costly PRV search
         # (one PRV evaluation at sigma=64 alone takes seconds).
-        rdp_sigma = _calibrate(target, delta, spent, q, steps, "rdp", tolerance)
+        rdp_sigma = _calibrate(target, delta, spent, q, steps, "rdp", tolerance, sigma_min)
         if rdp_sigma is not None and eps(rdp_sigma) <= target:
-            lo, hi, bracketed = max(SIGMA_MIN, rdp_sigma * 0.7), rdp_sigma, True
-            if lo > SIGMA_MIN and eps(lo) <= target:
+            lo, hi, bracketed = max(floor, rdp_sigma * 0.7), rdp_sigma, True
+            if eps(lo) <= target:
+                if lo <= floor:
+                    return floor
                 bracketed = False
     if not bracketed:
         # grow from a typical sigma rather than starting at SIGMA_MAX: large sigmas are slow to account
-        hi = 2.0
+        hi = max(2.0, floor)
         while eps(hi) > target:
             if hi >= SIGMA_MAX:
                 return None
             hi = min(SIGMA_MAX, hi * 2)
-        lo = hi / 2
+        lo = max(floor, hi / 2)
         while eps(lo) <= target:
-            if lo <= SIGMA_MIN:
-                return SIGMA_MIN
-            hi, lo = lo, max(SIGMA_MIN, lo / 2)
+            if lo <= floor:
+                return floor
+            hi, lo = lo, max(floor, lo / 2)
     # eps(lo) > target >= eps(hi); bisect in log space on the monotone ε(σ)
     while True:
         mid = math.sqrt(lo * hi)
@@ -148,5 +188,6 @@ def _calibrate(target: float, delta: float, spent: tuple[tuple[float, float, int
                 break
         if hi / lo < 1.0 + 1e-4:
             break
-    assert eps(hi) <= target  # hi is always a feasible point
+    if eps(hi) > target:  # cannot happen (hi is always a feasible point); never return an overshooting sigma
+        return None
     return hi

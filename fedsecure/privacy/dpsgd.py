@@ -10,14 +10,13 @@ and because a cached model must be wrapped and unwrapped cleanly every round.
   gradient depends on that record only.
 * An empty Poisson batch still takes a noise-only step, and that step is accounted.
 * No gradient checkpointing: it re-fires Opacus' hooks and corrupts per-sample gradients.
-* Randomness: sampling and noise come from a generator seeded with 64 bits of OS entropy unless
-  ``privacy.noise_seed`` is set (reproducible tests only: anyone who knows the seed can
-  subtract the noise).
+* Randomness: Poisson sampling and noise come from a :mod:`fedsecure.privacy.noise` source: the
+  operating system's secure generator at every deployed site; a known seed only at simulated sites
+  that ask for one (reproducible tests: anyone who knows the seed can subtract the noise).
 """
 
 from __future__ import annotations
 
-import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 
 from fedsecure.config import TrainSettings
 from fedsecure.data.dataset import TokenizedDataset, collate
+from fedsecure.privacy.noise import Randomness, SeededRandomness
 from fedsecure.training import TrainResult, per_sequence_loss, trainable_parameters
 
 GRAD_SAMPLE_MODES = ("hooks", "ew")
@@ -65,29 +65,46 @@ def _unwrap(gsm: torch.nn.Module, model: torch.nn.Module) -> None:
         p.grad = None
 
 
-def train_private(model: torch.nn.Module, data: TokenizedDataset, settings: TrainSettings, plan: DPStepPlan, *,
-                  pad_id: int, seed: int | None, grad_sample_mode: str = "hooks") -> TrainResult:
-    """Run ``plan.steps`` DP-SGD steps on the LoRA parameters of ``model`` (a PEFT model)."""
+def _dp_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, plan: DPStepPlan, expected: int,
+                  randomness: Randomness):
+    """Opacus' DPOptimizer (clip, sum, noise, average over the expected batch) whose noise is ``randomness``'s."""
     from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+    class _Optimizer(DPOptimizer):
+        def add_noise(self) -> None:  # Opacus' add_noise, with the noise drawn from our source
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = randomness.gaussian(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
+                p.grad = (p.summed_grad + noise).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    inner = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return _Optimizer(inner, noise_multiplier=plan.sigma, max_grad_norm=plan.max_grad_norm,
+                      expected_batch_size=expected, loss_reduction="mean")
+
+
+def train_private(model: torch.nn.Module, data: TokenizedDataset, settings: TrainSettings, plan: DPStepPlan, *,
+                  pad_id: int, randomness: Randomness | int, grad_sample_mode: str = "hooks") -> TrainResult:
+    """Run ``plan.steps`` DP-SGD steps on the LoRA parameters of ``model`` (a PEFT model).
+
+    ``randomness`` draws the Poisson samples and the noise (an int is a test seed: :class:`SeededRandomness`).
+    """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}; got {grad_sample_mode!r}")
+    if isinstance(randomness, int):
+        randomness = SeededRandomness(randomness)
     start = time.perf_counter()
-    seed = secrets.randbits(63) if seed is None else seed
-    sample_gen = torch.Generator().manual_seed(seed)
-    noise_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
     params = trainable_parameters(model)
     n = len(data)
     expected = max(1, round(plan.q * n))
     gsm = _wrap(model, grad_sample_mode)
-    opt = DPOptimizer(torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay),
-                      noise_multiplier=plan.sigma, max_grad_norm=plan.max_grad_norm, expected_batch_size=expected,
-                      loss_reduction="mean", generator=noise_gen)
+    opt = _dp_optimizer(params, settings, plan, expected, randomness)
     losses: list[float] = []
     model.train()
     try:
         for _ in range(plan.steps):
-            picked = (torch.rand(n, generator=sample_gen) < plan.q).nonzero().flatten().tolist()
+            picked = randomness.poisson_mask(n, plan.q).nonzero().flatten().tolist()
             opt.zero_grad(set_to_none=True)
             if not picked:
                 # Empty Poisson batch: the HF forward cannot take 0 rows; a noise-only step keeps the

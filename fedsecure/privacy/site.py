@@ -1,30 +1,24 @@
 """The site's own privacy guard: budget, calibration, fail-closed check, ledger entry.
 
-The budget a site enforces is its own: where the site's node config sets ``privacy.epsilon`` or
-``privacy.delta``, the stricter of that and the run config applies, so no coordinator setting
-can make a site spend more than it allows. The check runs *before* training; the ledger entry
-is durable *before* the update is released.
+The terms come from :func:`fedsecure.privacy.policy.resolve`: the site's own policy, tightened (never
+loosened) by the run's request. The check runs *before* training; the ledger entry is durable
+*before* the update is released; a refusal is recorded in the ledger too.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from fedsecure.config import PrivacySettings
 from fedsecure.crypto.keys import KeyRing
-from fedsecure.privacy.accounting import Spend, calibrate_noise, default_delta, epsilon_of
+from fedsecure.privacy.accounting import Spend, calibrate_noise, epsilon_of
 from fedsecure.privacy.dpsgd import DPStepPlan
 from fedsecure.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedsecure.privacy.policy import Terms
 
 log = logging.getLogger(__name__)
-
-NODE_EPSILON = "privacy.epsilon"
-NODE_DELTA = "privacy.delta"
 
 
 @dataclass(frozen=True)
@@ -41,54 +35,62 @@ class Refusal:
 class Approval:
     plan: DPStepPlan
     epsilon_after: float
+    accountant: str  # the accountant whose bound is binding (the largest over every one this dataset used)
 
 
 class SitePrivacyGuard:
-    """Everything a site decides about privacy in one round."""
+    """Everything a site decides about privacy in one round, under ``terms``."""
 
-    def __init__(self, settings: PrivacySettings, *, state_dir: str | Path, dataset: str, num_records: int,
-                 node_config: Mapping[str, Any] | None = None, ring: KeyRing | None = None) -> None:
-        node_config = node_config or {}
-        self.settings = settings
-        self.accountant = settings.accountant
+    def __init__(self, terms: Terms, *, state_dir: str | Path, dataset: str, num_records: int,
+                 ring: KeyRing | None = None) -> None:
+        self.terms = terms
+        self.accountant = terms.accountant
         self.num_records = num_records
-        eps = settings.epsilon
-        if NODE_EPSILON in node_config:
-            eps = min(eps, float(node_config[NODE_EPSILON]))
-        delta = settings.delta if settings.delta is not None else default_delta(num_records)
-        if NODE_DELTA in node_config:
-            delta = min(delta, float(node_config[NODE_DELTA]))
-        self.epsilon_budget = float(eps)
-        self.delta = float(delta)
+        self.epsilon_budget = float(terms.epsilon)
+        self.delta = float(terms.delta)
         self.ledger = PrivacyLedger.open(state_dir, dataset, ring=ring)  # raises LedgerError if tampered
+
+    def _accountants(self) -> list[str]:
+        """The requested accountant and every one the dataset was charged under: the largest bound counts."""
+        return sorted({self.accountant, *(e.accountant for e in self.ledger.entries if e.kind == "spend")})
 
     def spent(self) -> float:
         return self.ledger.epsilon(self.delta, self.accountant)
 
-    def plan(self, *, server_round: int, rounds_total: int, local_steps: int, batch_size: int,
-             sigma_hint: float | None = None) -> Approval | Refusal:
+    def plan(self, *, server_round: int, rounds_total: int, sigma_hint: float | None = None) -> Approval | Refusal:
         """Decide this round's σ, q and steps, or refuse if they would overspend the budget."""
-        q = DPStepPlan.sample_rate(batch_size, self.num_records)
+        t = self.terms
+        q = DPStepPlan.sample_rate(t.batch_size, self.num_records)
         spent = self.spent()
-        sigma = self.settings.noise_multiplier or sigma_hint
+        sigma = t.sigma if t.sigma is not None else sigma_hint
+        if sigma is not None and sigma < t.min_sigma:
+            sigma = None  # a stored hint from a looser earlier policy: calibrate again
         if sigma is None:
             remaining_rounds = max(1, rounds_total - server_round + 1)
             sigma = calibrate_noise(target_epsilon=self.epsilon_budget, delta=self.delta, spent=self.ledger.spends,
-                                    q=q, steps=local_steps * remaining_rounds, accountant=self.accountant)
+                                    q=q, steps=t.steps * remaining_rounds, accountant=self.accountant,
+                                    sigma_min=t.min_sigma)
             if sigma is None:
                 return Refusal(spent, self.epsilon_budget, math.inf,
                                f"no noise multiplier up to the maximum keeps epsilon within {self.epsilon_budget}")
-        eps_after = epsilon_of([*self.ledger.spends, Spend(sigma, q, local_steps)], self.delta, self.accountant)
+        history = [*self.ledger.spends, Spend(sigma, q, t.steps)]
+        eps_after, accountant = max((epsilon_of(history, self.delta, a), a) for a in self._accountants())
         if eps_after > self.epsilon_budget:
             return Refusal(spent, self.epsilon_budget, eps_after,
                            f"training round {server_round} would reach epsilon {eps_after:.3f} > budget "
                            f"{self.epsilon_budget}")
-        return Approval(DPStepPlan(sigma=float(sigma), q=q, steps=local_steps,
-                                   max_grad_norm=self.settings.max_grad_norm), eps_after)
+        return Approval(DPStepPlan(sigma=float(sigma), q=q, steps=t.steps, max_grad_norm=t.clip), eps_after,
+                        accountant)
 
     def record(self, approval: Approval, *, run_id: str, server_round: int) -> LedgerEntry:
         """Charge the round to the ledger, durably. Call after training, before the update leaves."""
         p = approval.plan
         return self.ledger.append(run_id=run_id, server_round=server_round, spend=Spend(p.sigma, p.q, p.steps),
-                                  delta=self.delta, accountant=self.accountant, max_grad_norm=p.max_grad_norm,
+                                  delta=self.delta, accountant=approval.accountant, max_grad_norm=p.max_grad_norm,
                                   epsilon_after=approval.epsilon_after, budget_epsilon=self.epsilon_budget)
+
+    def refuse(self, reason: str, *, run_id: str, server_round: int) -> LedgerEntry:
+        """Record a refused round (nothing spent) durably, with its reason."""
+        return self.ledger.append_refusal(run_id=run_id, server_round=server_round, reason=reason, delta=self.delta,
+                                          accountant=self.accountant, epsilon_spent=self.spent(),
+                                          budget_epsilon=self.epsilon_budget)
