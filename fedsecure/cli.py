@@ -199,6 +199,8 @@ def data_synth(
 
     if sites < 1 or records_per_site < 2 or not 0 < eval_fraction < 1:
         raise FedSecureError("need --sites >= 1, --records-per-site >= 2 and 0 < --eval-fraction < 1")
+    if sites > 1000 or records_per_site > 10_000_000:
+        raise FedSecureError("--sites is at most 1000 and --records-per-site at most 10,000,000")
     dirs = synthesize(out, sites=sites, records_per_site=records_per_site, eval_fraction=eval_fraction, seed=seed)
     for d in dirs:
         console.print(f"{d}", highlight=False)
@@ -257,12 +259,25 @@ def budget_plan(
     accountant: str = typer.Option("prv", help="prv (default) or rdp."),
 ) -> None:
     """Print the σ a site will use for this plan and ε after each round."""
-    from fedsecure.privacy.accounting import Spend, calibrate_noise, check_accountant, default_delta, epsilon_of
+    import math
 
-    check_accountant(accountant)
+    from fedsecure.privacy.accounting import Spend, calibrate_noise, check_accountant, default_delta, epsilon_of
+    from fedsecure.privacy.policy import check_delta
+
+    check_accountant(accountant, "--accountant")
     if records < 1 or batch_size < 1 or rounds < 1 or local_steps < 1:
         raise FedSecureError("--records, --batch-size, --rounds and --local-steps must all be >= 1")
+    if not (math.isfinite(epsilon) and 0 < epsilon <= 100):
+        raise FedSecureError(f"--epsilon {epsilon} must be a finite number in (0, 100]. Fix: e.g. --epsilon 3")
+    if delta is not None and not (math.isfinite(delta) and 0 < delta < 1):
+        raise FedSecureError(f"--delta {delta} must be a number in (0, 1). Fix: leave it out for min(1e-5, "
+                             "1/(10 records))")
+    if rounds * local_steps > 1_000_000:
+        raise FedSecureError(f"{rounds} rounds x {local_steps} steps is over a million steps. Fix: plan fewer.")
     d = delta if delta is not None else default_delta(records)
+    bad = check_delta(d, records, "--delta")
+    if bad is not None:
+        raise FedSecureError(bad)
     q = min(1.0, batch_size / records)
     sigma = calibrate_noise(target_epsilon=epsilon, delta=d, spent=[], q=q, steps=rounds * local_steps,
                             accountant=accountant)

@@ -475,6 +475,12 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
                               "(see configs/simulation.yaml).")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not a text file (not UTF-8). Fix: pass a YAML config such as "
+                              "configs/simulation.yaml.") from None
+        except OSError as e:
+            raise ConfigError(f"config file {p} cannot be read ({e.strerror or e}). Fix: pass a readable YAML "
+                              "file.") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

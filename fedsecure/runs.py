@@ -40,8 +40,13 @@ class RunDir:
         self.path = Path(path)
         self.ring = ring
         self.chunk_size = chunk_size
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "adapters").mkdir(exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "adapters").mkdir(exist_ok=True)
+        except OSError as e:
+            raise FedSecureError(f"cannot create the run directory {self.path} ({e.strerror or e}): a file stands "
+                                 "in the way or the folder is not writable. Fix: choose another --runs-dir / "
+                                 "--run-dir.") from None
 
     @property
     def metrics_path(self) -> Path:

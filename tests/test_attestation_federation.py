@@ -41,8 +41,8 @@ def dishonest_sites(monkeypatch, tmp_path):
                 issued[(server_round, m.metadata.dst_node_id)] = nonce
         return msgs
 
-    def attester(msg, context, cfg, name):
-        att = real_attester(msg, context, cfg, name)
+    def attester(msg, site, name):
+        att = real_attester(msg, site, name)
         current["site"] = name
         mode = MODES.get(name)
         server_round = int(msg.content[keys.CONFIG][keys.SERVER_ROUND])
@@ -54,8 +54,7 @@ def dishonest_sites(monkeypatch, tmp_path):
             seen[name] = nonce
             return (previous or nonce), provider, key  # round 1 honest, round 2 replays round 1
         if mode == "other-site-nonce":
-            other = next(n for (r, node), n in sorted(issued.items()) if r == server_round and
-                         node != context.node_id)
+            other = next(n for (r, node), n in sorted(issued.items()) if r == server_round and n != nonce)
             return other, provider, key
         if mode == "unlisted-measurement":
             return nonce, SoftwareProvider(tmp_path / "rogue.pem", measurement="ab" * 32), key
@@ -84,7 +83,7 @@ def test_dishonest_sites_are_rejected_and_the_round_goes_on(tmp_path, dishonest_
     synthesize(data, sites=7, records_per_site=40, eval_fraction=0.2, seed=11)
     cfg = small_config(data, federation={"sites": 7, "rounds": 2}, train={"local_steps": 2})
     policy = Policy(measurements={"software": (code_hash(),)}, code=(code_hash(),),
-                    min_dp=MinDP(max_epsilon=3.0, max_delta=1e-5))
+                    min_dp=MinDP(max_epsilon=3.0, max_delta=1e-5, secure_noise=False))  # seeded test sites
     (tmp_path / "policy.yaml").write_text(policy.to_yaml())
     cfg = type(cfg).from_mapping({**cfg.to_dict(), "attestation": {"policy": str(tmp_path / "policy.yaml")}})
     summary = simulate(cfg, run_dir=tmp_path / "run")
@@ -116,8 +115,8 @@ def test_dishonest_sites_are_rejected_and_the_round_goes_on(tmp_path, dishonest_
 @pytest.mark.slow
 def test_retire_site_policy_stops_asking_a_failing_site(tmp_path, monkeypatch, site_data):
     real_attester = client._attester
-    monkeypatch.setattr(client, "_attester", lambda msg, context, cfg, name: None if name == "site-1"
-                        else real_attester(msg, context, cfg, name))
+    monkeypatch.setattr(client, "_attester", lambda msg, site, name: None if name == "site-1"
+                        else real_attester(msg, site, name))
     policy = Policy(measurements={"software": (code_hash(),)}, code=(code_hash(),), on_failure="retire-site")
     (tmp_path / "policy.yaml").write_text(policy.to_yaml())
     cfg = small_config(site_data, federation={"rounds": 2}, train={"local_steps": 2},

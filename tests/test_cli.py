@@ -45,3 +45,61 @@ def test_model_show_lists_lora_modules():
     assert res.exit_code == 0
     assert res.output.count("lora  ") == 16 and "mlp.shared_experts.gate_proj" in res.output
     assert "experts.gate_up_proj" not in res.output
+
+
+def _one_line_error(res, needle: str) -> None:
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert needle in text, text
+    assert "Traceback" not in res.output
+
+
+def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path):
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"\xff\xfe\x00binary\x80")
+    _one_line_error(runner.invoke(app, ["simulate", "--config", str(binary)]), "is not a text file (not UTF-8)")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(a_file), "--sites", "1", "--rounds", "1"]),
+                    "cannot create the run directory")
+    _one_line_error(runner.invoke(app, ["data", "synth", "--sites", "1", "--out", str(a_file)]),
+                    "is a file, not a folder")
+    _one_line_error(runner.invoke(app, ["data", "synth", "--sites", "1", "--out", str(tmp_path / "d"),
+                                        "--records-per-site", "2", "--eval-fraction", "0.9"]),
+                    "leave no training record")
+    assert not (tmp_path / "d").exists()  # nothing half-written
+    for eps in ("nan", "inf", "1e9", "0"):
+        _one_line_error(runner.invoke(app, ["budget", "plan", "--records", "100", "--epsilon", eps]),
+                        "must be a finite number in (0, 100]")
+    _one_line_error(runner.invoke(app, ["budget", "plan", "--records", "100", "--delta", "0.02"]),
+                    "delta 0.02 is not below 1/N = 1/100")
+    _one_line_error(runner.invoke(app, ["budget", "plan", "--records", "100", "--delta", "nan"]),
+                    "--delta nan must be a number in (0, 1)")
+
+
+def test_a_model_config_with_a_negative_size_is_refused(tmp_path):
+    from fedsecure.model import export_preset
+
+    export_preset("deepseek-v3-tiny", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["hidden_size"] = -64
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(tmp_path / "runs"), "--model-path",
+                                        str(tmp_path / "m")]), "hidden_size = -64 is not a positive integer")
+    _one_line_error(runner.invoke(app, ["model", "show", "--path", str(tmp_path / "m")]),
+                    "hidden_size = -64 is not a positive integer")
+
+
+def test_a_simulation_whose_sites_would_refuse_the_run_fails_before_any_work(tmp_path):
+    _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(tmp_path), "--set", "privacy.epsilon=5"]),
+                    "the simulated sites would refuse this run: privacy.epsilon: the run asks for 5 but this site "
+                    "allows at most 3 (site.privacy.max_epsilon)")
+    _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(tmp_path), "--set", "privacy.enabled=false"]),
+                    "privacy.enabled: the run asks for false")
+    _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(tmp_path), "--set", "privacy.delta=0.008",
+                                        "--set", "data.records_per_site=200"]),
+                    "privacy.delta: the run asks for 0.008 but this site allows at most 1e-05")
+    _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(tmp_path), "--set", "privacy.delta=0.008",
+                                        "--set", "data.records_per_site=200", "--set", "site.privacy.max_delta=0.009"]),
+                    "delta 0.009 is not below 1/N = 1/160")
+    assert not list(tmp_path.iterdir())  # refused before a run directory was made

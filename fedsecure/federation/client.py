@@ -274,7 +274,8 @@ def handle_train(msg: Message, context: Context) -> Message:
                                      ring=ring)
             if guard.ledger.trained(r.run_id, r.server_round):
                 return _refuse(msg, r, ring, dataset, f"round {r.server_round} of run {r.run_id} was already "
-                               "trained and released: a replayed message is not trained again", len(data.train),
+                               "trained and released: a replayed message is not trained again. Fix: a coordinator "
+                               "sends each round once (a restarted run is a new Flower run)", len(data.train),
                                guard=guard)
             stored = context.state.config_records.get(keys.STATE_PLAN)
             decision = guard.plan(server_round=r.server_round, rounds_total=r.cfg.federation.rounds,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -56,8 +57,9 @@ def run_inprocess_engine(cfg: SimulationConfig, run_dir: Path) -> None:
     from fedsecure.federation.inprocess import run_inprocess
     from server.app import app as server_app
 
+    # a fresh run id per run, as Flower's SuperLink gives (a site refuses a round of a run it already trained)
     run_inprocess(server_app, client_app, num_nodes=cfg.federation.sites, run_config=run_config(cfg, run_dir),
-                  node_configs=node_configs(cfg, run_dir))
+                  node_configs=node_configs(cfg, run_dir), run_id=secrets.randbits(62) + 1)
 
 
 def app_directory() -> Path:

@@ -148,8 +148,9 @@ def parse_train_reply(content: RecordDict, cfg: SimulationConfig) -> TrainReply:
 
 def _parse_train(content: RecordDict, cfg: SimulationConfig) -> TrainReply:
     base = {keys.METRICS, keys.SITE, keys.PRIVACY}
-    if not base <= set(content.keys()):
-        _exact("the reply", content, base)
+    missing = sorted(base - set(content.keys()))
+    if missing:
+        raise ReplyRejected(f"malformed reply: the reply has missing {', '.join(map(repr, missing))}")
     priv = _record(content, keys.PRIVACY, ConfigRecord)
     status = priv.get(keys.STATUS)
     if status not in METRIC_KEYS:

@@ -81,6 +81,13 @@ def _check_model_dir(path: Path) -> dict[str, Any]:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"model.path {path}: model_type {model_type!r} is not a DeepSeek, Qwen2 (R1-Distill-Qwen) "
                          f"or Llama (R1-Distill-Llama) model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+    for key, value in raw.items():  # sizes must be positive and counts non-negative integers, checked up front
+        size = key.endswith(("_size", "_dim"))
+        count = key.endswith(("_rank", "_layers", "_heads", "_experts")) or key.startswith("num_")
+        if (size or count) and value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                                      or value < (1 if size else 0)):
+            raise ModelError(f"{cfg_file}: {key} = {value!r} is not a {'positive' if size else 'non-negative'} "
+                             "integer. Fix: restore the model's config.json (save_pretrained writes a valid one).")
     return raw
 
 
@@ -92,9 +99,10 @@ def load_local_model(path: str | Path) -> torch.nn.Module:
     _check_model_dir(p)
     try:
         model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model.path {p}: cannot load the weights ({e}). Fix: check the directory holds "
-                         "model.safetensors (or sharded safetensors) written by save_pretrained.") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"model.path {p}: cannot load the weights ({str(e)[:300]}). Fix: check the directory holds "
+                         "model.safetensors (or sharded safetensors) and the config.json written by save_pretrained.") \
+            from None
     return model.eval()
 
 
