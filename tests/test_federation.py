@@ -164,7 +164,7 @@ def test_malformed_replies_and_stolen_names_do_not_break_the_round(site_data, tm
         if int(msg.content[keys.CONFIG][keys.SERVER_ROUND]) == 1:
             del reply.content[keys.METRICS]
         else:
-            reply.content[keys.SITE] = ConfigRecord({keys.SITE_NAME: "site-0"})
+            reply.content[keys.SITE] = ConfigRecord({**dict(reply.content[keys.SITE]), keys.SITE_NAME: "site-0"})
         return reply
 
     monkeypatch.setattr(client_app, "handle_train", lying)

@@ -45,8 +45,24 @@ SITE_KEYS = frozenset((keys.SITE_NAME, keys.DATASET_FINGERPRINT))
 MAX_REASON = 4096
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-#: AdamW (betas 0.9, 0.999) moves a coordinate by at most lr * this per step (module docstring of update_bound)
+#: AdamW (betas 0.9, 0.999) moves a coordinate by at most lr * this per step, in the limit (see adam_movement)
 ADAM_STEP_BOUND = 0.1 / math.sqrt(0.001) / math.sqrt(1 - 0.9**2 / 0.999)
+
+
+def adam_movement(steps: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
+    """The most ``steps`` Adam steps can move one coordinate, in units of the learning rate (no weight decay).
+
+    At step t, m_t = (1 - b1) sum_k b1^k g_(t-k) and v_t = (1 - b2) sum_k b2^k g_(t-k)^2 over k < t, so by
+    Cauchy-Schwarz |m_t| / sqrt(v_t) <= (1 - b1) / sqrt(1 - b2) * sqrt(sum_(k<t) (b1^2 / b2)^k), with equality
+    for gradients growing like (b2 / b1)^t; the bias corrections multiply it by sqrt(1 - b2^t) / (1 - b1^t),
+    and Adam's eps only lowers it. Summed over the steps. It tends to 7.27 per step; early steps move at most
+    about one learning rate each.
+    """
+    t = np.arange(1, min(int(steps), 1_000_000) + 1, dtype=np.float64)
+    r = beta1**2 / beta2
+    partial = (1 - r**t) / (1 - r)
+    per_step = (1 - beta1) / math.sqrt(1 - beta2) * np.sqrt(partial) * np.sqrt(1 - beta2**t) / (1 - beta1**t)
+    return float(per_step.sum()) + max(0, int(steps) - 1_000_000) * ADAM_STEP_BOUND
 
 
 @dataclass(frozen=True)
@@ -235,19 +251,18 @@ def update_bound(cfg: SimulationConfig, server_round: int, global_state: Mapping
                  name: str) -> float:
     """The largest absolute value an honest site's decoded update can hold in tensor ``name``.
 
-    A site runs ``train.local_steps`` AdamW steps (betas 0.9, 0.999) at ``train.learning_rate``. With
-    m_t and v_t Adam's moment estimates, Cauchy-Schwarz gives |m_t| / sqrt(v_t) <= (1 - b1) / sqrt(1 - b2)
-    / sqrt(1 - b1^2 / b2) = 7.27, and the bias corrections multiply it by sqrt(1 - b2^t) / (1 - b1^t) <= 1,
-    so one step moves a coordinate by at most lr * 7.27 (plus lr * wd * |p| of decoupled weight decay),
-    whatever the gradients and the DP noise. Over ``steps`` steps: B = steps * lr * (7.27 + wd * (P + steps
-    * lr * 7.27)), P = the largest |value| of the global adapter. The codec adds at most half a dither step
+    A site runs ``train.local_steps`` AdamW steps (betas 0.9, 0.999) at ``train.learning_rate``, a fresh
+    optimizer each round: :func:`adam_movement` bounds how far they move a coordinate (M learning rates),
+    whatever the gradients and the DP noise, and decoupled weight decay adds at most lr * wd * |p| per step:
+    B = lr * M + steps * lr * wd * (P + lr * M), P = the largest |value| of the global adapter. The codec
+    adds at most half a dither step
     (k x RMS <= k B) or one blockwise-quantization step (<= B / (2^(bits-1) - 1)), and error feedback may
     carry what earlier rounds of this run left out (up to ``server_round`` x that). A 1% margin covers float
     rounding. ``federation.max_update_norm`` (an L2 cap on the whole update) is checked separately.
     """
     t = cfg.train
     p = max((float(np.max(np.abs(v))) for v in global_state.values() if v.size), default=0.0)
-    move = t.local_steps * t.learning_rate * ADAM_STEP_BOUND
+    move = t.learning_rate * adam_movement(t.local_steps)
     bound = move + t.local_steps * t.learning_rate * t.weight_decay * (p + move)
     ts = cfg.transport
     if ts.enabled:
