@@ -201,3 +201,20 @@ def test_dev_policy_writes_a_loadable_policy_and_never_overwrites(tmp_path):
     assert policy.measurements == {"software": (code_hash(),)} and policy.min_dp.max_epsilon == 2.0
     res = runner.invoke(app, ["attest", "dev-policy", "--out", str(out)])
     assert res.exit_code == 2 and "already exists" in res.output
+
+
+def test_the_shipped_site_yaml_is_a_complete_valid_site_policy():
+    from pathlib import Path
+
+    import dataclasses
+
+    from fedsecure.config import SiteLimits, SitePolicy, SiteSettings, from_mapping
+    from fedsecure.deploy.config import _SITE_KEYS
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "site.yaml").read_text())["site"]
+    assert set(doc) == _SITE_KEYS  # every key a site can set is shown to the operator
+    own = {k: doc[k] for k in ("dataset_id", "threads", "privacy", "limits", "storage", "attestation")}
+    settings = from_mapping(SiteSettings, own, "site.").validate()
+    # the shipped policy is the defaults, with the delta that site.yaml must state
+    assert settings.privacy == dataclasses.replace(SitePolicy(), max_delta=1e-5)
+    assert settings.limits == SiteLimits() and settings.attestation.provider == "software"
