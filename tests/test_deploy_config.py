@@ -204,9 +204,8 @@ def test_dev_policy_writes_a_loadable_policy_and_never_overwrites(tmp_path):
 
 
 def test_the_shipped_site_yaml_is_a_complete_valid_site_policy():
-    from pathlib import Path
-
     import dataclasses
+    from pathlib import Path
 
     from fedsecure.config import SiteLimits, SitePolicy, SiteSettings, from_mapping
     from fedsecure.deploy.config import _SITE_KEYS
