@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedsecure server client tests bench scripts
+	$(BIN)/mypy fedsecure/privacy fedsecure/crypto fedsecure/attestation fedsecure/transport
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_round.py
