@@ -23,8 +23,8 @@ from pathlib import Path
 import yaml
 
 from fedsecure.data.synth import synthesize
-from fedsecure.deploy.certs import init as certs_init
-from fedsecure.federation.engines import _stop, flower_env
+from fedsecure.launch.certs import init as certs_init
+from fedsecure.launch.engines import _stop, flower_env
 
 BIN = Path(sys.executable).parent
 TRIVIAL_SERVER = '''
@@ -154,7 +154,7 @@ def fedsecure(root: Path, rounds: int) -> float:
         (root / f"{s}.yaml").write_text(yaml.safe_dump({"site": {
             "name": s, "superlink": f"127.0.0.1:{port}", "tls_ca": "certs/ca.pem",
             "auth_key": f"certs/sites/{s}/auth.key", "data_dir": f"data/site-{i}", "state_dir": f"state/{s}",
-            "runtime_port": _port(), "privacy": {"max_epsilon": 3.0, "max_delta": 1e-5}}}))
+            "runtime_port": _port(), "privacy": {"epsilon_budget": 3.0, "delta": 1e-5}}}))
     t0 = time.perf_counter()
     srv = subprocess.Popen([str(BIN / "fedsecure"), "server", "-c", "coordinator.yaml"], cwd=root,
                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)

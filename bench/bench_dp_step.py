@@ -33,8 +33,8 @@ def run_mode(mode: str, preset: str, batch: int, steps: int, warmup: int) -> dic
     from fedsecure.data.dataset import TokenizedDataset, collate
     from fedsecure.data.synth import corpus
     from fedsecure.model import attach_lora, load_model_and_tokenizer
-    from fedsecure.privacy.dpsgd import _unwrap, _wrap
-    from fedsecure.training import per_sequence_loss, trainable_parameters
+    from fedsecure.training.dpsgd import _unwrap, _wrap
+    from fedsecure.training.local import per_sequence_loss, trainable_parameters
 
     torch.manual_seed(0)
     base, tok = load_model_and_tokenizer(ModelSettings(preset=preset))

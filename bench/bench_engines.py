@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from fedsecure.config import load_config
-from fedsecure.simulation import simulate
+from fedsecure.launch.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,8 +36,9 @@ def main() -> None:
     from fedsecure.data.dataset import TokenizedDataset
     from fedsecure.data.synth import corpus
     from fedsecure.model import adapter_state, attach_lora, load_model_and_tokenizer, set_adapter_state
-    from fedsecure.privacy.dpsgd import DPStepPlan, train_private
+    from fedsecure.privacy.guard import DPStepPlan
     from fedsecure.privacy.noise import SeededRandomness, SystemRandomness
+    from fedsecure.training.dpsgd import train_private
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fedsecure.config import load_config
-from fedsecure.simulation import simulate
+from fedsecure.launch.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsecure.config import TransportSettings, load_config
-from fedsecure.simulation import simulate
+from fedsecure.launch.simulate import simulate
 from fedsecure.transport.codec import decode, encode, expected_manifest
 from fedsecure.transport.session import uplink_policy
 

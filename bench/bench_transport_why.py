@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-import fedsecure.federation.client as client
+import fedsecure.federation.site as client
 from fedsecure.config import load_config
-from fedsecure.simulation import simulate
+from fedsecure.launch.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 

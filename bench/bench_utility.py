@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from fedsecure.config import load_config
-from fedsecure.simulation import simulate
+from fedsecure.launch.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 

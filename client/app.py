@@ -14,13 +14,13 @@ app = ClientApp()
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    from fedsecure.federation.client import handle_train as handler
+    from fedsecure.federation.site import handle_train as handler
 
     return handler(msg, context)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
-    from fedsecure.federation.client import handle_evaluate as handler
+    from fedsecure.federation.site import handle_evaluate as handler
 
     return handler(msg, context)
 

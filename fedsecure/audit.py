@@ -16,24 +16,13 @@ bytes: digests only).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
+from fedsecure._durable import GENESIS, append_line, canonical_json, chain_hash
 from fedsecure.errors import IntegrityError
-
-GENESIS = "0" * 64
-
-
-def _canonical(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-
-
-def _line_hash(entry: dict[str, Any]) -> str:
-    return hashlib.sha256(_canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
 
 
 def verify_log(path: str | Path) -> tuple[int, str]:
@@ -58,7 +47,7 @@ def verify_log(path: str | Path) -> tuple[int, str]:
         if entry["prev"] != prev:
             raise IntegrityError(f"{p}:{lineno}: 'prev' does not match the hash of the previous entry "
                                  "(an earlier entry was changed or removed)")
-        if _line_hash(entry) != entry["hash"]:
+        if chain_hash(entry) != entry["hash"]:
             raise IntegrityError(f"{p}:{lineno}: the entry's hash does not match its content (it was edited)")
         prev, seq = entry["hash"], entry["seq"]
     return seq, prev
@@ -81,16 +70,12 @@ class AuditLog:
         with self._lock:
             now = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
             entry = {"seq": self.count + 1, "time": now, "event": event, **fields, "prev": self.head}
-            entry["hash"] = _line_hash(entry)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            try:
-                os.write(fd, _canonical(entry) + b"\n")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            entry["hash"] = chain_hash(entry)
+            append_line(self.path, canonical_json(entry) + b"\n", mode=0o640)
             self.count, self.head = entry["seq"], entry["hash"]
             return self.head
 
     def entries(self) -> list[dict[str, Any]]:
+        """Every entry, after verifying the chain."""
         verify_log(self.path)
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []

@@ -4,9 +4,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsecure.config import SimulationConfig
-from fedsecure.federation.server import Coordinator
-from fedsecure.runs import RunDir
-from fedsecure.storage import coordinator_keyring
+from fedsecure.federation.coordinator import Coordinator
+from fedsecure.store.keyrings import coordinator_keyring
+from fedsecure.store.rundir import RunDir
 
 app = ServerApp()
 
@@ -15,6 +15,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = SimulationConfig.from_run_config(context.run_config)
     path = str(context.run_config["run-dir"])
-    run_dir = RunDir(path, coordinator_keyring(cfg, path), cfg.storage.chunk_size)
-    run_dir.write_config(cfg.to_dict())
+    run_dir = RunDir(path, coordinator_keyring(cfg.storage, path), cfg.storage.chunk_size)
+    if not (run_dir.path / "config.yaml").exists():  # `fedsecure simulate` wrote it, with the simulated sites
+        run_dir.write_config({k: v for k, v in cfg.to_dict().items() if k != "site"})  # no site setting here
     Coordinator(cfg, run_dir).run(grid)

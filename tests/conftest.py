@@ -43,7 +43,7 @@ def small_config(data_dir: Path | None = None, **sections: dict) -> SimulationCo
 def global_adapter(run_dir: Path, server_round: int):
     """The sealed global adapter of a finished run, opened with the run's coordinator keyring."""
     from fedsecure.crypto import read_keyring_file
-    from fedsecure.runs import RunDir
+    from fedsecure.store.rundir import RunDir
 
     ring_file = Path(run_dir) / "keys" / "coordinator.keyring.json"
     ring = read_keyring_file(ring_file) if ring_file.exists() else None

@@ -13,8 +13,9 @@ from fedsecure.attestation.protocol import dp_config_document
 from fedsecure.attestation.providers import SoftwareProvider
 from fedsecure.audit import verify_log
 from fedsecure.data.synth import synthesize
-from fedsecure.federation import client, keys, server
-from fedsecure.simulation import simulate
+from fedsecure.federation import coordinator, keys
+from fedsecure.federation import site as client
+from fedsecure.launch.simulate import simulate
 
 from .conftest import small_config
 
@@ -30,11 +31,11 @@ def dishonest_sites(monkeypatch, tmp_path):
     issued: dict[tuple[int, int], bytes] = {}  # (round, node) -> nonce, as the coordinator sent them
     seen: dict[str, bytes] = {}
     current: dict[str, str] = {}
-    real_per_node, real_attester, real_statement = (server.Coordinator._per_node, client._attester,
+    real_messages, real_attester, real_statement = (coordinator.Coordinator._messages, client._attester,
                                                     client.site_statement)
 
-    def per_node(self, template, state, arrays, server_round, challenge=False):
-        msgs = real_per_node(self, template, state, arrays, server_round, challenge)
+    def messages(self, nodes, kind, state, server_round, challenge=False):
+        msgs = real_messages(self, nodes, kind, state, server_round, challenge)
         for m in msgs:
             nonce = m.content[keys.CONFIG].get(keys.ATTEST_NONCE)
             if nonce is not None:
@@ -72,7 +73,7 @@ def dishonest_sites(monkeypatch, tmp_path):
             st = {**other, "evidence": st["evidence"]}  # evidence bound to the real key, another key presented
         return st
 
-    monkeypatch.setattr(server.Coordinator, "_per_node", per_node)
+    monkeypatch.setattr(coordinator.Coordinator, "_messages", messages)
     monkeypatch.setattr(client, "_attester", attester)
     monkeypatch.setattr(client, "site_statement", statement)
 
@@ -131,8 +132,8 @@ def test_retire_site_policy_stops_asking_a_failing_site(tmp_path, monkeypatch, s
 
 def test_coordinator_without_a_policy_refuses_to_start(tmp_path, site_data):
     from fedsecure.errors import ConfigError
-    from fedsecure.runs import RunDir
+    from fedsecure.store.rundir import RunDir
 
     cfg = small_config(site_data)  # attestation on, no policy (simulate would generate one)
     with pytest.raises(ConfigError, match="attestation.policy is not set"):
-        server.Coordinator(cfg, RunDir(tmp_path / "run"))
+        coordinator.Coordinator(cfg, RunDir(tmp_path / "run"))

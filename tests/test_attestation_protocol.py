@@ -3,6 +3,7 @@ policy, the audit log, and the providers (software, configfs-tsm, command, NVIDI
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import json
 import pathlib
@@ -12,8 +13,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+import fedsecure.attestation
+from fedsecure import config
+from fedsecure.attestation import base
 from fedsecure.attestation.evidence import Evidence, code_hash, detect, report_data
-from fedsecure.attestation.policy import MinDP, Policy, load_policy
+from fedsecure.attestation.inspect import describe
+from fedsecure.attestation.policy import MinDP, Policy, load_policy, policy_from_mapping
 from fedsecure.attestation.protocol import AttestationGate, dp_config_document, site_statement
 from fedsecure.attestation.providers import (
     CommandProvider,
@@ -21,6 +26,7 @@ from fedsecure.attestation.providers import (
     NvidiaGpuProvider,
     SoftwareProvider,
     load_or_create_ed25519,
+    make_provider,
 )
 from fedsecure.attestation.verify import SoftwareAttestationWarning, verify
 from fedsecure.audit import AuditLog, verify_log
@@ -431,6 +437,154 @@ def test_nvidia_gpu_provider_without_the_sdk_says_so():
         NvidiaGpuProvider().evidence(bytes(64))
     with pytest.raises(AttestationError, match="not installed"):
         verify(Evidence("nvidia-gpu", b"[]"), bytes(64), None)
+
+
+# ---------------------------------------------------------------------------- the registry
+def test_registered_providers_are_the_ones_the_config_accepts():
+    from fedsecure.attestation import providers
+
+    assert base.provider_names() == config.PROVIDERS
+    assert providers.PROVIDERS == config.PROVIDERS
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A throwaway copy of the registry, holding the real registrations; what a test adds goes with it."""
+    base.tee_names()  # the TEE modules have registered
+    monkeypatch.setattr(base, "REGISTRY", base.REGISTRY.copy())
+    return base.REGISTRY
+
+
+class _ToyProvider:
+    name = "toy"
+
+    def evidence(self, report_data: bytes) -> Evidence:
+        return Evidence("toy", b"TOY!" + report_data[:4], "toy")
+
+
+def test_one_registration_reaches_the_policy_envelopes_verifier_and_inspect(registry, tmp_path):
+    requests = []
+
+    def verify_toy(ev: Evidence, request: base.VerifyRequest) -> base.Claims:
+        requests.append(request)
+        measurement = ev.blob[:4].hex()
+        if request.allowed_measurements is not None and measurement not in request.allowed_measurements:
+            raise AttestationError(f"toy measurement {measurement} is not allowed")
+        return base.Claims("toy", measurement, ev.blob[4:].hex(), ev.provider)
+
+    base.register_tee(base.TeeInfo("toy", "a TEE for this test", measurement_hex=8, raw_format="a toy blob",
+                                   recognize=lambda data: data.startswith(b"TOY!")))
+    base.register_verifier("toy", verify_toy, describe=lambda ev: {"toy_bytes": len(ev.blob)})
+    base.register_provider("toy", lambda settings: _ToyProvider())
+    with pytest.raises(ValueError, match="TEE 'toy' is already registered"):
+        base.register_tee(base.TeeInfo("toy", "again"))
+    assert "toy" in base.tee_names() and "toy" in base.provider_names()
+
+    # the policy loader: the TEE type, and the length of its measurements
+    policy = policy_from_mapping({"measurements": {"toy": ["544f5921"]}, "code": [code_hash()]})
+    with pytest.raises(ConfigError, match="measurements.toy: ab... has 2 hex digits, 8 expected"):
+        policy_from_mapping({"measurements": {"toy": ["ab"]}, "code": [code_hash()]})
+    # envelopes and raw evidence
+    ev = make_provider("toy", state_dir=tmp_path).evidence(bytes(range(64)))
+    assert Evidence.from_bytes(ev.to_bytes()) == ev
+    assert detect(b"TOY!\x01").tee == "toy"
+    with pytest.raises(AttestationError, match=r"an SEV-SNP report \(1184 bytes\) or a toy blob"):
+        detect(b"\x00" * 100)
+    # the verifier dispatch, with the policy's allow-list for this TEE
+    claims = verify(ev, None, policy, V4_AT)
+    assert (claims.tee, claims.measurement, claims.report_data) == ("toy", "544f5921", "00010203")
+    assert requests[-1].allowed_measurements == ("544f5921",) and requests[-1].at == V4_AT
+    with pytest.raises(AttestationError, match="toy measurement 00000000 is not allowed"):
+        verify(Evidence("toy", bytes(8)), None, policy, V4_AT)
+    # inspect
+    assert describe(ev) == {"tee": "toy", "provider": "toy", "size": 8, "toy_bytes": 8, "aux": []}
+
+
+def test_an_unregistered_tee_is_refused_everywhere(registry):
+    with pytest.raises(AttestationError, match="unknown TEE type 'toy'"):
+        verify(Evidence("toy", b""), None, None)
+    with pytest.raises(AttestationError, match="evidence TEE type 'toy' is not one of tdx, sev-snp, nvidia-gpu, "
+                                               "software"):
+        Evidence.from_bytes(Evidence("toy", b"").to_bytes())
+    with pytest.raises(ConfigError, match="measurements.toy: unknown TEE type"):
+        policy_from_mapping({"measurements": {"toy": ["00"]}, "code": [code_hash()]})
+    with pytest.raises(AttestationError, match="unknown attestation provider 'toy'. Fix: use one of software, tdx"):
+        make_provider("toy", state_dir=".")
+    with pytest.raises(ValueError, match="register the facts of TEE 'toy'"):
+        base.register_verifier("toy", lambda ev, request: base.Claims("toy", "", ""))
+
+
+ATTESTATION = Path(fedsecure.attestation.__file__).resolve().parent
+#: modules outside tee/ that belong to one side (tee/ modules are classified by what they register)
+SITE = {"fedsecure.attestation.providers", "fedsecure.attestation.keys"}
+COORDINATOR = {"fedsecure.attestation.verify", "fedsecure.attestation.policy", "fedsecure.attestation.inspect"}
+SHARED = {"fedsecure.attestation.base", "fedsecure.attestation.evidence"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ATTESTATION.parents[1]).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _static_imports(path: Path, known: set[str]) -> set[str]:
+    """The fedsecure.attestation modules ``path`` imports anywhere (function-level imports included)."""
+    package = _module_name(path).split(".") if path.name == "__init__.py" else _module_name(path).split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            prefix = ".".join(package[:len(package) - node.level + 1] if node.level else [])
+            module = ".".join(p for p in (prefix, node.module or "") if p)
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {n for n in names if n in known}
+    return found
+
+
+def _registers(path: Path) -> set[str]:
+    calls = {getattr(n.func, "id", getattr(n.func, "attr", None)) for n in ast.walk(ast.parse(path.read_text()))
+             if isinstance(n, ast.Call)}
+    return {side for side, fn in (("site", "register_provider"), ("coordinator", "register_verifier")) if fn in calls}
+
+
+def test_site_and_coordinator_modules_meet_only_in_base_and_evidence():
+    paths = {_module_name(p): p for p in ATTESTATION.rglob("*.py")}
+    imports = {m: _static_imports(p, set(paths)) for m, p in paths.items()}
+    sides = {m: _registers(p) for m, p in paths.items() if ".tee." in m}
+    sides |= {m: {"site"} for m in SITE} | {m: {"coordinator"} for m in COORDINATOR}
+    site = {m for m, s in sides.items() if s == {"site"}}
+    coordinator = {m for m, s in sides.items() if s == {"coordinator"}}
+    tee = "fedsecure.attestation.tee."
+    assert {tee + "configfs", tee + "command"} <= site and {tee + "tdx", tee + "sevsnp"} <= coordinator
+    assert sides[tee + "software"] == sides[tee + "nvidia_gpu"] == {"site", "coordinator"}
+
+    def reach(module: str) -> dict[str, list[str]]:
+        """Every module ``module`` imports, directly or not, with one import chain to it."""
+        chains, todo = {module: [module]}, [module]
+        while todo:
+            m = todo.pop()
+            for n in sorted(imports.get(m, ())):
+                if n not in chains:
+                    chains[n] = chains[m] + [n]
+                    todo.append(n)
+        return chains
+
+    for module in sorted(paths):
+        chains = reach(module)
+        if module in site:
+            bad = coordinator & set(chains)
+        elif module in coordinator:
+            bad = site & set(chains)
+        elif module in SHARED:
+            bad = (site | coordinator | {m for m in sides if ".tee." in m}) & set(chains)
+        else:
+            bad = set()
+        assert not bad, f"{module} imports the other side: {[' -> '.join(chains[b]) for b in sorted(bad)]}"
+        if ".tee." in module:  # a TEE module uses the registry, never the dispatchers that read it
+            dispatchers = COORDINATOR | {"fedsecure.attestation.protocol", "fedsecure.attestation.providers"}
+            assert not (set(chains) & dispatchers), f"{module} imports {sorted(set(chains) & dispatchers)}"
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from fedsecure.attestation.sevsnp import SIGNED_END, _spki_sha256, parse_report, verify
+from fedsecure.attestation.tee.sevsnp import SIGNED_END, _spki_sha256, parse_report, verify
 from fedsecure.errors import AttestationError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "attestation"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from fedsecure.attestation.tdx import HEADER, TD10_BODY, parse_quote, verify
+from fedsecure.attestation.tee.tdx import HEADER, TD10_BODY, parse_quote, verify
 from fedsecure.errors import AttestationError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "attestation"

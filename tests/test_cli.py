@@ -91,15 +91,16 @@ def test_a_model_config_with_a_negative_size_is_refused(tmp_path):
 
 
 def test_a_simulation_whose_sites_would_refuse_the_run_fails_before_any_work(tmp_path):
-    _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(tmp_path), "--set", "privacy.epsilon=5"]),
-                    "the simulated sites would refuse this run: privacy.epsilon: the run asks for 5 but this site "
-                    "allows at most 3 (site.privacy.max_epsilon)")
+    _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(tmp_path), "--set",
+                                        "privacy.epsilon_budget=5"]),
+                    "the simulated sites would refuse this run: privacy.epsilon_budget: the run asks for 5 but this "
+                    "site allows at most 3 (site.privacy.epsilon_budget)")
     _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(tmp_path), "--set", "privacy.enabled=false"]),
                     "privacy.enabled: the run asks for false")
     _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(tmp_path), "--set", "privacy.delta=0.008",
                                         "--set", "data.records_per_site=200"]),
                     "privacy.delta: the run asks for 0.008 but this site allows at most 1e-05")
     _one_line_error(runner.invoke(app, ["simulate", "--runs-dir", str(tmp_path), "--set", "privacy.delta=0.008",
-                                        "--set", "data.records_per_site=200", "--set", "site.privacy.max_delta=0.009"]),
+                                        "--set", "data.records_per_site=200", "--set", "site.privacy.delta=0.009"]),
                     "delta 0.009 is not below 1/N = 1/160")
     assert not list(tmp_path.iterdir())  # refused before a run directory was made

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from fedsecure.cli import app
 from fedsecure.data.synth import synthesize
-from fedsecure.deploy.certs import init
-from fedsecure.deploy.config import load_coordinator_config, load_site_config, write_node_config
 from fedsecure.errors import ConfigError, KeyMaterialError
+from fedsecure.launch.certs import init
+from fedsecure.launch.deploy_config import load_coordinator_config, load_site_config, write_node_config
 
 
 def test_certs_init_makes_a_ca_a_server_cert_and_site_keys(tmp_path):
@@ -70,7 +70,7 @@ def consortium(tmp_path):
              "federation": {"rounds": 2}}
     site = {"site": {"name": "a", "superlink": "localhost:9999", "tls_ca": "certs/ca.pem",
                      "auth_key": "certs/sites/a/auth.key", "data_dir": "data/site-0", "state_dir": "state/a",
-                     "privacy": {"max_epsilon": 1.5, "max_delta": 1e-5}}}
+                     "privacy": {"epsilon_budget": 1.5, "delta": 1e-5}}}
     return tmp_path, coord, site
 
 
@@ -112,7 +112,7 @@ def test_site_config_builds_the_node_config(consortium):
     sc = load_site_config(_write(root / "s.yaml", site))
     node = sc.node_config
     assert node["site.name"] == "a" and node["site.data_dir"] == str(root / "data" / "site-0")
-    assert node["site.state_dir"] == str(root / "state" / "a") and node["site.privacy.max_epsilon"] == 1.5
+    assert node["site.state_dir"] == str(root / "state" / "a") and node["site.privacy.epsilon_budget"] == 1.5
     assert node["site.privacy.dp_required"] is True and node["site.simulated"] is False
     # the node config travels as a TOML file, read back exactly as flower-supernode reads it
     path = write_node_config(root / "node.toml", node)
@@ -130,14 +130,14 @@ def test_site_config_builds_the_node_config(consortium):
     (lambda s: s["site"].update(attestation={"provider": "sgx"}), "site.attestation.provider: must be one of"),
     (lambda s: s["site"].update(attestation_provider="sgx"), "site.attestation_provider: this key moved to "
                                                              "site.attestation.provider"),
-    (lambda s: s["site"].update(epsilon=1.0), "site.epsilon: this key moved to site.privacy.max_epsilon"),
+    (lambda s: s["site"].update(epsilon=1.0), "site.epsilon: this key moved to site.privacy.epsilon_budget"),
     (lambda s: s["site"].update(name="a b"), "site.name"),
-    (lambda s: s["site"].pop("privacy"), "site.privacy: the site's own privacy policy must set max_epsilon"),
-    (lambda s: s["site"]["privacy"].update(max_epsilon=-1), r"site.privacy.max_epsilon: must be a finite"),
-    (lambda s: s["site"]["privacy"].update(max_epsilon=float("nan")), r"site.privacy.max_epsilon: must be a fin"),
-    (lambda s: s["site"]["privacy"].update(max_epsilon=float("inf")), r"site.privacy.max_epsilon: must be a fin"),
-    (lambda s: s["site"]["privacy"].update(max_delta=0.5), r"site.privacy.max_delta: must be in \(0, 0.01\)"),
-    (lambda s: s["site"]["privacy"].update(max_delta=None), r"site.privacy.max_delta: must be a number below 1/N"),
+    (lambda s: s["site"].pop("privacy"), "site.privacy: the site's own privacy policy must set epsilon_budget"),
+    (lambda s: s["site"]["privacy"].update(epsilon_budget=-1), r"site.privacy.epsilon_budget: must be a finite"),
+    (lambda s: s["site"]["privacy"].update(epsilon_budget=float("nan")), r"site.privacy.epsilon_budget: must be a fin"),
+    (lambda s: s["site"]["privacy"].update(epsilon_budget=float("inf")), r"site.privacy.epsilon_budget: must be a fin"),
+    (lambda s: s["site"]["privacy"].update(delta=0.5), r"site.privacy.delta: must be in \(0, 0.01\)"),
+    (lambda s: s["site"]["privacy"].update(delta=None), r"site.privacy.delta: must be a number below 1/N"),
     (lambda s: s["site"]["privacy"].update(min_sigma=0.01), r"site.privacy.min_sigma: must be in \[0.3, 50\]"),
     (lambda s: s["site"]["privacy"].update(accountants=["gdp"]), "can under-report epsilon"),
     (lambda s: s["site"]["privacy"].update(noise_seed=3), "site.privacy.noise_seed: unknown key"),
@@ -155,14 +155,14 @@ def test_site_config_errors(consortium, change, match):
 def test_site_delta_must_be_below_one_over_its_records(consortium):
     root, _, site = consortium
     synthesize(root / "big", sites=1, records_per_site=250, eval_fraction=0.2, seed=2)
-    site["site"].update(data_dir="big/site-0", privacy={"max_epsilon": 3.0, "max_delta": 0.009})
+    site["site"].update(data_dir="big/site-0", privacy={"epsilon_budget": 3.0, "delta": 0.009})
     with pytest.raises(ConfigError, match=r"delta 0.009 is not below 1/N = 1/200 = 0.005.*publishing one random "
                                           r"record outright.*Fix: use delta <= 1/\(10 N\), e.g. 5.0e-04"):
         load_site_config(_write(root / "s.yaml", site))
     (root / "empty").mkdir()
     (root / "empty" / "train.jsonl").write_text("")
     (root / "empty" / "eval.jsonl").write_text('{"text": "x"}\n')
-    site["site"].update(data_dir="empty", privacy={"max_epsilon": 3.0, "max_delta": 1e-5})
+    site["site"].update(data_dir="empty", privacy={"epsilon_budget": 3.0, "delta": 1e-5})
     from fedsecure.errors import DataError
 
     with pytest.raises(DataError, match="train.jsonl: no records"):
@@ -171,7 +171,7 @@ def test_site_delta_must_be_below_one_over_its_records(consortium):
 
 def test_coordinator_config_holds_no_site_settings(consortium):
     root, coord, _ = consortium
-    coord["site"] = {"privacy": {"max_epsilon": 100}}
+    coord["site"] = {"privacy": {"epsilon_budget": 100}}
     with pytest.raises(ConfigError, match="a coordinator config holds no site settings"):
         load_coordinator_config(_write(root / "c.yaml", coord))
 
@@ -208,12 +208,12 @@ def test_the_shipped_site_yaml_is_a_complete_valid_site_policy():
     from pathlib import Path
 
     from fedsecure.config import SiteLimits, SitePolicy, SiteSettings, from_mapping
-    from fedsecure.deploy.config import _SITE_KEYS
+    from fedsecure.launch.deploy_config import _SITE_KEYS
 
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "site.yaml").read_text())["site"]
     assert set(doc) == _SITE_KEYS  # every key a site can set is shown to the operator
     own = {k: doc[k] for k in ("dataset_id", "threads", "privacy", "limits", "storage", "attestation")}
     settings = from_mapping(SiteSettings, own, "site.").validate()
     # the shipped policy is the defaults, with the delta that site.yaml must state
-    assert settings.privacy == dataclasses.replace(SitePolicy(), max_delta=1e-5)
+    assert settings.privacy == dataclasses.replace(SitePolicy(), delta=1e-5)
     assert settings.limits == SiteLimits() and settings.attestation.provider == "software"

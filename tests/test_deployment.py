@@ -19,9 +19,9 @@ import yaml
 
 from fedsecure.config import SimulationConfig
 from fedsecure.data.synth import synthesize
-from fedsecure.deploy.certs import init as certs_init
-from fedsecure.federation.engines import _descendants, _stop
-from fedsecure.simulation import simulate
+from fedsecure.launch.certs import init as certs_init
+from fedsecure.launch.engines import _descendants, _stop
+from fedsecure.launch.simulate import simulate
 
 from .conftest import global_adapter
 
@@ -60,7 +60,7 @@ class Deployment:
                                                      "join_timeout_s": 120},
                            "data": {"max_length": 48}, "train": {"local_steps": 2, "batch_size": 8},
                            "privacy": {"enabled": private}, "attestation": {"policy": "policy.yaml"}}
-        self.site_privacy = {"max_epsilon": 3.0, "max_delta": 1e-5, "dp_required": private}
+        self.site_privacy = {"epsilon_budget": 3.0, "delta": 1e-5, "dp_required": private}
         server = {"run_dir": "run", "host": "127.0.0.1", "port": self.port, "tls_ca": "certs/ca.pem",
                   "tls_cert": "certs/coordinator.pem", "tls_key": "certs/coordinator.key",
                   "sites": {s: f"certs/sites/{s}/auth.pub" for s in ("site-0", "site-1")}}

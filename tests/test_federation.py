@@ -8,9 +8,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsecure.federation import keys
+from fedsecure.federation.aggregate import Update, weighted_mean
 from fedsecure.federation.records import from_array_record, to_array_record
-from fedsecure.federation.server import SiteOrderedFedAvg
-from fedsecure.simulation import simulate
+from fedsecure.launch.simulate import simulate
 
 from .conftest import global_adapter, small_config
 
@@ -25,22 +25,24 @@ def _reply(name: str, delta: np.ndarray, n: int) -> Message:
 
 
 def test_fedavg_weights_deltas_by_record_count():
-    strategy = SiteOrderedFedAvg(arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
-    replies = [_reply("b", np.full(3, 1.0, np.float32), 30), _reply("a", np.full(3, 5.0, np.float32), 10)]
-    agg, metrics = strategy.aggregate_train(1, replies)
-    w = from_array_record(agg)["w"]
+    updates = [Update("b", 30, {"w": np.full(3, 1.0, np.float32)}), Update("a", 10, {"w": np.full(3, 5.0, np.float32)})]
+    w = weighted_mean(updates)["w"]
     np.testing.assert_allclose(w, np.full(3, (1.0 * 30 + 5.0 * 10) / 40), rtol=1e-6)
-    assert metrics[keys.TRAIN_LOSS] == pytest.approx(1.0)
+    assert w.dtype == np.float32
 
 
-def test_aggregate_is_independent_of_delivery_order():
-    strategy = SiteOrderedFedAvg(arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG)
+def test_aggregate_is_independent_of_delivery_order_and_equals_flowers_fedavg():
+    from flwr.serverapp.strategy import FedAvg
+
     rng = np.random.default_rng(1)
     deltas = [rng.standard_normal(1000).astype(np.float32) * 10.0 ** rng.integers(-4, 4) for _ in range(5)]
-    replies = [_reply(f"site-{i}", d, 10 + i) for i, d in enumerate(deltas)]
-    a = from_array_record(strategy.aggregate_train(1, replies)[0])["w"]
-    b = from_array_record(strategy.aggregate_train(1, replies[::-1])[0])["w"]
+    updates = [Update(f"site-{i}", 10 + i, {"w": d}) for i, d in enumerate(deltas)]
+    a, b = weighted_mean(updates)["w"], weighted_mean(updates[::-1])["w"]
     assert np.array_equal(a, b)
+    # bit for bit what Flower's FedAvg computes from the same replies in site order
+    replies = [_reply(u.site, u.delta["w"], u.weight) for u in updates]
+    flower, _ = FedAvg(arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG).aggregate_train(1, replies)
+    assert np.array_equal(a, from_array_record(flower)["w"])
 
 
 def test_inprocess_simulation_writes_the_run_directory(site_data, tmp_path):
@@ -121,19 +123,19 @@ def test_a_site_that_never_answers_is_dropped_and_gets_a_full_adapter_when_back(
     from flwr.supercore.task_identity import TaskIdentity
 
     from client.app import app as client_app
-    from fedsecure.federation.engines import node_configs, run_config
+    from fedsecure.federation.coordinator import Coordinator
     from fedsecure.federation.inprocess import InProcessGrid
-    from fedsecure.federation.server import Coordinator
-    from fedsecure.runs import RunDir
-    from fedsecure.simulation import prepare
-    from fedsecure.storage import coordinator_keyring
+    from fedsecure.launch.engines import node_configs, run_config
+    from fedsecure.launch.simulate import prepare
+    from fedsecure.store.keyrings import coordinator_keyring
+    from fedsecure.store.rundir import RunDir
 
     cfg, run = prepare(small_config(site_data, federation={"rounds": 2}), tmp_path / "run")
     rc = run_config(cfg, run.path)
     grid = InProcessGrid(client_app, node_configs(cfg, run.path), rc)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
     silent = sorted(grid.get_node_ids())[1]
-    coordinator = Coordinator(cfg, RunDir(run.path, coordinator_keyring(cfg, run.path)))
+    coordinator = Coordinator(cfg, RunDir(run.path, coordinator_keyring(cfg.storage, run.path)))
 
     real_send = grid.send_and_receive
     calls = {"n": 0}
@@ -155,7 +157,7 @@ def test_malformed_replies_and_stolen_names_do_not_break_the_round(site_data, tm
     """site-1 answers training without metrics (round 1) and claims site-0's name (round 2): the coordinator
     rejects the first, keeps the second under site-1's own name, and the run goes on."""
     import client.app as client_app
-    from fedsecure.federation.client import handle_train
+    from fedsecure.federation.site import handle_train
 
     def lying(msg, context):
         reply = handle_train(msg, context)

@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from fedsecure.simulation import simulate
+from fedsecure.launch.simulate import simulate
 
 from .conftest import global_adapter, small_config
 

@@ -134,8 +134,8 @@ def test_hostile_sites_neither_stop_the_run_nor_move_the_global_adapter(site_dat
     rejected and audited for its own reason, and only site-0's update moves the global adapter."""
     import client.app as client_app
     from fedsecure.data.synth import synthesize
-    from fedsecure.federation.client import handle_train
-    from fedsecure.simulation import simulate
+    from fedsecure.federation.site import handle_train
+    from fedsecure.launch.simulate import simulate
     from fedsecure.transport.session import site_encode
 
     def hostile(msg, context):

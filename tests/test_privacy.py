@@ -20,11 +20,11 @@ from fedsecure.data.dataset import TokenizedDataset, collate
 from fedsecure.errors import ConfigError, LedgerError
 from fedsecure.model import adapter_state, attach_lora, load_model_and_tokenizer, set_adapter_state
 from fedsecure.privacy.accounting import Spend, calibrate_noise, default_delta, epsilon_of
-from fedsecure.privacy.dpsgd import DPStepPlan, _unwrap, _wrap, train_private
+from fedsecure.privacy.guard import Approval, DPStepPlan, Refusal, SitePrivacyGuard
 from fedsecure.privacy.ledger import PrivacyLedger, ledger_path
 from fedsecure.privacy.policy import Terms
-from fedsecure.privacy.site import Approval, Refusal, SitePrivacyGuard
-from fedsecure.training import per_sequence_loss
+from fedsecure.training.dpsgd import _unwrap, _wrap, train_private
+from fedsecure.training.local import per_sequence_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_default_delta():
        prior=st.sampled_from([0, 1]))
 def test_calibrated_sigma_never_overshoots(eps, q, steps, prior):
     spent = [Spend(3.0, q, 20)] * prior
-    sigma = calibrate_noise(target_epsilon=eps, delta=1e-5, spent=spent, q=q, steps=steps, accountant="prv")
+    sigma = calibrate_noise(epsilon_budget=eps, delta=1e-5, spent=spent, q=q, steps=steps, accountant="prv")
     if sigma is None:  # the prior spend alone may exceed a small target
         assert epsilon_of([*spent, Spend(64.0, q, steps)], 1e-5) > eps
         return
@@ -129,7 +129,7 @@ def test_calibrated_sigma_never_overshoots(eps, q, steps, prior):
 
 
 def test_calibration_reports_an_exhausted_budget():
-    assert calibrate_noise(target_epsilon=0.5, delta=1e-5, spent=[Spend(0.5, 0.5, 100)], q=0.1, steps=10) is None
+    assert calibrate_noise(epsilon_budget=0.5, delta=1e-5, spent=[Spend(0.5, 0.5, 100)], q=0.1, steps=10) is None
 
 
 # --------------------------------------------------------------------------- ledger
@@ -138,7 +138,7 @@ def _ledger(tmp_path, n=3, dataset="ab" * 32) -> PrivacyLedger:
     for r in range(1, n + 1):
         spends = [*led.spends, Spend(1.0, 0.1, 10)]
         led.append(run_id="run", server_round=r, spend=Spend(1.0, 0.1, 10), delta=1e-5, accountant="prv",
-                   max_grad_norm=1.0, epsilon_after=epsilon_of(spends, 1e-5), budget_epsilon=10.0)
+                   max_grad_norm=1.0, epsilon_after=epsilon_of(spends, 1e-5), epsilon_budget=10.0)
     return led
 
 
@@ -207,7 +207,7 @@ def test_ledger_of_another_dataset_is_not_accepted(tmp_path):
 
 # --------------------------------------------------------------------------- the site guard
 def _terms(**kw) -> Terms:
-    base = dict(private=True, epsilon=3.0, delta=1e-5, clip=1.0, sigma=None, min_sigma=0.3, accountant="prv",
+    base = dict(private=True, epsilon_budget=3.0, delta=1e-5, clip=1.0, sigma=None, min_sigma=0.3, accountant="prv",
                 steps=10, batch_size=10)
     return Terms(**{**base, **kw})
 
@@ -216,7 +216,7 @@ def test_fixed_sigma_guard_refuses_exactly_the_overspending_round(tmp_path):
     q, steps = 0.1, 10
     eps2, eps3 = (epsilon_of([Spend(1.0, q, steps * r)], 1e-5) for r in (2, 3))
     budget = (eps2 + eps3) / 2
-    guard = SitePrivacyGuard(_terms(epsilon=budget, sigma=1.0), state_dir=tmp_path, dataset="ee" * 32,
+    guard = SitePrivacyGuard(_terms(epsilon_budget=budget, sigma=1.0), state_dir=tmp_path, dataset="ee" * 32,
                              num_records=100)
     for r in (1, 2):
         decision = guard.plan(server_round=r, rounds_total=5)
@@ -232,11 +232,11 @@ def test_fixed_sigma_guard_refuses_exactly_the_overspending_round(tmp_path):
 
 
 def test_switching_accountants_never_lowers_the_epsilon_spent(tmp_path):
-    rdp = SitePrivacyGuard(_terms(epsilon=50.0, sigma=0.8, accountant="rdp"), state_dir=tmp_path,
+    rdp = SitePrivacyGuard(_terms(epsilon_budget=50.0, sigma=0.8, accountant="rdp"), state_dir=tmp_path,
                            dataset="aa" * 32, num_records=100)
     first = rdp.plan(server_round=1, rounds_total=2)
     rdp.record(first, run_id="r", server_round=1)
-    prv = SitePrivacyGuard(_terms(epsilon=50.0, sigma=0.8, accountant="prv"), state_dir=tmp_path,
+    prv = SitePrivacyGuard(_terms(epsilon_budget=50.0, sigma=0.8, accountant="prv"), state_dir=tmp_path,
                            dataset="aa" * 32, num_records=100)
     # PRV alone would count less for the same history; the site keeps the larger (RDP) bound
     history = [Spend(0.8, 0.1, 10)]
@@ -249,7 +249,7 @@ def test_switching_accountants_never_lowers_the_epsilon_spent(tmp_path):
 
 
 def test_a_sigma_below_the_policy_minimum_is_never_used(tmp_path):
-    guard = SitePrivacyGuard(_terms(epsilon=50.0, min_sigma=0.8), state_dir=tmp_path, dataset="bb" * 32,
+    guard = SitePrivacyGuard(_terms(epsilon_budget=50.0, min_sigma=0.8), state_dir=tmp_path, dataset="bb" * 32,
                              num_records=100)
     decision = guard.plan(server_round=1, rounds_total=1, sigma_hint=0.4)  # e.g. a stored plan of a looser policy
     assert isinstance(decision, Approval) and decision.plan.sigma >= 0.8
@@ -318,9 +318,9 @@ from .conftest import site_ledger_entries, small_config  # noqa: E402
 def _sim(cfg, run_dir, node_overrides=None):
     """Simulate in process; ``node_overrides`` maps a site index to node-config keys of its own settings."""
     from client.app import app as client_app
-    from fedsecure.federation.engines import node_configs, run_config
     from fedsecure.federation.inprocess import run_inprocess
-    from fedsecure.simulation import prepare
+    from fedsecure.launch.engines import node_configs, run_config
+    from fedsecure.launch.simulate import prepare
     from server.app import app as server_app
 
     cfg, run = prepare(cfg, run_dir)
@@ -355,9 +355,9 @@ def _budget_for_two_rounds(q: float, steps: int) -> float:
 def test_small_budget_site_is_retired_at_the_round_it_would_overspend(site_data, tmp_path):
     # fixed sigma; the run asks for no budget of its own (each site's), and site-1's own policy is small
     cfg = small_config(site_data, federation={"rounds": 4}, privacy={"noise_multiplier": 1.0, "delta": 1e-5},
-                       site={"privacy": {"max_epsilon": 50.0}})
+                       site={"privacy": {"epsilon_budget": 50.0}})
     small = _budget_for_two_rounds(8 / 96, 4)
-    summary = _sim(cfg, tmp_path / "run", {1: {"site.privacy.max_epsilon": small}})
+    summary = _sim(cfg, tmp_path / "run", {1: {"site.privacy.epsilon_budget": small}})
     s1 = summary["privacy"]["sites"]["site-1"]
     assert s1["status"] == "exhausted" and s1["rounds_trained"] == [1, 2] and s1["refused_rounds"] == [3]
     assert s1["epsilon_spent"] <= small
@@ -370,7 +370,8 @@ def test_small_budget_site_is_retired_at_the_round_it_would_overspend(site_data,
 
 def test_run_ends_cleanly_when_every_site_is_exhausted(site_data, tmp_path):
     cfg = small_config(site_data, federation={"rounds": 4},
-                       privacy={"noise_multiplier": 1.0, "epsilon": _budget_for_two_rounds(8 / 96, 4), "delta": 1e-5})
+                       privacy={"noise_multiplier": 1.0, "epsilon_budget": _budget_for_two_rounds(8 / 96, 4),
+                                "delta": 1e-5})
     summary = _sim(cfg, tmp_path / "run")
     assert summary["stopped"] == "privacy budget exhausted at too many sites"
     assert summary["rounds_completed"] == 2
@@ -381,15 +382,15 @@ def test_run_ends_cleanly_when_every_site_is_exhausted(site_data, tmp_path):
 
 def test_a_restarted_site_continues_its_epsilon(site_data, tmp_path):
     state = tmp_path / "state"
-    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0, "delta": 1e-5},
-                       site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0}})
+    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon_budget": 20.0, "delta": 1e-5},
+                       site={"state_dir": str(state), "privacy": {"epsilon_budget": 20.0}})
     first = _sim(cfg, tmp_path / "run1")["privacy"]["sites"]["site-0"]["epsilon_spent"]
     second = _sim(cfg, tmp_path / "run2")["privacy"]["sites"]["site-0"]["epsilon_spent"]
     assert second > first > 0
     assert second == pytest.approx(epsilon_of([Spend(1.5, 8 / 96, 8)], 1e-5), rel=1e-9)
     # a calibrated run on a dataset that already spent its budget trains nothing
-    spent = small_config(site_data, privacy={"epsilon": second * 0.99, "delta": 1e-5},
-                         site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0}})
+    spent = small_config(site_data, privacy={"epsilon_budget": second * 0.99, "delta": 1e-5},
+                         site={"state_dir": str(state), "privacy": {"epsilon_budget": 20.0}})
     summary = _sim(spent, tmp_path / "run3")
     assert summary["privacy"]["sites"]["site-0"]["refused_rounds"] == [1]
     assert summary["stopped"] == "privacy budget exhausted at too many sites"
@@ -397,8 +398,8 @@ def test_a_restarted_site_continues_its_epsilon(site_data, tmp_path):
 
 def test_a_tampered_ledger_stops_that_site_with_a_clear_reason(site_data, tmp_path):
     state = tmp_path / "state"
-    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0},
-                       site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0},
+    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon_budget": 20.0},
+                       site={"state_dir": str(state), "privacy": {"epsilon_budget": 20.0},
                              "storage": {"seal": False}})  # a plain ledger, edited by hand (sealed: test_storage)
     _sim(cfg, tmp_path / "run1")
     ledger = next((state / "site-0").glob("privacy-ledger-*.jsonl"))
@@ -414,14 +415,14 @@ def test_a_tampered_ledger_stops_that_site_with_a_clear_reason(site_data, tmp_pa
 
 def test_killing_a_site_between_training_and_sending_keeps_the_spend(site_data, tmp_path):
     cfg = small_config(site_data, federation={"sites": 1, "min_sites": 1},
-                       privacy={"noise_multiplier": 1.0, "epsilon": 20.0},
-                       site={"state_dir": str(tmp_path / "state"), "privacy": {"max_epsilon": 20.0}})
+                       privacy={"noise_multiplier": 1.0, "epsilon_budget": 20.0},
+                       site={"state_dir": str(tmp_path / "state"), "privacy": {"epsilon_budget": 20.0}})
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     script = textwrap.dedent(f"""
         import json, os, sys
         sys.path.insert(0, {str(ROOT)!r})
-        import fedsecure.federation.client as client
+        import fedsecure.federation.site as client
         def crash(*a, **k):   # the process dies after training, while the update is being encoded
             os._exit(17)
         client._encode_update = crash
@@ -465,8 +466,8 @@ def test_a_pinned_dataset_id_keeps_charging_the_same_ledger_when_the_data_change
     data = tmp_path / "data"
     shutil.copytree(site_data, data)
     state = tmp_path / "state"
-    cfg = small_config(data, federation={"sites": 1}, privacy={"noise_multiplier": 1.5, "epsilon": 20.0},
-                       site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0}})
+    cfg = small_config(data, federation={"sites": 1}, privacy={"noise_multiplier": 1.5, "epsilon_budget": 20.0},
+                       site={"state_dir": str(state), "privacy": {"epsilon_budget": 20.0}})
     nodes = {0: {"site.dataset_id": "st-agnes-notes"}}
     first = _sim(cfg, tmp_path / "run1", nodes)["privacy"]["sites"]["site-0"]["epsilon_spent"]
     with (data / "site-0" / "train.jsonl").open("a") as f:

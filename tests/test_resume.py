@@ -11,8 +11,9 @@ import yaml
 
 from fedsecure.config import SimulationConfig
 from fedsecure.errors import ConfigError
-from fedsecure.federation import engines, server
-from fedsecure.simulation import simulate
+from fedsecure.federation import checkpoint, coordinator
+from fedsecure.launch import engines
+from fedsecure.launch.simulate import simulate
 
 from .conftest import global_adapter, small_config
 
@@ -26,21 +27,23 @@ class Crash(RuntimeError):
 @pytest.mark.slow
 def test_restarted_coordinator_resumes_after_the_last_completed_round(tmp_path, site_data, monkeypatch):
     cfg = small_config(site_data, federation={"rounds": 3}, train={"local_steps": 2})
-    real = server.SiteOrderedFedAvg.aggregate_train
+    real = coordinator.weighted_mean
+    calls = []
 
-    def crash_in_round_2(self, server_round, replies):
-        if server_round == 2:
+    def crash_in_round_2(updates):
+        calls.append(len(updates))
+        if len(calls) == 2:  # the second aggregation is round 2's
             raise Crash("coordinator killed during round 2")
-        return real(self, server_round, replies)
+        return real(updates)
 
-    monkeypatch.setattr(server.SiteOrderedFedAvg, "aggregate_train", crash_in_round_2)
+    monkeypatch.setattr(coordinator, "weighted_mean", crash_in_round_2)
     run = tmp_path / "run"
     with pytest.raises(Crash):
         simulate(cfg, run_dir=run)
-    checkpoint = json.loads((run / server.CHECKPOINT).read_text())
-    assert checkpoint["round"] == 1
+    state = json.loads((run / checkpoint.CHECKPOINT).read_text())
+    assert state["round"] == 1
     r1 = global_adapter(run, 1)
-    monkeypatch.setattr(server.SiteOrderedFedAvg, "aggregate_train", real)
+    monkeypatch.setattr(coordinator, "weighted_mean", real)
 
     prepared = SimulationConfig.from_mapping(yaml.safe_load((run / "config.yaml").read_text()))
     engines.run_inprocess_engine(prepared, run)
@@ -64,20 +67,20 @@ def test_restarted_coordinator_resumes_after_the_last_completed_round(tmp_path, 
 
 def test_a_damaged_checkpoint_is_refused_with_the_fix(tmp_path, site_data):
     from fedsecure.errors import FedSecureError
-    from fedsecure.runs import RunDir
+    from fedsecure.store.rundir import RunDir
 
     cfg = small_config(site_data, attestation={"enabled": False})
     run = RunDir(tmp_path / "run")
-    (run.path / server.CHECKPOINT).write_text("{not json")
+    (run.path / checkpoint.CHECKPOINT).write_text("{not json")
     with pytest.raises(FedSecureError, match="coordinator-state.json is damaged. Fix: restore it"):
-        server.Coordinator(cfg, run)._resume()
-    (run.path / server.CHECKPOINT).write_text(json.dumps({"round": 2, "config_sha256": "0" * 64}))
+        checkpoint.Checkpoint.read(run, cfg)
+    (run.path / checkpoint.CHECKPOINT).write_text(json.dumps({"round": 2, "config_sha256": "0" * 64}))
     with pytest.raises(ConfigError, match="different configuration"):
-        server.Coordinator(cfg, run)._resume()
+        checkpoint.Checkpoint.read(run, cfg)
 
 
 def test_coordinator_waits_for_sites_then_goes_on_with_fewer(tmp_path, site_data):
-    from fedsecure.runs import RunDir
+    from fedsecure.store.rundir import RunDir
 
     class TwoNodes:
         def get_node_ids(self):
@@ -86,7 +89,7 @@ def test_coordinator_waits_for_sites_then_goes_on_with_fewer(tmp_path, site_data
     cfg = small_config(site_data, federation={"sites": 2, "min_sites": 1, "join_timeout_s": 0.0},
                        attestation={"enabled": False})
     cfg = SimulationConfig.from_mapping({**cfg.to_dict(), "federation": {**cfg.to_dict()["federation"], "sites": 3}})
-    coord = server.Coordinator(cfg, RunDir(tmp_path / "run"))
-    coord._wait_for_sites(TwoNodes())
+    coord = coordinator.Coordinator(cfg, RunDir(tmp_path / "run"))
+    coord.books.wait_for_sites(TwoNodes())
     last = coord.audit.entries()[-1]
     assert last["event"] == "run.sites-connected" and (last["connected"], last["expected"]) == (2, 3)

@@ -21,17 +21,17 @@ from fedsecure.federation import keys
 from fedsecure.federation.records import to_array_record
 from fedsecure.privacy.ledger import PrivacyLedger
 from fedsecure.privacy.policy import PolicyRefusal, resolve
-from fedsecure.storage import site_keyring
+from fedsecure.store.keyrings import site_keyring
 
 pytestmark = pytest.mark.filterwarnings("ignore::fedsecure.attestation.verify.SoftwareAttestationWarning")
 
-POLICY = SitePolicy(max_epsilon=3.0, max_delta=1e-5, min_sigma=0.5, max_steps_per_round=50, max_batch_size=64)
+POLICY = SitePolicy(epsilon_budget=3.0, delta=1e-5, min_sigma=0.5, max_steps_per_round=50, max_batch_size=64)
 
 
 @pytest.fixture(scope="module")
 def hospital(tmp_path_factory):
     """One deployed hospital (its own settings in its node config), the round-0 adapter, an honest run config."""
-    from fedsecure.federation.server import initial_adapter
+    from fedsecure.model import initial_adapter
 
     root = tmp_path_factory.mktemp("hospital")
     synthesize(root / "data", sites=1, records_per_site=120, eval_fraction=0.2, seed=3)
@@ -39,7 +39,8 @@ def hospital(tmp_path_factory):
                         privacy=POLICY).validate()
     honest = SimulationConfig.from_mapping({"seed": 1, "federation": {"sites": 1, "rounds": 50},
                                             "data": {"max_length": 48}, "train": {"local_steps": 2, "batch_size": 8}})
-    return root, site, initial_adapter(honest), {**honest.to_run_config(), "run-dir": "/runs/hostile"}
+    return root, site, initial_adapter(honest.model, honest.seed), {**honest.to_run_config(),
+                                                                     "run-dir": "/runs/hostile"}
 
 
 class Coordinator:
@@ -91,8 +92,8 @@ def test_a_dishonest_coordinator_cannot_weaken_the_sites_privacy(hospital, tmp_p
                "private training (site.privacy.dp_required: true)", **{"privacy.enabled": False})
     refused(1, "privacy.noise_seed: the run asks for noise seeded with 1234", **{"privacy.noise_seed": 1234})
     refused(1, "site.noise_seed: the run asks for noise seeded with 7", **{"site.noise_seed": 7})
-    refused(1, "privacy.epsilon: the run asks for 100 but this site allows at most 3 (site.privacy.max_epsilon)",
-            **{"privacy.epsilon": 100.0})
+    refused(1, "privacy.epsilon_budget: the run asks for 100 but this site allows at most 3 "
+               "(site.privacy.epsilon_budget)", **{"privacy.epsilon_budget": 100.0})
     refused(1, "privacy.delta: the run asks for 0.0099 but this site allows at most 1e-05",
             **{"privacy.delta": 0.0099})
     refused(1, "privacy.max_grad_norm: the run asks for 50 but this site allows at most 10",
@@ -115,7 +116,7 @@ def test_a_dishonest_coordinator_cannot_weaken_the_sites_privacy(hospital, tmp_p
     hostile_owned = {"site.dataset_id": "fresh-budget", "site.state_dir": str(tmp_path / "elsewhere"),
                      "privacy.state_dir": str(tmp_path / "elsewhere"), "storage.key_provider": "command",
                      "storage.key_command": f"touch {marker}", "attestation.provider": "command",
-                     "attestation.command": f"touch,{marker}", "site.privacy.max_epsilon": 1000.0}
+                     "attestation.command": f"touch,{marker}", "site.privacy.epsilon_budget": 1000.0}
     trained = [c.train(1), c.train(2, **hostile_owned), c.train(3, **{"privacy.accountant": "rdp"})]
     refused(1, "round 1 of run hostile/77 was already trained and released: a replayed message is not trained")
     assert not marker.exists() and not (tmp_path / "elsewhere").exists()
@@ -126,7 +127,7 @@ def test_a_dishonest_coordinator_cannot_weaken_the_sites_privacy(hospital, tmp_p
         assert not reply.has_error(), reply.error.reason
         m = reply.content[keys.METRICS]
         assert reply.content[keys.PRIVACY][keys.STATUS] == keys.STATUS_TRAINED
-        assert m[keys.DP_EPSILON] <= POLICY.max_epsilon and m[keys.DP_DELTA] <= 1e-5
+        assert m[keys.DP_EPSILON] <= POLICY.epsilon_budget and m[keys.DP_DELTA] <= 1e-5
         assert m[keys.DP_SIGMA] >= POLICY.min_sigma and m[keys.DP_MAX_GRAD_NORM] <= POLICY.max_clip
         epsilons.append(m[keys.DP_EPSILON])
     assert epsilons == sorted(epsilons)  # one dataset, one ledger: the spend only grows (also across accountants)
@@ -134,7 +135,7 @@ def test_a_dishonest_coordinator_cannot_weaken_the_sites_privacy(hospital, tmp_p
     ledger = _ledger(site)
     assert [e.kind for e in ledger.entries].count("spend") == 3
     assert [e.reason for e in ledger.refusals] == refusals  # every refusal, with its reason, in order
-    assert all(e.epsilon_after <= POLICY.max_epsilon for e in ledger.entries if e.kind == "spend")
+    assert all(e.epsilon_after <= POLICY.epsilon_budget for e in ledger.entries if e.kind == "spend")
     assert len(list(Path(str(site.state_dir)).glob("privacy-ledger-*"))) == 1
 
 
@@ -143,19 +144,19 @@ def test_a_seed_or_a_policy_from_the_run_config_is_refused_by_construction():
         SiteSettings(name="a", noise_seed=3, simulated=False).validate()
     flat = SiteSettings(name="a", privacy=POLICY).validate().to_flat()
     assert SiteSettings.from_flat(flat).privacy == POLICY
-    with pytest.raises(ConfigError, match="site.privacy.max_epsilonn: unknown site setting"):
-        SiteSettings.from_flat({**flat, "site.privacy.max_epsilonn": 9.0})
+    with pytest.raises(ConfigError, match="site.privacy.epsilon_budgetn: unknown site setting"):
+        SiteSettings.from_flat({**flat, "site.privacy.epsilon_budgetn": 9.0})
     # the run config carries no site setting, so nothing a coordinator sends can be taken for one
     rc = SimulationConfig().to_run_config()
     assert not [k for k in rc if k.startswith("site.") or k in ("privacy.noise_seed", "privacy.state_dir")]
-    assert SimulationConfig.from_run_config({**rc, "site.privacy.max_epsilon": 99.0}) == SimulationConfig()
+    assert SimulationConfig.from_run_config({**rc, "site.privacy.epsilon_budget": 99.0}) == SimulationConfig()
 
 
 @pytest.mark.parametrize(("request_", "needle"), [
-    ({"privacy": {"epsilon": 3.0}}, None),
-    ({"privacy": {"epsilon": 2.0, "delta": 1e-6, "noise_multiplier": 0.9}}, None),
+    ({"privacy": {"epsilon_budget": 3.0}}, None),
+    ({"privacy": {"epsilon_budget": 2.0, "delta": 1e-6, "noise_multiplier": 0.9}}, None),
     ({"privacy": {"enabled": False}}, "privacy.enabled"),
-    ({"privacy": {"epsilon": 3.01}}, "privacy.epsilon"),
+    ({"privacy": {"epsilon_budget": 3.01}}, "privacy.epsilon_budget"),
     ({"privacy": {"delta": 2e-5}}, "privacy.delta"),
     ({"privacy": {"noise_multiplier": 0.49}}, "privacy.noise_multiplier"),
     ({"privacy": {"max_grad_norm": 10.5}}, "privacy.max_grad_norm"),
@@ -163,19 +164,19 @@ def test_a_seed_or_a_policy_from_the_run_config_is_refused_by_construction():
     ({"train": {"local_steps": 51}}, "train.local_steps"),
 ])
 def test_the_request_can_only_tighten_the_policy(request_, needle):
-    policy = SitePolicy(max_epsilon=3.0, max_delta=1e-5, min_sigma=0.5, accountants=("prv",), max_steps_per_round=50)
+    policy = SitePolicy(epsilon_budget=3.0, delta=1e-5, min_sigma=0.5, accountants=("prv",), max_steps_per_round=50)
     terms = resolve(policy, SiteSettings().limits, SimulationConfig.from_mapping(request_), 1000)
     if needle is None:
         assert not isinstance(terms, PolicyRefusal)
         req = SimulationConfig.from_mapping(request_).privacy
-        assert terms.epsilon == (req.epsilon or 3.0) and terms.delta == (req.delta or 1e-5)
+        assert terms.epsilon_budget == (req.epsilon_budget or 3.0) and terms.delta == (req.delta or 1e-5)
         assert terms.private and terms.min_sigma == 0.5
     else:
         assert isinstance(terms, PolicyRefusal) and terms.key == needle and terms.reason.startswith(needle)
 
 
 def test_delta_must_be_below_one_over_the_records_at_the_site():
-    terms = resolve(SitePolicy(max_delta=0.008), SiteSettings().limits, SimulationConfig(), 160)
+    terms = resolve(SitePolicy(delta=0.008), SiteSettings().limits, SimulationConfig(), 160)
     assert isinstance(terms, PolicyRefusal) and "delta 0.008 is not below 1/N = 1/160" in terms.reason
     default = resolve(SitePolicy(), SiteSettings().limits, SimulationConfig(), 160)
     assert default.delta == 1e-5  # min(1e-5, 1/(10 N))

@@ -259,7 +259,7 @@ def _plaintext_tensor_hits(root: Path, needles: list[bytes]) -> list[str]:
 
 
 def test_no_plaintext_tensors_at_rest_after_a_run(site_data, tmp_path):
-    from fedsecure.simulation import simulate
+    from fedsecure.launch.simulate import simulate
 
     summary = simulate(small_config(site_data, site={"state_dir": str(tmp_path / "state")}),
                        run_dir=tmp_path / "run")
@@ -282,21 +282,21 @@ def test_a_plain_ledger_is_not_ignored_when_sealing_is_on(tmp_path, ring):
 
     led = PrivacyLedger.open(tmp_path, "ab" * 32)  # sealing off: a plain ledger
     led.append(run_id="r", server_round=1, spend=Spend(1.0, 0.1, 10), delta=1e-5, accountant="rdp",
-               max_grad_norm=1.0, epsilon_after=1.0, budget_epsilon=9.0)
+               max_grad_norm=1.0, epsilon_after=1.0, epsilon_budget=9.0)
     with pytest.raises(LedgerError, match="unsealed privacy ledger .* exists while sealing is on"):
         PrivacyLedger.open(tmp_path, "ab" * 32, ring=ring, verify_epsilon=False)
 
 
 def test_sealed_ledger_is_never_silently_replaced(site_data, tmp_path):
-    from fedsecure.simulation import simulate
+    from fedsecure.launch.simulate import simulate
 
     state = tmp_path / "state"
-    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0},
-                       site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0}})
+    cfg = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon_budget": 20.0},
+                       site={"state_dir": str(state), "privacy": {"epsilon_budget": 20.0}})
     simulate(cfg, run_dir=tmp_path / "run1")
     # sealing turned off afterwards: the site must refuse, not start a fresh budget
-    off = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon": 20.0},
-                       site={"state_dir": str(state), "privacy": {"max_epsilon": 20.0}, "storage": {"seal": False}})
+    off = small_config(site_data, privacy={"noise_multiplier": 1.5, "epsilon_budget": 20.0},
+                       site={"state_dir": str(state), "privacy": {"epsilon_budget": 20.0}, "storage": {"seal": False}})
     summary = simulate(off, run_dir=tmp_path / "run2")
     assert any("is sealed but site.storage.seal is off" in v for v in summary["rounds"][1]["failures"].values())
     # a damaged sealed ledger stops the site with a clear error

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from fedsecure.config import LoraSettings, ModelSettings, TrainSettings
 from fedsecure.data.dataset import collate, load_site
 from fedsecure.model import attach_lora, load_model_and_tokenizer
-from fedsecure.training import evaluate, per_sequence_loss, train_local
+from fedsecure.training.local import evaluate, per_sequence_loss, train_local
 
 
 def test_per_sequence_loss_is_the_mean_over_each_sequences_own_tokens():

@@ -92,8 +92,8 @@ def test_a_stale_ready_line_does_not_pass_for_a_new_worker():
     from pathlib import Path
     from types import SimpleNamespace
 
-    from fedsecure.deploy.launcher import start_worker
-    from fedsecure.federation.engines import _stop
+    from fedsecure.launch.deploy import start_worker
+    from fedsecure.launch.engines import _stop
 
     state = Path(tempfile.mkdtemp(prefix="fs-w-"))  # short: AF_UNIX paths are limited
     stale = state / "worker" / "worker.sock"

@@ -29,9 +29,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from fedsecure.attestation.base import registered_tees, tee_info, tee_names
 from fedsecure.errors import AttestationError
 
-TEE_TYPES = ("tdx", "sev-snp", "nvidia-gpu", "software")
 MAX_EVIDENCE_BYTES = 1 << 20
 ENVELOPE_VERSION = 1
 _DOMAIN = b"fedsecure-attestation-v1"
@@ -40,14 +40,24 @@ _UPDATE_DOMAIN = b"fedsecure-update-v1"
 CODE_PACKAGES = ("fedsecure", "torch", "opacus", "flwr", "peft", "transformers", "cryptography")
 
 
+def __getattr__(name: str) -> tuple[str, ...]:
+    """``TEE_TYPES``: the registered TEE types (:func:`fedsecure.attestation.base.tee_names`), read when asked."""
+    if name == "TEE_TYPES":
+        return tee_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclass(frozen=True)
 class Evidence:
+    """A piece of evidence: its TEE type, the raw evidence, the provider that made it and auxiliary blobs."""
+
     tee: str
     blob: bytes
     provider: str = ""
     aux: Mapping[str, bytes] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
+        """The JSON envelope that carries this evidence (sorted keys, base64 blobs)."""
         doc = {"fedsecure-evidence": ENVELOPE_VERSION, "tee": self.tee, "provider": self.provider,
                "blob": base64.b64encode(self.blob).decode(),
                "aux": {k: base64.b64encode(v).decode() for k, v in sorted(self.aux.items())}}
@@ -68,8 +78,8 @@ class Evidence:
         if unknown:
             raise AttestationError(f"evidence envelope has unknown fields {sorted(unknown)}")
         tee = doc.get("tee")
-        if tee not in TEE_TYPES:
-            raise AttestationError(f"evidence TEE type {tee!r} is not one of {', '.join(TEE_TYPES)}")
+        if not isinstance(tee, str) or tee_info(tee) is None:
+            raise AttestationError(f"evidence TEE type {tee!r} is not one of {', '.join(tee_names())}")
         aux = doc.get("aux", {})
         if not isinstance(aux, dict) or not isinstance(doc.get("provider", ""), str):
             raise AttestationError("evidence envelope fields have the wrong types")
@@ -87,22 +97,25 @@ def _b64(value: Any, what: str) -> bytes:
 
 
 def detect(data: bytes) -> Evidence:
-    """An envelope, or raw evidence recognised by its header: a TDX quote (version 4/5, TEE type 0x81)
-    or an SEV-SNP report (1184 bytes, version >= 2)."""
+    """An envelope, or raw evidence recognised by its header.
+
+    Each TEE registers its own test (:attr:`~fedsecure.attestation.base.TeeInfo.recognize`): a TDX quote
+    is version 4/5 with TEE type 0x81, an SEV-SNP report 1184 bytes of version >= 2.
+    """
     head = data.lstrip()[:1]
     if head == b"{":
         return Evidence.from_bytes(data)
-    if len(data) >= 48:
-        version, _, tee_type = struct.unpack_from("<HHI", data, 0)
-        if version in (4, 5) and tee_type == 0x81:
-            return Evidence("tdx", data, provider="file")
-    if len(data) == 0x4A0 and 2 <= struct.unpack_from("<I", data, 0)[0] <= 5:
-        return Evidence("sev-snp", data, provider="file")
-    raise AttestationError("cannot tell what this evidence is: not a fedsecure envelope, a TDX quote (v4/v5) "
-                           "or an SEV-SNP report (1184 bytes)")
+    raw = [info for info in registered_tees() if info.recognize is not None]
+    for info in raw:
+        if info.recognize is not None and info.recognize(data):
+            return Evidence(info.name, data, provider="file")
+    formats = ["a fedsecure envelope"] + [info.raw_format or f"raw {info.name} evidence" for info in raw]
+    listed = ", ".join(formats[:-1]) + (" or " if len(formats) > 1 else "") + formats[-1]
+    raise AttestationError(f"cannot tell what this evidence is: not {listed}")
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:
+    """``obj`` as canonical JSON: sorted keys, no spaces, no NaN."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
@@ -127,7 +140,10 @@ def update_message(nonce: bytes, update_digest: bytes) -> bytes:
 @lru_cache(maxsize=1)
 def code_hash() -> str:
     """SHA-256 over fedsecure's source and assets (path + bytes, sorted) and the versions of the DP and
-    training stack. A site binds it into its evidence; the policy lists the builds it accepts."""
+    training stack.
+
+    A site binds it into its evidence; the policy lists the builds it accepts.
+    """
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256(b"fedsecure-code-v1\0")
     for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".json", ".pem")

@@ -17,7 +17,9 @@ Example (``configs/attestation-policy.example.yaml``)::
     on_failure: reject-update  # or retire-site
     vcek_dir: /etc/fedsecure/vcek   # SEV-SNP VCEK cache: <chip_id hex>.der and cert_chain.pem
 
-A TEE type absent from ``measurements`` is refused; so is a site whose evidence is missing.
+A TEE type absent from ``measurements`` is refused; so is a site whose evidence is missing. The TEE
+types, and the hex length of each one's measurement, are those registered by the TEE modules
+(:func:`fedsecure.attestation.base.registered_tees`).
 """
 
 from __future__ import annotations
@@ -30,15 +32,16 @@ from typing import Any
 
 import yaml
 
-from fedsecure.attestation.evidence import TEE_TYPES
+from fedsecure.attestation.base import tee_info, tee_names
 from fedsecure.errors import ConfigError
 
 ON_FAILURE = ("reject-update", "retire-site")
-_MEAS_LEN = {"tdx": 96, "sev-snp": 96, "software": 64}
 
 
 @dataclass(frozen=True)
 class MinDP:
+    """The weakest privacy settings a site may attest to (None: no bound)."""
+
     max_epsilon: float | None = None
     max_delta: float | None = None
     min_sigma: float | None = None
@@ -47,6 +50,8 @@ class MinDP:
 
 @dataclass(frozen=True)
 class Policy:
+    """The coordinator's attestation policy: accepted TEE types and measurements, builds, DP floor, actions."""
+
     measurements: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     code: tuple[str, ...] = ()
     min_dp: MinDP | None = None
@@ -56,9 +61,11 @@ class Policy:
     source: str = "<memory>"
 
     def allows(self, tee: str) -> bool:
+        """Whether evidence of TEE type ``tee`` is accepted at all."""
         return tee in self.measurements
 
     def to_dict(self) -> dict[str, Any]:
+        """The policy as the mapping a policy file holds."""
         out: dict[str, Any] = {"version": 1, "measurements": {k: list(v) for k, v in self.measurements.items()},
                                "code": list(self.code), "max_evidence_age_s": self.max_evidence_age_s,
                                "on_failure": self.on_failure}
@@ -69,6 +76,7 @@ class Policy:
         return out
 
     def to_yaml(self) -> str:
+        """The policy as policy-file YAML (``load_policy`` reads it back)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
@@ -96,6 +104,13 @@ def _hexlist(value: Any, source: str, key: str, length: int | None) -> tuple[str
 
 
 def policy_from_mapping(doc: Any, source: str = "<memory>", base: Path | None = None) -> Policy:
+    """Validate a parsed policy document; raises ConfigError naming the key, the problem and the fix.
+
+    Args:
+        doc: the parsed document (a mapping).
+        source: where it came from, for error messages.
+        base: the directory a relative ``vcek_dir`` is resolved against (the policy file's).
+    """
     if not isinstance(doc, dict):
         raise _fail(source, "(top level)", "must be a mapping", "see configs/attestation-policy.example.yaml")
     known = {"version", "measurements", "code", "min_dp", "max_evidence_age_s", "on_failure", "vcek_dir"}
@@ -107,13 +122,14 @@ def policy_from_mapping(doc: Any, source: str = "<memory>", base: Path | None = 
     meas = doc.get("measurements")
     if not isinstance(meas, dict) or not meas:
         raise _fail(source, "measurements", "must map at least one TEE type to its allowed measurements",
-                    f"list allowed measurements under one of {', '.join(TEE_TYPES)}")
+                    f"list allowed measurements under one of {', '.join(tee_names())}")
     measurements = {}
     for tee, values in meas.items():
-        if tee not in TEE_TYPES:
-            raise _fail(source, f"measurements.{tee}", "unknown TEE type", f"use one of {', '.join(TEE_TYPES)}")
-        measurements[tee] = _hexlist(values, source, f"measurements.{tee}", _MEAS_LEN.get(tee))
-        if tee != "nvidia-gpu" and not measurements[tee]:
+        info = tee_info(tee) if isinstance(tee, str) else None
+        if info is None:
+            raise _fail(source, f"measurements.{tee}", "unknown TEE type", f"use one of {', '.join(tee_names())}")
+        measurements[tee] = _hexlist(values, source, f"measurements.{tee}", info.measurement_hex)
+        if info.measurement_hex is not None and not measurements[tee]:
             raise _fail(source, f"measurements.{tee}", "is empty, so no evidence of this type could pass",
                         "list the allowed measurements, or remove the TEE type")
     code = _hexlist(doc.get("code", []), source, "code", 64)
@@ -151,6 +167,7 @@ def policy_from_mapping(doc: Any, source: str = "<memory>", base: Path | None = 
 
 
 def load_policy(path: str | Path) -> Policy:
+    """Read and validate the policy file at ``path``; raises ConfigError naming what is wrong and the fix."""
     p = Path(path)
     try:
         text = p.read_text()

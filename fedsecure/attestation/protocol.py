@@ -35,10 +35,11 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedsecure.attestation.base import Claims, Provider
 from fedsecure.attestation.evidence import Evidence, canonical_json, code_hash, report_data, update_message
+from fedsecure.attestation.keys import raw_public
 from fedsecure.attestation.policy import Policy
-from fedsecure.attestation.providers import raw_public
-from fedsecure.attestation.verify import Claims, verify
+from fedsecure.attestation.verify import verify
 from fedsecure.audit import AuditLog
 from fedsecure.errors import AttestationError
 
@@ -50,6 +51,7 @@ MAX_DP_CONFIG = 4096
 
 
 def update_digest_payload(payload: bytes) -> bytes:
+    """Digest of an update sent as one opaque payload (e.g. a sealed blob)."""
     return hashlib.sha256(b"payload\0" + payload).digest()
 
 
@@ -67,7 +69,7 @@ def dp_config_document(*, enabled: bool, **settings: Any) -> str:
     return canonical_json({"enabled": enabled, **settings})
 
 
-def site_statement(provider, node_key: Ed25519PrivateKey, nonce: bytes, dp_config: str,
+def site_statement(provider: Provider, node_key: Ed25519PrivateKey, nonce: bytes, dp_config: str,
                    update_digest: bytes) -> dict[str, bytes | str]:
     """Everything a site adds to its train reply (see the module docstring)."""
     ch = code_hash()
@@ -99,6 +101,7 @@ class AttestationGate:
 
     # ------------------------------------------------------------------ nonces
     def challenge(self, node: int, site: str, server_round: int) -> bytes:
+        """A fresh nonce for ``node`` (``site``) in ``server_round``; audited by its digest."""
         nonce = secrets.token_bytes(NONCE_BYTES)
         self.issued[nonce] = self.owners[nonce] = _Issued(node, site, server_round, self.clock())
         self.audit.append("attestation.nonce-issued", node=node, site=site, round=server_round,

@@ -32,7 +32,15 @@ KEY_BYTES = 32
 
 @dataclass
 class KeyRing:
-    """KEKs by id; ``current`` seals new files, every id can open."""
+    """Key-encryption keys by id: ``current`` seals new files, every id can open.
+
+    Attributes:
+        current: The id that wraps the data keys of new files; must be among ``keys``.
+        keys: Id to 32 key bytes.
+
+    Raises:
+        KeyMaterialError: ``current`` is missing from ``keys``, or a key is not 32 bytes.
+    """
 
     current: str
     keys: dict[str, bytes] = field(default_factory=dict)
@@ -47,6 +55,11 @@ class KeyRing:
                 raise KeyMaterialError(f"keyring: key {kid!r} is {len(k)} bytes; keys are {KEY_BYTES} random bytes")
 
     def get(self, kid: str) -> bytes:
+        """The key with id ``kid``.
+
+        Raises:
+            KeyMaterialError: No key has that id (the message names the ids the ring holds).
+        """
         if kid not in self.keys:
             raise KeyMaterialError(
                 f"no key with id {kid!r} in the keyring (it holds {', '.join(sorted(self.keys))}). "
@@ -55,12 +68,25 @@ class KeyRing:
         return self.keys[kid]
 
     def to_json(self) -> str:
+        """The keyring file's JSON, ``{"current": id, "keys": {id: base64}}``; holds the key bytes."""
         return json.dumps(
             {"current": self.current, "keys": {k: base64.b64encode(v).decode() for k, v in self.keys.items()}}, indent=2
         )
 
     @classmethod
     def from_json(cls, text: str, source: str) -> KeyRing:
+        """Parse keyring JSON.
+
+        Args:
+            text: ``{"current": id, "keys": {id: base64 of 32 bytes}}``.
+            source: Where the text came from, for error messages.
+
+        Returns:
+            The keyring.
+
+        Raises:
+            KeyMaterialError: The text is not a valid keyring.
+        """
         try:
             raw = json.loads(text)
             return cls(
@@ -76,7 +102,7 @@ class KeyRing:
             ) from None
 
     def public_view(self) -> dict:
-        """Ids and fingerprints only, never key bytes."""
+        """Ids and fingerprints only, never key bytes: safe to log or print."""
         import hashlib
 
         return {
@@ -89,10 +115,12 @@ class KeyRing:
 
 
 def new_key_id() -> str:
+    """A fresh random key id, ``kek-`` and 8 hex digits."""
     return "kek-" + secrets.token_hex(4)
 
 
 def generate_keyring() -> KeyRing:
+    """A new keyring with one random 32-byte KEK under a fresh id."""
     kid = new_key_id()
     return KeyRing(current=kid, keys={kid: secrets.token_bytes(KEY_BYTES)})
 
@@ -107,6 +135,11 @@ def _check_private(path: Path) -> None:
 
 
 def read_keyring_file(path: str | Path) -> KeyRing:
+    """Read a keyring file, refusing one that group or others may access.
+
+    Raises:
+        KeyMaterialError: The file is missing, has group or other permission bits, or is not a keyring.
+    """
     p = Path(path)
     if not p.is_file():
         raise KeyMaterialError(
@@ -117,7 +150,19 @@ def read_keyring_file(path: str | Path) -> KeyRing:
 
 
 def write_keyring_file(path: str | Path, ring: KeyRing, *, force: bool = False) -> Path:
-    """Write atomically with mode 0600 (created so, never widened)."""
+    """Write a keyring file atomically with mode 0600 (created so, never widened).
+
+    Args:
+        path: The keyring file.
+        ring: The keyring to write.
+        force: Overwrite an existing file (rotation does); refused otherwise.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        KeyMaterialError: The file exists and ``force`` is false.
+    """
     p = Path(path)
     if p.exists() and not force:
         raise KeyMaterialError(f"{p} already exists; refusing to overwrite keys. Fix: pass --force, or rotate instead.")
@@ -135,6 +180,11 @@ def write_keyring_file(path: str | Path, ring: KeyRing, *, force: bool = False) 
 
 
 def keyring_from_env() -> KeyRing:
+    """The one-key ring in ``FEDSECURE_KEK`` (base64 of 32 bytes) under id ``FEDSECURE_KEK_ID`` (default ``env``).
+
+    Raises:
+        KeyMaterialError: ``FEDSECURE_KEK`` is unset or not base64 of 32 bytes.
+    """
     raw = os.environ.get("FEDSECURE_KEK")
     if not raw:
         raise KeyMaterialError(
@@ -149,6 +199,15 @@ def keyring_from_env() -> KeyRing:
 
 
 def keyring_from_passphrase(salt_file: str | Path) -> KeyRing:
+    """The one-key ring derived from ``FEDSECURE_PASSPHRASE`` with scrypt (n=2^15, r=8, p=1).
+
+    Args:
+        salt_file: Holds the 16-byte salt (base64); created with a fresh salt if missing. The key id
+            is ``pp-`` and the salt's first 8 hex digits.
+
+    Raises:
+        KeyMaterialError: The passphrase is unset or shorter than 12 characters.
+    """
     from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
     phrase = os.environ.get("FEDSECURE_PASSPHRASE")
@@ -169,6 +228,14 @@ def keyring_from_passphrase(salt_file: str | Path) -> KeyRing:
 
 
 def keyring_from_command(command: str) -> KeyRing:
+    """The keyring an external program (a KMS or HSM client) prints as JSON on stdout.
+
+    Args:
+        command: The command line, split with :func:`shlex.split` and run without a shell (60 s limit).
+
+    Raises:
+        KeyMaterialError: The command cannot run, fails, or prints something that is not a keyring.
+    """
     try:
         out = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -193,6 +260,19 @@ def load_keyring(
     With the ``file`` provider and no explicit path, the party's default keyring file is created
     on first use (simulation convenience; in deployment point ``storage.keyring`` at a key file kept
     apart from the data, or use ``env``/``command``). An explicit path must already exist.
+
+    Args:
+        provider: ``file``, ``env``, ``passphrase`` or ``command``.
+        keyring_path: The configured keyring file (``file``), or the base of the salt file (``passphrase``).
+        default_path: The party's default keyring file.
+        key_command: The command for the ``command`` provider.
+        create_default: Create the default keyring file if it is missing (``file`` provider only).
+
+    Returns:
+        The keyring.
+
+    Raises:
+        KeyMaterialError: The provider cannot supply a valid keyring.
     """
     if provider == "env":
         return keyring_from_env()

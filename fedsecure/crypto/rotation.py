@@ -20,6 +20,15 @@ from fedsecure.crypto.sealed import SUFFIX, inspect, rewrap
 
 @dataclass
 class RotationResult:
+    """What a rotation did.
+
+    Attributes:
+        new_key: The id of the KEK every file is now wrapped under.
+        rewrapped: Files re-wrapped by this run.
+        already: Files that were already under ``new_key`` (an earlier, interrupted run did them).
+        retired: Ids dropped from the keyring (only with ``retire=True``).
+    """
+
     new_key: str
     rewrapped: int
     already: int
@@ -31,6 +40,7 @@ def _marker(path: Path) -> Path:
 
 
 def sealed_files(roots: Iterable[str | Path]) -> list[Path]:
+    """Every ``*.sealed`` file under ``roots`` (a root that is a file is taken as is), sorted per root."""
     out: list[Path] = []
     for root in roots:
         r = Path(root)
@@ -40,7 +50,17 @@ def sealed_files(roots: Iterable[str | Path]) -> list[Path]:
 
 def rotate(keyring_path: str | Path, roots: Iterable[str | Path], *, retire: bool = False,
            on_file: Callable[[Path], None] | None = None) -> RotationResult:
-    """Add a new current KEK (or resume an interrupted rotation) and re-wrap every sealed file."""
+    """Add a new current KEK (or resume an interrupted rotation) and re-wrap every sealed file.
+
+    Args:
+        keyring_path: The keyring file (``file`` provider); rewritten with the new key before any file.
+        roots: Files or directories holding the sealed files.
+        retire: After every file is re-wrapped, drop every other key from the keyring.
+        on_file: Called with each file before it is handled (progress).
+
+    Returns:
+        The new key's id and counts.
+    """
     path = Path(keyring_path)
     ring = read_keyring_file(path)
     marker = _marker(path)
@@ -73,6 +93,7 @@ def rotate(keyring_path: str | Path, roots: Iterable[str | Path], *, retire: boo
 
 
 def key_usage(roots: Iterable[str | Path]) -> dict[str, int]:
+    """How many sealed files under ``roots`` each KEK id wraps (read from the slots; no key needed)."""
     usage: dict[str, int] = {}
     for f in sealed_files(roots):
         kid = inspect(f).kek_id

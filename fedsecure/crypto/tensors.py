@@ -57,23 +57,66 @@ def seal_tensors(
     metadata: dict[str, str] | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Path:
-    """Write ``tensors`` as safetensors into a sealed file, streaming tensor by tensor."""
-    # C-contiguous little-endian; reshape keeps 0-d tensors 0-d (ascontiguousarray makes them 1-d)
-    arrays = {k: np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<")).reshape(v.shape) for k, v in tensors.items()}
+    """Write ``tensors`` as safetensors into a sealed file, streaming tensor by tensor (no copy of the whole).
+
+    Args:
+        path: Where the sealed file appears (atomically).
+        tensors: Name to array; dtypes F32, F16, F64, I64, I32, I16, I8, U8 and BOOL.
+        ring: The keyring; ``ring.current`` wraps the data key.
+        metadata: Stored both in the safetensors ``__metadata__`` and in the sealed header (with
+            ``content = "safetensors"``).
+        chunk_size: Plaintext bytes per chunk of the sealed file.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: A tensor has an unsupported dtype.
+    """
+    # C-contiguous little-endian; reshape keeps 0-d tensors 0-d (ascontiguousarray makes them 1-d). The annotation
+    # states what reshape returns: numpy's stubs pick the 0-d overload for a shape they cannot see.
+    arrays: dict[str, np.ndarray] = {
+        k: np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<")).reshape(v.shape) for k, v in tensors.items()
+    }
     with SealedWriter(path, ring, {"content": "safetensors", **(metadata or {})}, chunk_size) as w:
         w.write(_header(arrays, metadata))
         for name in sorted(arrays):
-            w.write(memoryview(arrays[name]).cast("B") if arrays[name].nbytes else b"")
+            # ndarray.data is the array's own buffer, typed as a memoryview (under Python 3.11 numpy's stubs do
+            # not declare ndarray a Buffer); empty arrays are skipped: a view with a 0 in its shape cannot be cast
+            w.write(arrays[name].data.cast("B") if arrays[name].nbytes else b"")
     return Path(path)
 
 
 def open_tensors(path: str | Path, ring: KeyRing) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Open a sealed safetensors file; arrays are read-only views of one decrypted buffer."""
+    """Open a sealed safetensors file; the arrays are read-only views of one decrypted buffer.
+
+    Args:
+        path: The sealed file.
+        ring: A keyring holding the file's KEK.
+
+    Returns:
+        The tensors by name, and the sealed header's metadata without ``content``.
+
+    Raises:
+        IntegrityError: The file fails to authenticate or does not hold a valid safetensors file.
+    """
     buf, meta = open_bytes(path, ring)
     return parse_safetensors(buf, str(path)), {k: v for k, v in meta.items() if k != "content"}
 
 
 def parse_safetensors(buf: bytearray | bytes, source: str) -> dict[str, np.ndarray]:
+    """Parse safetensors bytes into read-only arrays that view ``buf`` (no copy).
+
+    Args:
+        buf: A whole safetensors file.
+        source: Named in the error message.
+
+    Returns:
+        The tensors by name (``__metadata__`` is skipped).
+
+    Raises:
+        IntegrityError: ``buf`` is not a valid safetensors file of the supported dtypes.
+    """
     try:
         (n,) = struct.unpack("<Q", bytes(buf[:8]))
         header = json.loads(bytes(buf[8 : 8 + n]))

@@ -24,9 +24,12 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedsecure.attestation.protocol import AttestationGate, update_digest_payload, update_digest_state
 from fedsecure.config import ACCOUNTANTS, SimulationConfig
-from fedsecure.errors import ReplyRejected
+from fedsecure.errors import AttestationError, ReplyRejected, UpdateRejected
 from fedsecure.federation import keys
+from fedsecure.federation.records import from_array_record
+from fedsecure.transport.codec import decode
 from fedsecure.transport.session import carries_error, uplink_policy
 
 DP_KEYS = (keys.DP_EPSILON, keys.DP_EPSILON_BUDGET, keys.DP_DELTA, keys.DP_SIGMA, keys.DP_Q, keys.DP_STEPS,
@@ -295,3 +298,39 @@ def check_update(delta: Mapping[str, np.ndarray], cfg: SimulationConfig, server_
     if cap is not None and math.sqrt(total) > cap:
         raise ReplyRejected(f"update rejected: its L2 norm {math.sqrt(total):.3g} is over federation.max_update_norm "
                             f"= {cap:g}")
+
+
+def decode_update(tr: TrainReply, expected, max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
+    """A site's update, decoded strictly, and its bytes on the wire; raises ReplyRejected."""
+    if tr.payload is None:
+        assert tr.arrays is not None
+        try:
+            delta = from_array_record(tr.arrays)
+        except (ValueError, TypeError):
+            raise ReplyRejected("update rejected: malformed arrays") from None
+        if [(k, tuple(v.shape)) for k, v in sorted(delta.items())] != expected:
+            raise ReplyRejected("update rejected: its tensors do not match the adapter")
+        return delta, tr.arrays.count_bytes()
+    try:
+        delta = decode(tr.payload, expected, max_bytes=max_bytes)
+    except UpdateRejected as e:
+        raise ReplyRejected(f"update rejected: {e}") from None
+    return delta, len(tr.payload)
+
+
+def attest_reply(gate: AttestationGate, tr: TrainReply, node: int, name: str, server_round: int) -> tuple[str, bool]:
+    """Check the reply's attestation statement: ("verified (...)", True), or ("rejected: <why>", False). The
+    DP numbers the reply reports, and its FedAvg weight, must be the ones the site attested."""
+    try:
+        digest = update_digest_payload(tr.payload) if tr.payload is not None else \
+            update_digest_state(from_array_record(tr.arrays))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        digest = b""  # malformed update: the signature check fails, and so would decoding
+    reported: dict[str, float] = {"records": float(tr.records)}
+    if tr.dp:
+        reported.update(sigma=tr.dp["sigma"], epsilon_budget=tr.dp["epsilon_budget"], delta=tr.dp["delta"])
+    try:
+        claims = gate.check(node, name, server_round, tr.statement, digest, reported)
+    except AttestationError as e:
+        return f"rejected: {e}", False
+    return f"verified ({claims.tee}, measurement {claims.measurement[:12]})", True

@@ -57,6 +57,7 @@ DATASET_FINGERPRINT = "dataset-fingerprint"
 
 # node_config keys. A site's own settings travel as "site.*" keys (fedsecure.config.SiteSettings.to_flat),
 # written by `fedsecure client` from site.yaml or by the in-process engine; Flower's simulation sets these two:
+SITE_PREFIX = "site."  # every key of a site's own settings (SiteSettings.to_flat) starts with this
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 NODE_WORKER_SOCKET = "site.worker_socket"  # the site's warm worker (fedsecure client); absent = handle in-process

@@ -119,7 +119,7 @@ def _handle(conn: socket.socket, handlers: dict[str, Any], lock: Any) -> None:
 
 
 def serve(path: Path) -> None:
-    from fedsecure.federation.client import handle_evaluate, handle_train  # the heavy imports, once
+    from fedsecure.federation.site import handle_evaluate, handle_train  # the heavy imports, once
 
     _serve(path, {"train": handle_train, "evaluate": handle_evaluate})
 

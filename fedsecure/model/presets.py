@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedsecure.config import PRESETS, ModelSettings
@@ -128,3 +129,16 @@ def export_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
                                   bos_token="<s>", eos_token="</s>")
     tok.save_pretrained(out)
     return out
+
+
+def initial_adapter(settings: ModelSettings, seed: int) -> dict[str, np.ndarray]:
+    """The round-0 global adapter: LoRA A random (seeded with ``seed``), LoRA B zero, so the model starts
+    as the base."""
+    from fedsecure.model.adapter import adapter_state
+    from fedsecure.model.lora import attach_lora
+
+    base, _ = load_model_and_tokenizer(settings)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = attach_lora(base, settings.lora)
+    return adapter_state(model)

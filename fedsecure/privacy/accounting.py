@@ -2,9 +2,10 @@
 
 A site's spending is a list of :class:`Spend` events, each a Poisson-subsampled Gaussian
 mechanism run ``steps`` times (noise multiplier ``sigma``, sampling rate ``q``). We never
-hand-roll an accountant: :func:`epsilon_of` hands the events to Opacus' ``PRVAccountant``
-(the upper bound of its estimate) or ``RDPAccountant``. The Gaussian/CLT accountant (``gdp``)
-is refused, because it can under-report ε.
+hand-roll an accountant: :func:`epsilon_of` hands the events to the accountant registered under
+its name (:data:`REGISTRY`, a dict plus :func:`register_accountant`, as Opacus'
+``accountants/registry.py``): Opacus' ``PRVAccountant`` (the upper bound of its estimate) or
+``RDPAccountant``. The Gaussian/CLT accountant (``gdp``) is refused, because it can under-report ε.
 
 Bounded cost: PRV discretises the privacy loss on a grid whose size grows with the RDP bound of
 the history and with the square root of the steps (about 180 bytes per point). Before running it,
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -28,7 +29,45 @@ import numpy as np
 from fedsecure.config import ACCOUNTANTS, check_accountant
 from fedsecure.errors import ConfigError
 
-__all__ = ["ACCOUNTANTS", "Spend", "calibrate_noise", "check_accountant", "default_delta", "epsilon_of"]
+__all__ = ["ACCOUNTANTS", "REGISTRY", "Spend", "calibrate_noise", "check_accountant", "default_delta", "epsilon_of",
+           "register_accountant"]
+
+History = tuple[tuple[float, float, int], ...]  # (sigma, q, steps) with q > 0, merged
+#: ε of a history at a delta, by accountant name (names are ``fedsecure.config.ACCOUNTANTS``).
+REGISTRY: dict[str, Callable[[History, float], float]] = {}
+
+
+def register_accountant(name: str, epsilon: Callable[[History, float], float], *, force: bool = False) -> None:
+    """Make ``epsilon(history, delta)`` the accountant called ``name`` (``force`` to replace one)."""
+    if name in REGISTRY and not force:
+        raise ValueError(f"accountant {name!r} is already registered")
+    REGISTRY[name] = epsilon
+
+
+def _opacus(history: History, delta: float, make: Callable[[], object], **kwargs: float) -> float:
+    acc = make()
+    acc.history = list(history)  # type: ignore[attr-defined]
+    with warnings.catch_warnings():
+        # prvs.py takes log(0) on a masked branch for q close to 1; the result is still finite
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\..*")
+        # RDP (also used inside PRV to size its domain) notes when a larger order might be
+        # tighter: the bound returned is still valid, only possibly looser (never optimistic)
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+        return float(acc.get_epsilon(delta, **kwargs))  # type: ignore[attr-defined]
+
+
+def _rdp(history: History, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    return _opacus(history, delta, RDPAccountant)
+
+
+def _prv(history: History, delta: float) -> float:
+    from opacus.accountants import PRVAccountant
+
+    if prv_grid_points(history, delta) > MAX_PRV_POINTS:
+        return _rdp(history, delta)  # a sound, looser bound at a bounded cost (module docstring)
+    return _opacus(history, delta, PRVAccountant, eps_error=PRV_EPS_ERROR)
 #: Absolute ε error allowed in the PRV computation; PRV returns the *upper* end of it.
 PRV_EPS_ERROR = 0.01
 #: Largest noise multiplier calibration will consider; needing more means the budget is gone.
@@ -71,36 +110,18 @@ def epsilon_of(spends: Sequence[Spend], delta: float, accountant: str = "prv") -
 
 
 @lru_cache(maxsize=4096)
-def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+def _epsilon(history: History, delta: float, accountant: str) -> float:
     if not history:
         return 0.0
     if any(sigma <= 0 for sigma, _, _ in history):
         return math.inf
     if all(q == 0 for _, q, _ in history):
         return 0.0
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    active = [h for h in history if h[1] > 0]
-    if accountant == "prv" and prv_grid_points(tuple(active), delta) > MAX_PRV_POINTS:
-        accountant = "rdp"  # a sound, looser bound at a bounded cost (module docstring)
-    acc = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    acc.history = active
-    with warnings.catch_warnings():
-        # prvs.py takes log(0) on a masked branch for q close to 1; the result is still finite
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\..*")
-        # RDP (also used inside PRV to size its domain) notes when a larger order might be
-        # tighter: the bound returned is still valid, only possibly looser (never optimistic)
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
-        if accountant == "prv":
-            eps = acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR)
-        else:
-            eps = acc.get_epsilon(delta)
-    eps = float(eps)
+    eps = REGISTRY[accountant](tuple(h for h in history if h[1] > 0), delta)
     return eps if math.isfinite(eps) else math.inf
 
 
-def prv_grid_points(history: tuple[tuple[float, float, int], ...], delta: float, eps_error: float = PRV_EPS_ERROR
-                    ) -> float:
+def prv_grid_points(history: History, delta: float, eps_error: float = PRV_EPS_ERROR) -> float:
     """Points of the grid Opacus' PRV accountant would build for ``history`` (its ``_get_domain``), from RDP."""
     from opacus.accountants import RDPAccountant
 
@@ -125,14 +146,14 @@ def prv_grid_points(history: tuple[tuple[float, float, int], ...], delta: float,
     return 2 * size / mesh
 
 
-def calibrate_noise(*, target_epsilon: float, delta: float, spent: Sequence[Spend], q: float, steps: int,
+def calibrate_noise(*, epsilon_budget: float, delta: float, spent: Sequence[Spend], q: float, steps: int,
                     accountant: str = "prv", tolerance: float = 0.01, sigma_min: float = SIGMA_MIN) -> float | None:
-    """Smallest σ ≥ ``sigma_min`` (to ``tolerance`` in ε) whose ``steps`` more steps keep ε ≤ ``target_epsilon``.
+    """Smallest σ ≥ ``sigma_min`` (to ``tolerance`` in ε) whose ``steps`` more steps keep ε ≤ ``epsilon_budget``.
 
     ``spent`` is what the dataset has already spent. Returns None when even ``SIGMA_MAX`` would
     overshoot (the budget is exhausted). The result never overshoots: the returned σ is checked.
     """
-    return _calibrate(float(target_epsilon), float(delta), _merge(spent), float(q), int(steps), accountant,
+    return _calibrate(float(epsilon_budget), float(delta), _merge(spent), float(q), int(steps), accountant,
                       float(tolerance), float(sigma_min))
 
 
@@ -191,3 +212,7 @@ def _calibrate(target: float, delta: float, spent: tuple[tuple[float, float, int
     if eps(hi) > target:  # cannot happen (hi is always a feasible point); never return an overshooting sigma
         return None
     return hi
+
+
+register_accountant("prv", _prv)
+register_accountant("rdp", _rdp)

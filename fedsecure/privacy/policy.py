@@ -9,7 +9,7 @@ that the coordinator asked for more privacy loss than the site allows.
 Rules (each is a refusal when broken):
 
 - ``privacy.enabled = false`` needs a site whose policy says ``dp_required: false``.
-- ``privacy.epsilon`` and ``privacy.delta``, when set, are at most the policy's; null takes the policy's.
+- ``privacy.epsilon_budget`` and ``privacy.delta``, when set, are at most the policy's; null takes the policy's.
 - The site's delta is below ``1/N`` (N = its training records): with ``delta >= 1/N`` a mechanism that
   publishes one random record outright is (0, delta)-DP, so such a delta promises nothing.
 - ``privacy.noise_multiplier``, when fixed, is at least ``min_sigma``; a calibrated sigma never goes below it.
@@ -31,7 +31,7 @@ class Terms:
     """What one round at this site will be held to (the policy, tightened by the request)."""
 
     private: bool
-    epsilon: float  # the budget this round's check uses (over the dataset's whole history)
+    epsilon_budget: float  # the budget this round's check uses (over the dataset's whole history)
     delta: float
     clip: float
     sigma: float | None  # fixed by the run, or None: calibrated from the remaining budget
@@ -50,9 +50,9 @@ class PolicyRefusal:
 
 
 def site_delta(policy: SitePolicy, num_records: int) -> float:
-    """The site's delta: its policy's ``max_delta``, or min(1e-5, 1/(10 N))."""
-    if policy.max_delta is not None:
-        return float(policy.max_delta)
+    """The site's delta: its policy's ``delta``, or min(1e-5, 1/(10 N))."""
+    if policy.delta is not None:
+        return float(policy.delta)
     return min(1e-5, 1.0 / (10.0 * max(1, num_records)))
 
 
@@ -104,25 +104,25 @@ def resolve(policy: SitePolicy, limits: SiteLimits, cfg: SimulationConfig, num_r
     if too_big is not None:
         return too_big
     own_delta = site_delta(policy, num_records)
-    bad = check_delta(own_delta, num_records, "site.privacy.max_delta")
+    bad = check_delta(own_delta, num_records, "site.privacy.delta")
     if bad is not None:
-        return PolicyRefusal("site.privacy.max_delta", bad)
+        return PolicyRefusal("site.privacy.delta", bad)
     if not req.enabled:  # a non-private round, which this site's own policy allows
-        return Terms(private=False, epsilon=math.inf, delta=own_delta, clip=req.max_grad_norm, sigma=None,
+        return Terms(private=False, epsilon_budget=math.inf, delta=own_delta, clip=req.max_grad_norm, sigma=None,
                      min_sigma=policy.min_sigma, accountant=req.accountant, steps=train.local_steps,
                      batch_size=train.batch_size)
-    epsilon = policy.max_epsilon
-    if req.epsilon is not None:
-        if not req.epsilon <= policy.max_epsilon:
-            return _looser("privacy.epsilon", f"{req.epsilon:g}", f"at most {policy.max_epsilon:g}",
-                           "site.privacy.max_epsilon",
-                           f"the coordinator sets privacy.epsilon <= {policy.max_epsilon:g}, or null to use each "
-                           "site's own budget")
-        epsilon = req.epsilon
+    epsilon = policy.epsilon_budget
+    if req.epsilon_budget is not None:
+        if not req.epsilon_budget <= policy.epsilon_budget:
+            return _looser("privacy.epsilon_budget", f"{req.epsilon_budget:g}", f"at most {policy.epsilon_budget:g}",
+                           "site.privacy.epsilon_budget",
+                           f"the coordinator sets privacy.epsilon_budget <= {policy.epsilon_budget:g}, or null to use "
+                           "each site's own budget")
+        epsilon = req.epsilon_budget
     delta = own_delta
     if req.delta is not None:
         if not req.delta <= own_delta:
-            return _looser("privacy.delta", f"{req.delta:g}", f"at most {own_delta:g}", "site.privacy.max_delta",
+            return _looser("privacy.delta", f"{req.delta:g}", f"at most {own_delta:g}", "site.privacy.delta",
                            f"the coordinator sets privacy.delta <= {own_delta:g}, or null to use each site's own")
         delta = req.delta
     if req.max_grad_norm > policy.max_clip:
@@ -137,6 +137,6 @@ def resolve(policy: SitePolicy, limits: SiteLimits, cfg: SimulationConfig, num_r
         return _looser("privacy.accountant", repr(req.accountant), f"one of {', '.join(policy.accountants)}",
                        "site.privacy.accountants",
                        f"the coordinator sets privacy.accountant to one of {', '.join(policy.accountants)}")
-    return Terms(private=True, epsilon=float(epsilon), delta=float(delta), clip=float(req.max_grad_norm),
+    return Terms(private=True, epsilon_budget=float(epsilon), delta=float(delta), clip=float(req.max_grad_norm),
                  sigma=req.noise_multiplier, min_sigma=policy.min_sigma, accountant=req.accountant,
                  steps=train.local_steps, batch_size=train.batch_size)

@@ -35,6 +35,11 @@ is capped at that size); indices must be in range and strictly increasing; codes
 steps and values finite. Anything else raises :class:`~fedsecure.errors.UpdateRejected` with the
 reason. The codec only ever sees the DP-noised update, so it is post-processing and costs no
 privacy; the dither and rounding randomness need not be secret.
+
+This module owns the wire format (header, table, zstd framing, size caps, adapter digest), the
+policy and the drivers; each encoding is a :class:`~fedsecure.transport.stages.Stage` in
+:mod:`fedsecure.transport.stages`, found by its ``enc`` code or policy name in its registry, and
+the sparse indices are :class:`~fedsecure.transport.stages.TopKGaps`.
 """
 
 from __future__ import annotations
@@ -49,40 +54,36 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedsecure.config.run import TensorRule, parse_tensor_rules
 from fedsecure.errors import UpdateRejected
+from fedsecure.transport.stages import (
+    BLOCK,
+    BY_NAME,
+    KMAX,
+    STAGES,
+    Randomness,
+    Stage,
+    TopKGaps,
+    dequantize,
+    dither_dequantize,
+    dither_quantize,
+    dither_stream,
+    quantize,
+)
+
+__all__ = [
+    "BLOCK", "KMAX", "MAGIC", "VERSION", "CodecPolicy", "TensorRule", "adapter_digest", "decode", "dequantize",
+    "dither_dequantize", "dither_quantize", "dither_stream", "encode", "expected_manifest", "max_frame_bytes",
+    "quantize",
+]
 
 MAGIC = b"FSUPD"
 VERSION = 2
-BLOCK = 64
-KMAX = 7  # dithered codes lie in [-KMAX, KMAX]
-_Q_LEVELS = {"q8": 127, "q4": 7}
-_ENC = {"f32": 0, "q8": 1, "q4": 2, "dq": 3}
-_ENC_NAME = {v: k for k, v in _ENC.items()}
 _FLAG_ZSTD, _FLAG_NO_DITHER = 1, 2
 _SPARSE = 0x80
 _SPARSE_ENTRY = struct.Struct("<II")
-
-
-@dataclass(frozen=True)
-class TensorRule:
-    """How one tensor travels: ``bits`` 32 (float32), 8 or 4; ``topk`` fraction kept (1.0 = dense);
-    ``dither`` > 0: dithered quantization with a step of ``dither`` x the tensor's RMS (``bits`` unused)."""
-
-    bits: int = 8
-    topk: float = 1.0
-    dither: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.bits not in (32, 8, 4):
-            raise ValueError(f"bits must be 32, 8 or 4; got {self.bits}")
-        if not 0.0 < self.topk <= 1.0:
-            raise ValueError(f"topk must be in (0, 1]; got {self.topk}")
-        if not (math.isfinite(self.dither) and 0.0 <= self.dither <= 1000.0):
-            raise ValueError(f"dither step must be in [0, 1000] (x RMS; 0 = off); got {self.dither}")
-
-    @property
-    def enc(self) -> str:
-        return "dq" if self.dither > 0 else {32: "f32", 8: "q8", 4: "q4"}[self.bits]
+_TABLE_HEAD = struct.Struct("<QI")  # after the 16-byte digest: dither seed, tensor count
+_HEAD_BYTES = 16 + _TABLE_HEAD.size
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class CodecPolicy:
     stochastic: bool = True  # stochastic rounding (int8/int4) and dither (dithered); False = round to nearest
 
     def rule(self, name: str) -> TensorRule:
+        """The rule of tensor ``name``: the first override whose glob matches, else the default."""
         for pattern, rule in self.overrides:
             if fnmatch.fnmatchcase(name, pattern):
                 return rule
@@ -102,29 +104,12 @@ class CodecPolicy:
 
     @classmethod
     def parse_overrides(cls, items: Sequence[str]) -> tuple[tuple[str, TensorRule], ...]:
-        """``"glob=bits/topk"`` strings; ``bits`` is 32, 8, 4 or ``d<step>`` (dithered, step x RMS).
-
-        E.g. ``"*kv_b_proj*=32/1.0"`` keeps a sensitive layer exact, ``"*lora_A*=d6/1.0"`` sends the
-        LoRA A matrices coarser than the rest."""
-        out = []
-        for item in items:
-            try:
-                pattern, spec = item.rsplit("=", 1)
-                bits, topk = spec.split("/")
-                if bits.startswith("d"):
-                    rule = TensorRule(8, float(topk), float(bits[1:]))
-                    if rule.dither <= 0:
-                        raise ValueError("a dither step must be > 0")
-                else:
-                    rule = TensorRule(int(bits), float(topk))
-                out.append((pattern, rule))
-            except ValueError as e:
-                raise ValueError(f"transport.policy entry {item!r} must look like 'glob=bits/topk' with bits 32, 8, 4 "
-                                 f"or d<step>, e.g. '*kv_b_proj*=32/1.0' or '*lora_A*=d6/1.0' ({e})") from None
-        return tuple(out)
+        """``"glob=bits/topk"`` strings (:func:`fedsecure.config.run.parse_tensor_rules`)."""
+        return parse_tensor_rules(items)
 
 
 def expected_manifest(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, tuple[int, ...]]]:
+    """The (name, shape) list an update of these tensors carries, in the codec's (sorted) order."""
     return [(k, tuple(int(d) for d in shapes[k])) for k in sorted(shapes)]
 
 
@@ -136,149 +121,20 @@ def adapter_digest(expected: Sequence[tuple[str, tuple[int, ...]]]) -> bytes:
     return h.digest()[:16]
 
 
-# ----------------------------------------------------------------------------- quantization
-def quantize(x: np.ndarray, levels: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """Blockwise symmetric quantization of a flat float32 vector; returns (int8 codes, float32 scales).
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
 
-    With ``rng`` the rounding is stochastic (unbiased); without, to nearest.
-    """
-    n = x.size
-    nb = -(-n // BLOCK)
-    padded = np.zeros(nb * BLOCK, np.float32)
-    padded[:n] = x
-    blocks = padded.reshape(nb, BLOCK)
-    scales = (np.abs(blocks).max(axis=1) / levels).astype(np.float32)
-    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    y = blocks / safe[:, None]
-    if rng is not None:
-        q = np.floor(y + rng.random(y.shape, dtype=np.float32))
+
+def _scatter(vals: np.ndarray, indices: np.ndarray | None, numel: int, shape: tuple[int, ...]) -> np.ndarray:
+    full = np.zeros(numel, np.float32)
+    if indices is None:
+        full[:] = vals
     else:
-        q = np.rint(y)
-    q = np.clip(q, -levels, levels).astype(np.int8).reshape(-1)[:n]
-    return q, scales
-
-
-def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    n = q.size
-    nb = scales.size
-    padded = np.zeros(nb * BLOCK, np.float32)
-    padded[:n] = q.astype(np.float32)
-    return (padded.reshape(nb, BLOCK) * scales[:, None]).reshape(-1)[:n]
-
-
-def _pack4(q: np.ndarray) -> bytes:
-    u = (q.astype(np.int16) + 8).astype(np.uint8)  # -7..7 -> 1..15
-    if u.size % 2:
-        u = np.append(u, np.uint8(8))
-    return ((u[0::2] << 4) | u[1::2]).astype(np.uint8).tobytes()
-
-
-def _unpack4(b: bytes, n: int) -> np.ndarray:
-    u = np.frombuffer(b, np.uint8)
-    out = np.empty(u.size * 2, np.int16)
-    out[0::2], out[1::2] = u >> 4, u & 0x0F
-    return (out[:n] - 8).astype(np.int8)
-
-
-# ----------------------------------------------------------------------------- dithered quantization
-def _per_byte(K: int) -> int:
-    """How many base-(2K+1) codes fit in one byte (0 when K = 0: no code bytes at all)."""
-    base = 2 * K + 1
-    return 0 if K == 0 else int(math.floor(math.log(256) / math.log(base) + 1e-9))
-
-
-def _dq_bytes(k: int, K: int) -> int:
-    per = _per_byte(K)
-    return 5 + (0 if per == 0 else -(-k // per))
-
-
-def dither_stream(seed: int, n: int) -> np.ndarray:
-    """``n`` dither values (float32), uniform on [-1/2, 1/2) in steps of 2^-24: two per 64-bit output
-    of PCG64 (high 24 bits first, then bits 8..31). PCG64's raw stream is fixed by NumPy's stream
-    compatibility policy for bit generators; a known-answer test pins it."""
-    if n == 0:
-        return np.zeros(0, np.float32)
-    raw = np.random.PCG64(seed).random_raw((n + 1) // 2)
-    u = np.empty(2 * raw.size, np.uint32)
-    u[0::2] = (raw >> np.uint64(40)).astype(np.uint32)
-    u[1::2] = ((raw >> np.uint64(8)) & np.uint64(0xFFFFFF)).astype(np.uint32)
-    out = u[:n].astype(np.float32)
-    out *= np.float32(2.0 ** -24)
-    out -= np.float32(0.5)
-    return out
-
-
-def dither_quantize(x: np.ndarray, step_rms: float, u: np.ndarray | None) -> tuple[np.float32, int, np.ndarray]:
-    """(step, K, codes) of a flat float32 vector; ``u`` = the dither (None: round to nearest)."""
-    x = np.asarray(x, np.float32)
-    amax = float(np.abs(x).max()) if x.size else 0.0
-    if amax == 0.0:
-        return np.float32(0.0), 0, np.zeros(x.size, np.int8)
-    rms = float(np.linalg.norm(x)) / math.sqrt(x.size)
-    step = np.float32(max(step_rms * rms, amax / (KMAX - 0.5)))
-    y = x / step
-    if u is not None:
-        y += u
-    np.rint(y, out=y)
-    np.clip(y, -KMAX, KMAX, out=y)  # |y| <= 7 by the choice of step; the clip is a guard
-    q = y.astype(np.int8)
-    return step, int(np.abs(q).max()), q
-
-
-def dither_dequantize(step: np.float32, q: np.ndarray, u: np.ndarray | None) -> np.ndarray:
-    if step == 0:
-        return np.zeros(q.size, np.float32)
-    out = q.astype(np.float32)
-    if u is not None:
-        out -= u
-    out *= np.float32(step)
-    return out
-
-
-def _pack_base(codes: np.ndarray, K: int) -> bytes:
-    per = _per_byte(K)
-    if per == 0:
-        return b""
-    base = 2 * K + 1
-    c = (codes + np.int8(K)).astype(np.uint8)
-    pad = (-c.size) % per
-    if pad:
-        c = np.concatenate([c, np.zeros(pad, np.uint8)])
-    c = c.reshape(-1, per)
-    acc = c[:, per - 1].astype(np.uint8)
-    for j in range(per - 2, -1, -1):  # Horner: code j is digit j (base^j)
-        acc = acc * np.uint8(base) + c[:, j]
-    return acc.tobytes()
-
-
-def _digit_table(K: int) -> np.ndarray:
-    """(256, per) int8: the codes q (digit - K) each byte value stands for."""
-    per, base = _per_byte(K), 2 * K + 1
-    v = np.arange(256)
-    return np.stack([(v // base ** j) % base - K for j in range(per)], axis=1).astype(np.int8)
-
-
-_DIGITS = {K: _digit_table(K) for K in range(1, KMAX + 1)}
-
-
-def _unpack_base(b: bytes, k: int, K: int, name: str) -> np.ndarray:
-    per = _per_byte(K)
-    if per == 0:
-        return np.zeros(k, np.int8)
-    v = np.frombuffer(b, np.uint8)
-    if v.size and int(v.max()) >= (2 * K + 1) ** per:
-        raise UpdateRejected(f"tensor {name}: packed code out of range")
-    return _DIGITS[K][v].reshape(-1)[:k]
+        full[indices] = vals
+    return full.reshape(shape)
 
 
 # ----------------------------------------------------------------------------- encode
-def _topk(x: np.ndarray, k: int) -> np.ndarray:
-    if k >= x.size:
-        return np.arange(x.size, dtype=np.int64)
-    idx = np.argpartition(np.abs(x), x.size - k)[x.size - k:]
-    return np.sort(idx)
-
-
 def encode(tensors: Mapping[str, np.ndarray], policy: CodecPolicy, *, seed: int | None = None
            ) -> tuple[bytes, dict[str, np.ndarray]]:
     """Encode ``tensors``; returns (payload, what the receiver will decode) for error feedback.
@@ -290,66 +146,36 @@ def encode(tensors: Mapping[str, np.ndarray], policy: CodecPolicy, *, seed: int 
     if seed is None:
         seed = secrets.randbits(64)
     seed &= (1 << 64) - 1
-    rng = np.random.default_rng(seed) if policy.stochastic else None
     names = sorted(tensors)
     shapes = [(n, tuple(int(d) for d in np.shape(tensors[n]))) for n in names]
-    rules = [policy.rule(n) for n in names]
     n_dither = 0
-    plan = []
-    for name, rule in zip(names, rules, strict=True):
+    plan: list[tuple[str, TensorRule, Stage, tuple[int, ...], np.ndarray, int]] = []
+    for name in names:
+        rule = policy.rule(name)
+        stage = BY_NAME[rule.enc]
         x = np.ascontiguousarray(tensors[name], dtype=np.float32)
         if not np.all(np.isfinite(x)):
             raise UpdateRejected(f"tensor {name} holds NaN or infinite values; refusing to encode it")
         flat = x.reshape(-1)
         k = flat.size if rule.topk >= 1.0 else max(1, math.ceil(rule.topk * flat.size))
-        plan.append((name, rule, x.shape, flat, k))
-        if rule.enc == "dq":
-            n_dither += k
-    dither = dither_stream(seed, n_dither) if policy.stochastic else None
-    d_pos = 0
+        plan.append((name, rule, stage, x.shape, flat, k))
+        n_dither += k if stage.dithered else 0
+    rand = Randomness(np.random.default_rng(seed) if policy.stochastic else None,
+                      dither_stream(seed, n_dither) if policy.stochastic else None)
     entries, sections, decoded = [], [], {}
-    for name, rule, shape, flat, k in plan:
-        parts: list[bytes] = []
-        if k < flat.size:
-            idx = _topk(flat, k)
-            gaps = np.diff(idx, prepend=-1).astype(np.int64)  # first gap = idx[0] + 1 >= 1
-            escaped = gaps >= 255
-            parts.append(struct.pack("<I", int(escaped.sum())))
-            parts.append(np.where(escaped, 255, gaps).astype(np.uint8).tobytes())
-            parts.append(gaps[escaped].astype("<u4").tobytes())
-            vals = flat[idx]
-        else:
-            idx, vals = None, flat
-        enc = rule.enc
-        if enc == "f32":
-            parts.append(vals.astype("<f4").tobytes())
-            rec = vals.astype(np.float32)
-        elif enc == "dq":
-            u = None if dither is None else dither[d_pos: d_pos + k]
-            d_pos += k
-            step, K, q = dither_quantize(vals, rule.dither, u)
-            parts.append(struct.pack("<fB", float(step), K))
-            parts.append(_pack_base(q, K) if step != 0 else b"")
-            rec = dither_dequantize(step, q, u)
-        else:
-            q, scales = quantize(vals, _Q_LEVELS[enc], rng)
-            parts.append(scales.astype("<f4").tobytes())
-            parts.append(q.tobytes() if enc == "q8" else _pack4(q))
-            rec = dequantize(q, scales)
-        section = b"".join(parts)
-        if k < flat.size:
-            entries.append(bytes([_ENC[enc] | _SPARSE]) + _SPARSE_ENTRY.pack(k, len(section)))
-        else:
-            entries.append(bytes([_ENC[enc]]))
-        sections.append(section)
-        full = np.zeros(flat.size, np.float32)
+    for name, rule, stage, shape, flat, k in plan:
+        idx = TopKGaps.select(flat, k) if k < flat.size else None
+        parts = [] if idx is None else TopKGaps.encode(idx)
+        values, rec = stage.encode(flat if idx is None else flat[idx], rule, rand)
+        section = b"".join(parts + values)
         if idx is None:
-            full[:] = rec
+            entries.append(bytes([stage.code]))
         else:
-            full[idx] = rec
-        decoded[name] = full.reshape(shape)
+            entries.append(bytes([stage.code | _SPARSE]) + _SPARSE_ENTRY.pack(k, len(section)))
+        sections.append(section)
+        decoded[name] = _scatter(rec, idx, flat.size, shape)
     body = b"".join(sections)
-    frame = adapter_digest(shapes) + struct.pack("<QI", seed, len(names)) + b"".join(entries) + body
+    frame = adapter_digest(shapes) + _TABLE_HEAD.pack(seed, len(names)) + b"".join(entries) + body
     flags = 0 if policy.stochastic else _FLAG_NO_DITHER
     if policy.zstd_level > 0:
         # min_match=7: matches rarely pay in quantized codes, and shorter ones crowd out the entropy stage
@@ -361,32 +187,17 @@ def encode(tensors: Mapping[str, np.ndarray], policy: CodecPolicy, *, seed: int 
 
 
 # ----------------------------------------------------------------------------- decode
-def _value_bytes(k: int, enc: str) -> int:
-    """Fewest bytes the values of ``k`` entries can take in encoding ``enc``."""
-    nb = -(-k // BLOCK)
-    return {"f32": 4 * k, "q8": 4 * nb + k, "q4": 4 * nb + (k + 1) // 2, "dq": 5}[enc]
-
-
-def _max_value_bytes(k: int, enc: str) -> int:
-    return _dq_bytes(k, KMAX) if enc == "dq" else _value_bytes(k, enc)
-
-
-def _max_section(numel: int, k: int, enc: str) -> int:
-    """Largest section a tensor may declare: values, plus (sparse) index bytes with every gap escaped."""
-    return _max_value_bytes(k, enc) + (0 if k == numel else 4 + 5 * k)
-
-
 def _table_bytes(n: int) -> int:
     """The largest table of ``n`` tensors (all sparse)."""
-    return 28 + (1 + _SPARSE_ENTRY.size) * n
+    return _HEAD_BYTES + (1 + _SPARSE_ENTRY.size) * n
 
 
 def max_frame_bytes(expected: Sequence[tuple[str, tuple[int, ...]]]) -> int:
     """The largest frame any honest encoding of this adapter can have (the decompression cap)."""
     total = _table_bytes(len(expected))
     for _, shape in expected:
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        total += max(_max_value_bytes(numel, enc) for enc in _ENC) + 4 + 5 * numel  # dense or sparse
+        numel = _numel(shape)  # the widest encoding, dense or sparse
+        total += max(stage.max_bytes(numel) for stage in STAGES.values()) + TopKGaps.max_bytes(numel)
     return total
 
 
@@ -405,8 +216,8 @@ def _zstd(data: bytes, cap: int, what: str) -> bytes:
     return out
 
 
-def decode(payload: bytes, expected: Sequence[tuple[str, tuple[int, ...]]], *, max_bytes: int) -> dict[str, np.ndarray]:
-    """Decode an update against the expected adapter manifest; rejects anything else with a reason."""
+def _frame(payload: object, expected: Sequence[tuple[str, tuple[int, ...]]], max_bytes: int) -> tuple[int, bytes]:
+    """(flags, decompressed frame) of a payload whose header, size and frame size check out."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise UpdateRejected("update payload is not bytes")
     payload = bytes(payload)
@@ -426,25 +237,36 @@ def decode(payload: bytes, expected: Sequence[tuple[str, tuple[int, ...]]], *, m
         frame = _zstd(frame, cap, "update frame")
     elif len(frame) > cap:
         raise UpdateRejected(f"update frame is {len(frame)} bytes, larger than this adapter allows ({cap})")
+    return flags, frame
+
+
+_Plan = list[tuple[str, tuple[int, ...], int, int, Stage, int | None]]
+
+
+def _table(frame: bytes, expected: Sequence[tuple[str, tuple[int, ...]]]) -> tuple[int, _Plan, int]:
+    """(dither seed, per tensor (name, shape, numel, k, stage, sparse section size or None), body offset)."""
     n_exp = len(expected)
-    if len(frame) < 28:
+    if len(frame) < _HEAD_BYTES:
         raise UpdateRejected("update frame is too short for its table")
-    digest, (seed, n) = frame[:16], struct.unpack("<QI", frame[16:28])
+    digest, (seed, n) = frame[:16], _TABLE_HEAD.unpack_from(frame, 16)
     if n != n_exp:
         raise UpdateRejected(f"update lists {n} tensors, the adapter has {n_exp}")
     if digest != adapter_digest(expected):
         raise UpdateRejected("update does not match the adapter: its manifest digest (tensor names, shapes, dtype) "
                              "differs from the coordinator's; the site runs another model or LoRA configuration")
-    plan, n_dither, pos = [], 0, 28
+    plan: _Plan = []
+    pos = _HEAD_BYTES
     for name, shape in expected:
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        numel = _numel(shape)
         if pos >= len(frame):
             raise UpdateRejected("update frame is too short for its table")
         code = frame[pos]
         pos += 1
-        enc = _ENC_NAME.get(code & ~_SPARSE)
-        if enc is None:
+        stage = STAGES.get(code & ~_SPARSE)
+        if stage is None:
             raise UpdateRejected(f"tensor {name}: invalid encoding {code}")
+        size: int | None = None  # dense: the size follows from the encoding
+        k = numel
         if code & _SPARSE:
             if pos + _SPARSE_ENTRY.size > len(frame):
                 raise UpdateRejected("update frame is too short for its table")
@@ -452,85 +274,34 @@ def decode(payload: bytes, expected: Sequence[tuple[str, tuple[int, ...]]], *, m
             pos += _SPARSE_ENTRY.size
             if not 1 <= k < numel:
                 raise UpdateRejected(f"tensor {name}: sparse with k={k} of {numel}")
-            limit = _max_section(numel, k, enc)
-            if not _value_bytes(k, enc) <= size <= limit:
-                raise UpdateRejected(f"tensor {name}: section of {size} bytes is outside "
-                                     f"[{_value_bytes(k, enc)}, {limit}]")
-        else:
-            k, size = numel, None  # dense: the size follows from the encoding
-        n_dither += k if enc == "dq" else 0
-        plan.append((name, shape, numel, k, enc, size))
+            lo, limit = stage.min_bytes(k), stage.max_bytes(k) + TopKGaps.max_bytes(k)
+            if not lo <= size <= limit:
+                raise UpdateRejected(f"tensor {name}: section of {size} bytes is outside [{lo}, {limit}]")
+        plan.append((name, shape, numel, k, stage, size))
+    return seed, plan, pos
+
+
+def decode(payload: bytes, expected: Sequence[tuple[str, tuple[int, ...]]], *, max_bytes: int) -> dict[str, np.ndarray]:
+    """Decode an update against the expected adapter manifest; rejects anything else with a reason."""
+    flags, frame = _frame(payload, expected, max_bytes)
+    seed, plan, pos = _table(frame, expected)
     body = frame[pos:]
-    dither = None if flags & _FLAG_NO_DITHER else dither_stream(seed, n_dither)
-    d_pos = 0
+    n_dither = sum(k for _, _, _, k, stage, _ in plan if stage.dithered)
+    rand = Randomness(None, None if flags & _FLAG_NO_DITHER else dither_stream(seed, n_dither))
     out: dict[str, np.ndarray] = {}
     pos = 0
-    for name, shape, numel, k, enc, size in plan:
+    for name, shape, numel, k, stage, size in plan:
         if size is None:
-            size = _value_bytes(k, enc)
-            if enc == "dq" and pos + 5 <= len(body):  # dense dithered: the code range K sets the size
-                step, K = struct.unpack_from("<fB", body, pos)
-                size = _dq_bytes(k, K) if step != 0 and K <= KMAX else 5
+            size = stage.dense_bytes(body, pos, k)
         if pos + size > len(body):
             raise UpdateRejected(f"tensor {name}: the body ends inside its section")
         sec = body[pos: pos + size]
         pos += size
-        off = 0
-        indices = None
-        if k < numel:
-            (n_esc,) = struct.unpack("<I", sec[:4])
-            if n_esc > k or size < 4 + k + 4 * n_esc + _value_bytes(k, enc):
-                raise UpdateRejected(f"tensor {name}: index section does not add up")
-            small = np.frombuffer(sec, np.uint8, count=k, offset=4).astype(np.int64)
-            escaped = small == 255
-            if int(escaped.sum()) != n_esc:
-                raise UpdateRejected(f"tensor {name}: escape count does not match")
-            gaps = small.copy()
-            gaps[escaped] = np.frombuffer(sec, "<u4", count=n_esc, offset=4 + k).astype(np.int64)
-            if gaps.size and gaps.min() < 1:
-                raise UpdateRejected(f"tensor {name}: indices are not strictly increasing")
-            indices = np.cumsum(gaps) - 1
-            if indices[-1] >= numel:
-                raise UpdateRejected(f"tensor {name}: index {int(indices[-1])} out of range ({numel})")
-            off = 4 + k + 4 * n_esc
-        if enc == "dq":
-            step, K = struct.unpack_from("<fB", sec, off)
-            if not (math.isfinite(step) and step >= 0) or K > KMAX or (step == 0 and K != 0):
-                raise UpdateRejected(f"tensor {name}: invalid dither step {step} or code range {K}")
-            want = _dq_bytes(k, K) if step != 0 else 5
-            if size - off != want:
-                raise UpdateRejected(f"tensor {name}: dithered section of {size - off} bytes, expected {want}")
-            u = None if dither is None else dither[d_pos: d_pos + k]
-            d_pos += k
-            q = _unpack_base(sec[off + 5:], k, K, name) if step != 0 else np.zeros(k, np.int8)
-            vals = dither_dequantize(np.float32(step), q, u)
-        elif size - off != _value_bytes(k, enc):
-            raise UpdateRejected(f"tensor {name}: section of {size} bytes does not match {k} {enc} values")
-        elif enc == "f32":
-            vals = np.frombuffer(sec, "<f4", count=k, offset=off).astype(np.float32)
-        else:
-            nb = -(-k // BLOCK)
-            scales = np.frombuffer(sec, "<f4", count=nb, offset=off).astype(np.float32)
-            if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-                raise UpdateRejected(f"tensor {name}: non-finite or negative scales")
-            off += 4 * nb
-            if enc == "q8":
-                q = np.frombuffer(sec, np.int8, count=k, offset=off)
-                if np.any(q == -128):
-                    raise UpdateRejected(f"tensor {name}: code out of range")
-            else:
-                q = _unpack4(sec[off:], k)
-                if np.any(np.abs(q) > 7):
-                    raise UpdateRejected(f"tensor {name}: code out of range")
-            vals = dequantize(q, scales)
+        indices, off = (None, 0) if k == numel else TopKGaps.decode(sec, k, numel, stage.min_bytes(k), name)
+        vals = stage.decode(sec, off, k, name, rand)
         if not np.all(np.isfinite(vals)):
             raise UpdateRejected(f"tensor {name} holds NaN or infinite values")
-        full = np.zeros(numel, np.float32)
-        if indices is None:
-            full[:] = vals
-        else:
-            full[indices] = vals
-        out[name] = full.reshape(shape)
+        out[name] = _scatter(vals, indices, numel, shape)
     if pos != len(body):
         raise UpdateRejected(f"{len(body) - pos} bytes follow the last section")
     return out

@@ -7,19 +7,18 @@ with an error carrying :data:`RESEND_FULL`, and gets a full adapter ("keyframe")
 the lossy downlink drops is not lost: it stays in ``global - view`` and travels next round.
 
 Uplink: the site encodes its DP-noised delta plus the error-feedback residual (what earlier
-rounds' biased compression, top-k, dropped, kept sealed in the site's state directory) and keeps
-the new residual.
+rounds' biased compression, top-k, dropped) and gets the new residual back. Nothing here touches a
+file: the site keeps the residual sealed in its state directory
+(:class:`fedsecure.store.site_state.SiteState`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 
 from fedsecure.config import TransportSettings
-from fedsecure.crypto.keys import KeyRing
 from fedsecure.errors import FedSecureError
 from fedsecure.transport.codec import CodecPolicy, TensorRule, decode, encode, expected_manifest
 
@@ -89,17 +88,16 @@ class DownlinkTracker:
 
     def _encode(self, state: dict[str, np.ndarray], base: dict[str, np.ndarray] | None,
                 seed: int | None, unchanged: bool = False) -> tuple[bytes, dict[str, np.ndarray]]:
+        # encode returns what the receiver will reconstruct (bit for bit, tested): no decode after encode
         self.encodes += 1
-        expected = _shapes(state)
         if base is None:
-            payload, _ = encode(state, downlink_policy(self.ts, keyframe=True), seed=seed)
-            return payload, decode(payload, expected, max_bytes=self.ts.max_update_bytes)
+            payload, view = encode(state, downlink_policy(self.ts, keyframe=True), seed=seed)
+            return payload, {k: np.asarray(v, dtype=np.float32) for k, v in view.items()}
         if unchanged:  # an empty step: the site keeps exactly what it holds
             payload, _ = encode({k: np.zeros_like(state[k]) for k in state}, downlink_policy(self.ts, False), seed=seed)
             return payload, base
         diff = {k: state[k] - base[k] for k in state}
-        payload, _ = encode(diff, downlink_policy(self.ts, keyframe=False), seed=seed)
-        step = decode(payload, expected, max_bytes=self.ts.max_update_bytes)
+        payload, step = encode(diff, downlink_policy(self.ts, keyframe=False), seed=seed)
         return payload, {k: (base[k] + step[k]).astype(np.float32) for k in state}
 
     def forget(self, node: int) -> None:
@@ -126,36 +124,6 @@ def fed_back(ts: TransportSettings, names) -> set[str]:
         return set()
     policy = uplink_policy(ts)
     return {k for k in names if carries_error(policy.rule(k), policy.stochastic)}
-
-
-def residual_path(state_dir: Path, sealed: bool) -> Path:
-    return Path(state_dir) / ("uplink-residual.safetensors" + (".sealed" if sealed else ""))
-
-
-def load_residual(state_dir: Path, ring: KeyRing | None, run_id: str,
-                  template: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """The error-feedback residual of this run, or None (other run, other adapter shape, or none yet)."""
-    from fedsecure.crypto.tensors import open_tensors
-    from fedsecure.model.adapter import load_adapter_file
-
-    p = residual_path(state_dir, ring is not None)
-    if not p.exists():
-        return None
-    state, meta = open_tensors(p, ring) if ring is not None else load_adapter_file(p)
-    if meta.get("run") != run_id or {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in template.items()}:
-        return None
-    return {k: np.array(v, dtype=np.float32) for k, v in state.items()}
-
-
-def save_residual(state_dir: Path, ring: KeyRing | None, run_id: str, residual: dict[str, np.ndarray]) -> None:
-    from fedsecure.crypto.tensors import seal_tensors
-    from fedsecure.model.adapter import save_adapter_file
-
-    p = residual_path(state_dir, ring is not None)
-    if ring is not None:
-        seal_tensors(p, residual, ring, {"run": run_id, "content-kind": "error-feedback-residual"})
-    else:
-        save_adapter_file(p, residual, {"run": run_id})
 
 
 def site_encode(delta: dict[str, np.ndarray], residual: dict[str, np.ndarray] | None, ts: TransportSettings,

@@ -144,7 +144,7 @@ class SiteConfig:
 
 
 #: keys of earlier site.yaml files, and where they live now
-_MOVED = {"epsilon": "site.privacy.max_epsilon", "delta": "site.privacy.max_delta",
+_MOVED = {"epsilon": "site.privacy.epsilon_budget", "delta": "site.privacy.delta",
           "attestation_provider": "site.attestation.provider", "keyring": "site.storage.keyring"}
 _SITE_KEYS = {"name", "superlink", "tls_ca", "auth_key", "data_dir", "state_dir", "runtime_port", "dataset_id",
               "model_dir", "threads", "warm_worker", "privacy", "limits", "storage", "attestation"}
@@ -153,7 +153,7 @@ _SITE_KEYS = {"name", "superlink", "tls_ca", "auth_key", "data_dir", "state_dir"
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and check ``site.yaml``, including the site's privacy policy against its data (delta < 1/N)."""
     from fedsecure.data.dataset import read_jsonl
-    from fedsecure.deploy.certs import SITE_NAME
+    from fedsecure.launch.certs import SITE_NAME
     from fedsecure.privacy.policy import check_delta
 
     doc, base = _read(path)
@@ -175,12 +175,12 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if not _HOSTPORT.match(superlink):
         raise ConfigError(f"site.superlink: {superlink!r} is not host:port. Fix: e.g. coordinator.example.org:9093.")
     privacy = sec.get("privacy")
-    if not isinstance(privacy, dict) or "max_epsilon" not in privacy or "max_delta" not in privacy:
-        raise ConfigError("site.privacy: the site's own privacy policy must set max_epsilon and max_delta (this "
-                          "site's budget for each dataset, over every run). Fix: e.g. privacy: {max_epsilon: 3.0, "
-                          "max_delta: 1.0e-5} (see configs/site.yaml).")
-    if privacy.get("max_delta") is None:
-        raise ConfigError("site.privacy.max_delta: must be a number below 1/N (N = this site's training records), "
+    if not isinstance(privacy, dict) or "epsilon_budget" not in privacy or "delta" not in privacy:
+        raise ConfigError("site.privacy: the site's own privacy policy must set epsilon_budget and delta (this "
+                          "site's budget for each dataset, over every run). Fix: e.g. privacy: {epsilon_budget: 3.0, "
+                          "delta: 1.0e-5} (see configs/site.yaml).")
+    if privacy.get("delta") is None:
+        raise ConfigError("site.privacy.delta: must be a number below 1/N (N = this site's training records), "
                           "e.g. 1.0e-5. Fix: set it in site.yaml.")
     data_dir = _path(base, sec.get("data_dir"), "site.data_dir", fix="create the folder and put the site's "
                      "train.jsonl and eval.jsonl there (one JSON object with a 'text' field per line)")
@@ -202,7 +202,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     state_dir = _path(base, sec.get("state_dir"), "site.state_dir", must_exist=False)
     settings = from_mapping(SiteSettings, {**rest, "name": name, "data_dir": str(data_dir),
                                            "state_dir": str(state_dir), "model_dir": model_dir}, "site.").validate()
-    bad = check_delta(float(settings.privacy.max_delta or 0), records["train.jsonl"], "site.privacy.max_delta")
+    bad = check_delta(float(settings.privacy.delta or 0), records["train.jsonl"], "site.privacy.delta")
     if bad is not None:
         raise ConfigError(bad)
     return SiteConfig(superlink=superlink, tls_ca=_path(base, sec.get("tls_ca"), "site.tls_ca"),

@@ -6,7 +6,7 @@ N(0, σ²C²), average over the *expected* batch size) and our own Poisson sampl
 accounting lives in the site's privacy ledger (not in an engine that a restart would forget),
 and because a cached model must be wrapped and unwrapped cleanly every round.
 
-* The loss is per sequence (:func:`fedsecure.training.per_sequence_loss`), so each record's
+* The loss is per sequence (:func:`fedsecure.training.local.per_sequence_loss`), so each record's
   gradient depends on that record only.
 * An empty Poisson batch still takes a noise-only step, and that step is accounted.
 * No gradient checkpointing: it re-fires Opacus' hooks and corrupts per-sample gradients.
@@ -19,30 +19,16 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 
 from fedsecure.config import TrainSettings
 from fedsecure.data.dataset import TokenizedDataset, collate
+from fedsecure.privacy.guard import DPStepPlan
 from fedsecure.privacy.noise import Randomness, SeededRandomness
-from fedsecure.training import TrainResult, per_sequence_loss, trainable_parameters
+from fedsecure.training.local import TrainResult, per_sequence_loss, trainable_parameters
 
 GRAD_SAMPLE_MODES = ("hooks", "ew")
-
-
-@dataclass(frozen=True)
-class DPStepPlan:
-    """What one round of DP-SGD at a site will do (and what gets accounted)."""
-
-    sigma: float  # noise multiplier
-    q: float  # Poisson sampling rate
-    steps: int
-    max_grad_norm: float
-
-    @staticmethod
-    def sample_rate(batch_size: int, num_records: int) -> float:
-        return min(1.0, batch_size / num_records)
 
 
 def _wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:

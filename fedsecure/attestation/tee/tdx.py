@@ -15,6 +15,10 @@ Checks, in order (each failure raises :class:`~fedsecure.errors.AttestationError
 
 Layouts: Intel TDX DCAP Quote Generation Library and Quote Verification Library documentation
 (quote v4 and v5, "TD Quote Body").
+
+Registers the ``tdx`` TEE (MRTD: 96 hex digits), its verifier (:func:`verify_evidence`) and its
+``inspect`` fields (:func:`describe`). Sites obtain quotes through
+:mod:`~fedsecure.attestation.tee.configfs`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -31,7 +36,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from fedsecure.attestation.sevsnp import check_validity
+from fedsecure.attestation.base import Claims, TeeInfo, VerifyRequest, register_tee, register_verifier
+from fedsecure.attestation.evidence import Evidence
+from fedsecure.attestation.tee.sevsnp import check_validity
 from fedsecure.errors import AttestationError
 
 HEADER = 48
@@ -46,6 +53,8 @@ INTEL_ROOT_PINS = {
 
 @dataclass(frozen=True)
 class TdxQuote:
+    """A parsed (not yet verified) TDX quote: its body, the signed bytes and the certification data."""
+
     version: int
     body: bytes
     signed: bytes
@@ -57,22 +66,27 @@ class TdxQuote:
     pck_chain_pem: bytes
 
     def field(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the TD report body from ``offset``."""
         return self.body[offset: offset + size]
 
     @property
     def mrtd(self) -> bytes:
+        """MRTD, the TD's launch measurement (48 bytes)."""
         return self.field(136, 48)
 
     @property
     def report_data(self) -> bytes:
+        """REPORTDATA, the 64 bytes the TD asked to be signed."""
         return self.field(520, 64)
 
     @property
     def rtmrs(self) -> list[bytes]:
+        """RTMR0-3, the runtime measurement registers."""
         return [self.field(328 + 48 * i, 48) for i in range(4)]
 
 
 def parse_quote(raw: bytes) -> TdxQuote:
+    """Parse a version 4 or 5 TDX quote; raises AttestationError naming what is malformed."""
     try:
         version, key_type, tee_type = struct.unpack("<HHI", raw[:8])
         if version not in (4, 5):
@@ -136,12 +150,15 @@ def _subject(cert: x509.Certificate) -> str:
 
 
 def spki_sha256(cert: x509.Certificate) -> str:
+    """SHA-256 (hex) of the certificate's SubjectPublicKeyInfo, as pinned in :data:`INTEL_ROOT_PINS`."""
     spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).hexdigest()
 
 
 @dataclass(frozen=True)
 class TdxClaims:
+    """What a verified TDX quote says (hex strings)."""
+
     version: int
     mrtd: str
     rtmrs: list[str]
@@ -155,7 +172,8 @@ class TdxClaims:
 def verify(raw: bytes, *, pins: dict[str, str] | None = None, at_time: _dt.datetime | None = None,
            expected_report_data: bytes | None = None, allowed_mrtd: Iterable[str] | None = None) -> TdxClaims:
     """Verify end to end; returns the claims or raises AttestationError (also for damaged certificates, whose
-    fields may fail to parse only when read)."""
+    fields may fail to parse only when read).
+    """
     try:
         return _verify(raw, pins=pins, at_time=at_time, expected_report_data=expected_report_data,
                        allowed_mrtd=allowed_mrtd)
@@ -203,3 +221,45 @@ def _verify(raw: bytes, *, pins: dict[str, str] | None = None, at_time: _dt.date
         raise AttestationError(f"MRTD {mrtd[:16]}... is not in the policy's allow-list")
     return TdxClaims(q.version, mrtd, [r.hex() for r in q.rtmrs], q.report_data.hex(), q.field(184, 48).hex(),
                      q.field(232, 48).hex(), q.field(120, 8).hex(), name)
+
+
+# ---------------------------------------------------------------------------- registry entry points
+def verify_evidence(evidence: Evidence, request: VerifyRequest) -> Claims:
+    """The registered verifier: :func:`verify` on the evidence's quote, with the policy's MRTD allow-list."""
+    c = verify(evidence.blob, at_time=request.at, expected_report_data=request.expected_report_data,
+               allowed_mrtd=request.allowed_measurements)
+    return Claims("tdx", c.mrtd, c.report_data, evidence.provider,
+                  {"version": c.version, "rtmrs": c.rtmrs, "mrconfigid": c.mrconfigid, "mrowner": c.mrowner,
+                   "td_attributes": c.td_attributes, "root": c.root})
+
+
+def _certs(pem: bytes) -> list[dict[str, str]]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return []
+    return [{"subject": c.subject.rfc4514_string(), "not_before": c.not_valid_before_utc.isoformat(),
+             "not_after": c.not_valid_after_utc.isoformat()} for c in certs]
+
+
+def describe(evidence: Evidence) -> dict[str, Any]:
+    """The quote's fields for ``fedsecure attest inspect`` (parsed, not verified)."""
+    q = parse_quote(evidence.blob)
+    return dict(version=q.version, mrtd=q.mrtd.hex(), **{f"rtmr{i}": r.hex() for i, r in enumerate(q.rtmrs)},
+                mrconfigid=q.field(184, 48).hex(), mrowner=q.field(232, 48).hex(),
+                mrownerconfig=q.field(280, 48).hex(), td_attributes=q.field(120, 8).hex(),
+                xfam=q.field(128, 8).hex(), report_data=q.report_data.hex(), pck_chain=_certs(q.pck_chain_pem))
+
+
+def _recognize(data: bytes) -> bool:
+    if len(data) < HEADER:
+        return False
+    version, _, tee_type = struct.unpack_from("<HHI", data, 0)
+    return version in (4, 5) and tee_type == 0x81
+
+
+def register() -> None:
+    """Register the ``tdx`` TEE (facts, verifier, describer)."""
+    register_tee(TeeInfo("tdx", "Intel TDX quote (v4/v5), PCK chain to the pinned Intel SGX Root CA; pins MRTD",
+                         measurement_hex=96, raw_format="a TDX quote (v4/v5)", recognize=_recognize))
+    register_verifier("tdx", verify_evidence, describe=describe)

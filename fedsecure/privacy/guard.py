@@ -14,11 +14,25 @@ from pathlib import Path
 
 from fedsecure.crypto.keys import KeyRing
 from fedsecure.privacy.accounting import Spend, calibrate_noise, epsilon_of
-from fedsecure.privacy.dpsgd import DPStepPlan
 from fedsecure.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedsecure.privacy.policy import Terms
+from fedsecure.store.files import StateFiles
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DPStepPlan:
+    """What one round of DP-SGD at a site will do (and what gets accounted)."""
+
+    sigma: float  # noise multiplier
+    q: float  # Poisson sampling rate
+    steps: int
+    max_grad_norm: float
+
+    @staticmethod
+    def sample_rate(batch_size: int, num_records: int) -> float:
+        return min(1.0, batch_size / num_records)
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,8 @@ class Refusal:
 
 @dataclass(frozen=True)
 class Approval:
+    """The site trains this round under ``plan``; the ledger will then record ``epsilon_after``."""
+
     plan: DPStepPlan
     epsilon_after: float
     accountant: str  # the accountant whose bound is binding (the largest over every one this dataset used)
@@ -42,13 +58,14 @@ class SitePrivacyGuard:
     """Everything a site decides about privacy in one round, under ``terms``."""
 
     def __init__(self, terms: Terms, *, state_dir: str | Path, dataset: str, num_records: int,
-                 ring: KeyRing | None = None) -> None:
+                 ring: KeyRing | None = None, files: StateFiles | None = None) -> None:
         self.terms = terms
         self.accountant = terms.accountant
         self.num_records = num_records
-        self.epsilon_budget = float(terms.epsilon)
+        self.epsilon_budget = float(terms.epsilon_budget)
         self.delta = float(terms.delta)
-        self.ledger = PrivacyLedger.open(state_dir, dataset, ring=ring)  # raises LedgerError if tampered
+        # raises LedgerError if tampered
+        self.ledger = PrivacyLedger.open(state_dir, dataset, ring=ring, files=files)
 
     def _accountants(self) -> list[str]:
         """The requested accountant and every one the dataset was charged under: the largest bound counts."""
@@ -67,7 +84,7 @@ class SitePrivacyGuard:
             sigma = None  # a stored hint from a looser earlier policy: calibrate again
         if sigma is None:
             remaining_rounds = max(1, rounds_total - server_round + 1)
-            sigma = calibrate_noise(target_epsilon=self.epsilon_budget, delta=self.delta, spent=self.ledger.spends,
+            sigma = calibrate_noise(epsilon_budget=self.epsilon_budget, delta=self.delta, spent=self.ledger.spends,
                                     q=q, steps=t.steps * remaining_rounds, accountant=self.accountant,
                                     sigma_min=t.min_sigma)
             if sigma is None:
@@ -87,10 +104,10 @@ class SitePrivacyGuard:
         p = approval.plan
         return self.ledger.append(run_id=run_id, server_round=server_round, spend=Spend(p.sigma, p.q, p.steps),
                                   delta=self.delta, accountant=approval.accountant, max_grad_norm=p.max_grad_norm,
-                                  epsilon_after=approval.epsilon_after, budget_epsilon=self.epsilon_budget)
+                                  epsilon_after=approval.epsilon_after, epsilon_budget=self.epsilon_budget)
 
     def refuse(self, reason: str, *, run_id: str, server_round: int) -> LedgerEntry:
         """Record a refused round (nothing spent) durably, with its reason."""
         return self.ledger.append_refusal(run_id=run_id, server_round=server_round, reason=reason, delta=self.delta,
                                           accountant=self.accountant, epsilon_spent=self.spent(),
-                                          budget_epsilon=self.epsilon_budget)
+                                          epsilon_budget=self.epsilon_budget)

@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -31,6 +32,50 @@ from fedsecure.errors import FedSecureError
 from fedsecure.federation.keys import SIMULATED_SITES
 
 log = logging.getLogger(__name__)
+
+
+class LogFollower:
+    """Reads new lines of a file; remembers where it stopped."""
+
+    def __init__(self, path: Path, from_end: bool = True) -> None:
+        self.path = path
+        self.pos = path.stat().st_size if (from_end and path.exists()) else 0
+
+    def lines(self) -> list[str]:
+        """The complete lines written since the last call."""
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.pos)
+            data = f.read()
+        cut = data.rfind(b"\n") + 1
+        self.pos += cut
+        return data[:cut].decode(errors="replace").splitlines()
+
+
+def watch_rounds(metrics: Path, observer: Callable[[dict[str, Any]], None], stop: threading.Event,
+                 every_s: float = 0.2) -> threading.Thread:
+    """Call ``observer`` with every federation row appended to ``metrics`` (``metrics.jsonl``) until ``stop``
+    is set, then with the rows written before that; the same for every engine (nothing global)."""
+    follower = LogFollower(metrics, from_end=False)
+
+    def emit() -> None:
+        for line in follower.lines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("site") == "federation":
+                observer(row)
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            emit()
+        emit()
+
+    thread = threading.Thread(target=loop, name="fedsecure-progress", daemon=True)
+    thread.start()
+    return thread
 
 
 def node_configs(cfg: SimulationConfig, run_dir: str | Path) -> list[dict[str, Any]]:

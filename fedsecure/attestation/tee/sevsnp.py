@@ -14,6 +14,10 @@ Checks, in order (each failure raises :class:`~fedsecure.errors.AttestationError
    MEASUREMENT is in an allow-list: NVIDIA FLARE's SNP authorizer compares no measurement.
 
 Report layout: AMD SEV-SNP ABI specification, "ATTESTATION_REPORT structure".
+
+Registers the ``sev-snp`` TEE (MEASUREMENT: 96 hex digits), its verifier (:func:`verify_evidence`,
+which finds the VCEK in the evidence or the policy's VCEK cache) and its ``inspect`` fields
+(:func:`describe`). Sites obtain reports through :mod:`~fedsecure.attestation.tee.configfs`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import datetime as _dt
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -29,6 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from fedsecure.attestation.base import Claims, TeeInfo, VerifyRequest, register_tee, register_verifier
+from fedsecure.attestation.evidence import Evidence
 from fedsecure.errors import AttestationError
 
 REPORT_SIZE = 0x4A0
@@ -46,6 +54,8 @@ _HWID_OID = "1.3.6.1.4.1.3704.1.4"
 
 @dataclass(frozen=True)
 class SnpReport:
+    """A parsed (not yet verified) SEV-SNP attestation report."""
+
     version: int
     guest_svn: int
     policy: int
@@ -60,6 +70,7 @@ class SnpReport:
 
     @property
     def signed(self) -> bytes:
+        """The bytes the VCEK signs (0x000-0x29F)."""
         return self.raw[:SIGNED_END]
 
 
@@ -69,6 +80,7 @@ def _tcb(raw8: bytes) -> dict[str, int]:
 
 
 def parse_report(raw: bytes) -> SnpReport:
+    """Parse a 1184-byte SEV-SNP report (version >= 2, ECDSA P-384); raises AttestationError if it is not one."""
     if len(raw) != REPORT_SIZE:
         raise AttestationError(f"SEV-SNP report must be {REPORT_SIZE} bytes; got {len(raw)}")
     u32 = lambda off: int.from_bytes(raw[off:off + 4], "little")  # noqa: E731
@@ -113,11 +125,19 @@ def check_validity(cert: x509.Certificate, at: _dt.datetime, what: str) -> None:
                                f"(verification time {at.isoformat()})")
 
 
-def _ext_int(cert: x509.Certificate, oid: str) -> int:
+def _ext_bytes(cert: x509.Certificate, oid: str, lacks: str) -> bytes:
+    """The raw value of one of AMD's VCEK extensions (which ``cryptography`` does not interpret)."""
     try:
-        raw = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value.value
+        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value
     except x509.ExtensionNotFound:
-        raise AttestationError(f"VCEK lacks extension {oid}") from None
+        raise AttestationError(f"VCEK lacks {lacks}") from None
+    if not isinstance(ext, x509.UnrecognizedExtension):
+        raise AttestationError(f"VCEK extension {oid} is not AMD's raw extension ({type(ext).__name__})")
+    return ext.value
+
+
+def _ext_int(cert: x509.Certificate, oid: str) -> int:
+    raw = _ext_bytes(cert, oid, f"extension {oid}")
     if len(raw) < 3 or raw[0] != 0x02 or raw[1] != len(raw) - 2:  # DER INTEGER
         raise AttestationError(f"VCEK extension {oid} is not a DER INTEGER")
     return int.from_bytes(raw[2:], "big")
@@ -125,6 +145,8 @@ def _ext_int(cert: x509.Certificate, oid: str) -> int:
 
 @dataclass(frozen=True)
 class SnpClaims:
+    """What a verified SEV-SNP report says (hex strings)."""
+
     measurement: str
     report_data: str
     host_data: str
@@ -139,7 +161,8 @@ def verify(report_bytes: bytes, vcek_der: bytes, chain_pem: bytes, *, at_time: _
            expected_report_data: bytes | None = None, allowed_measurements: Iterable[str] | None = None,
            pins: dict[str, str] | None = None) -> SnpClaims:
     """Verify end to end; returns the claims or raises AttestationError (also for damaged certificates, whose
-    fields may fail to parse only when read)."""
+    fields may fail to parse only when read).
+    """
     try:
         return _verify(report_bytes, vcek_der, chain_pem, at_time=at_time, expected_report_data=expected_report_data,
                        allowed_measurements=allowed_measurements, pins=pins)
@@ -185,10 +208,7 @@ def _verify(report_bytes: bytes, vcek_der: bytes, chain_pem: bytes, *, at_time: 
     except InvalidSignature:
         raise AttestationError("report signature does not verify with the VCEK (report altered or wrong VCEK)") \
             from None
-    try:
-        hwid = vcek.extensions.get_extension_for_oid(x509.ObjectIdentifier(_HWID_OID)).value.value
-    except x509.ExtensionNotFound:
-        raise AttestationError("VCEK lacks the hwID extension") from None
+    hwid = _ext_bytes(vcek, _HWID_OID, "the hwID extension")
     if hwid != report.chip_id:
         raise AttestationError("VCEK hwID does not match the report's CHIP_ID")
     for name, oid in _SPL_OIDS.items():
@@ -203,3 +223,55 @@ def _verify(report_bytes: bytes, vcek_der: bytes, chain_pem: bytes, *, at_time: 
     return SnpClaims(measurement=measurement, report_data=report.report_data.hex(), host_data=report.host_data.hex(),
                      chip_id=report.chip_id.hex(), tcb=report.reported_tcb, policy=report.policy, vmpl=report.vmpl,
                      root=root)
+
+
+# ---------------------------------------------------------------------------- registry entry points
+def snp_certs(evidence: Evidence, vcek_dir: str | Path | None) -> tuple[bytes, bytes]:
+    """The VCEK and ASK/ARK chain: from the evidence's aux blobs (checked against the pinned root like any
+    other), else from the VCEK cache directory (<chip_id hex>.der, cert_chain.pem).
+    """
+    vcek, chain = evidence.aux.get("vcek"), evidence.aux.get("cert_chain")
+    if vcek is not None and chain is not None:
+        return vcek, chain
+    chip = parse_report(evidence.blob).chip_id.hex()
+    if not vcek_dir:
+        raise AttestationError(f"no VCEK for chip {chip[:16]}...: the evidence carries none and no vcek_dir is "
+                               "configured. Fix: set vcek_dir in the policy to a cache holding <chip_id>.der and "
+                               "cert_chain.pem (from AMD's key distribution service)")
+    d = Path(vcek_dir)
+    try:
+        vcek = vcek if vcek is not None else (d / f"{chip}.der").read_bytes()
+        chain = chain if chain is not None else (d / "cert_chain.pem").read_bytes()
+    except OSError as e:
+        raise AttestationError(f"VCEK cache {d}: {e.filename} is missing ({e.strerror}). Fix: fetch the VCEK for "
+                               f"chip {chip[:16]}... and the ASK/ARK chain into the cache directory") from None
+    return vcek, chain
+
+
+def verify_evidence(evidence: Evidence, request: VerifyRequest) -> Claims:
+    """The registered verifier: :func:`verify` with the VCEK from :func:`snp_certs` and the policy's allow-list."""
+    vcek, chain = snp_certs(evidence, request.vcek_dir)
+    s = verify(evidence.blob, vcek, chain, at_time=request.at, expected_report_data=request.expected_report_data,
+               allowed_measurements=request.allowed_measurements)
+    return Claims("sev-snp", s.measurement, s.report_data, evidence.provider,
+                  {"host_data": s.host_data, "chip_id": s.chip_id, "tcb": s.tcb, "policy": s.policy,
+                   "vmpl": s.vmpl, "root": s.root})
+
+
+def describe(evidence: Evidence) -> dict[str, Any]:
+    """The report's fields for ``fedsecure attest inspect`` (parsed, not verified)."""
+    r = parse_report(evidence.blob)
+    return dict(version=r.version, guest_svn=r.guest_svn, policy=hex(r.policy), vmpl=r.vmpl,
+                measurement=r.measurement.hex(), host_data=r.host_data.hex(), report_data=r.report_data.hex(),
+                chip_id=r.chip_id.hex(), reported_tcb=r.reported_tcb)
+
+
+def _recognize(data: bytes) -> bool:
+    return len(data) == REPORT_SIZE and 2 <= int.from_bytes(data[:4], "little") <= 5
+
+
+def register() -> None:
+    """Register the ``sev-snp`` TEE (facts, verifier, describer)."""
+    register_tee(TeeInfo("sev-snp", "AMD SEV-SNP report, VCEK chain to the pinned AMD ARK; pins MEASUREMENT",
+                         measurement_hex=96, raw_format="an SEV-SNP report (1184 bytes)", recognize=_recognize))
+    register_verifier("sev-snp", verify_evidence, describe=describe)

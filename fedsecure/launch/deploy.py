@@ -28,9 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedsecure.deploy.config import CoordinatorConfig, SiteConfig, write_node_config
 from fedsecure.errors import ConfigError, FedSecureError
-from fedsecure.federation.engines import (
+from fedsecure.federation.keys import NODE_WORKER_SOCKET
+from fedsecure.launch.deploy_config import CoordinatorConfig, SiteConfig, write_node_config
+from fedsecure.launch.engines import (
+    LogFollower,
     _bin,
     _stop,
     _toml_value,
@@ -40,7 +42,6 @@ from fedsecure.federation.engines import (
     run_status,
     wait_healthy,
 )
-from fedsecure.federation.keys import NODE_WORKER_SOCKET
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +61,6 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-class _LogFollower:
-    """Reads new lines of a file; remembers where it stopped."""
-
-    def __init__(self, path: Path, from_end: bool = True) -> None:
-        self.path = path
-        self.pos = path.stat().st_size if (from_end and path.exists()) else 0
-
-    def lines(self) -> list[str]:
-        if not self.path.exists():
-            return []
-        with self.path.open("rb") as f:
-            f.seek(self.pos)
-            data = f.read()
-        cut = data.rfind(b"\n") + 1
-        self.pos += cut
-        return data[:cut].decode(errors="replace").splitlines()
-
-
 class Server:
     """One coordinator: a SuperLink plus one Flower run of fedsecure's ServerApp."""
 
@@ -89,7 +72,7 @@ class Server:
         self.superlink: subprocess.Popen | None = None
         self.run_id: str | None = None
         self.stopping = threading.Event()
-        self.superlink_log = _LogFollower(self.run_dir / "superlink.log")
+        self.superlink_log = LogFollower(self.run_dir / "superlink.log")
         self.epsilons: dict[str, float] = {}
 
     # ------------------------------------------------------------------ steps
@@ -114,7 +97,7 @@ class Server:
         return rc_file
 
     def start_superlink(self) -> None:
-        self.superlink_log = _LogFollower(self.run_dir / "superlink.log")
+        self.superlink_log = LogFollower(self.run_dir / "superlink.log")
         log_file = (self.run_dir / "superlink.log").open("ab")
         self.superlink = subprocess.Popen(
             [_bin("flower-superlink"), "--ssl-certfile", str(self.dc.tls_cert), "--ssl-keyfile", str(self.dc.tls_key),
@@ -158,7 +141,7 @@ class Server:
         return run_status(self.env, CONNECTION, self.run_id)
 
     def follow(self, timeout_s: float, started: float) -> dict[str, Any]:
-        metrics = _LogFollower(self.run_dir / "metrics.jsonl")
+        metrics = LogFollower(self.run_dir / "metrics.jsonl")
         superlink_log = self.superlink_log
         summary = self.run_dir / "summary.json"
         deadline = time.monotonic() + timeout_s
@@ -266,7 +249,7 @@ def start_worker(sc: SiteConfig, emit: Callable[[str], None], timeout_s: float =
     path = sock_dir / "worker.sock"
     # only lines written from now on count: worker.log is appended to, and an earlier start's "ready"
     # line (with a socket file left behind by a killed worker) must not pass for this one
-    ready = _LogFollower(sc.state_dir / "worker.log", from_end=True)
+    ready = LogFollower(sc.state_dir / "worker.log", from_end=True)
     log_file = (sc.state_dir / "worker.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "fedsecure.federation.worker", "--socket", str(path)],
                             env=flower_env(sc.state_dir / "flwr-home"), stdout=log_file, stderr=subprocess.STDOUT,
@@ -289,7 +272,7 @@ def _supervise(sc: SiteConfig, argv: list[str], home: Path, log_path: Path, emit
                stopping: threading.Event, retry_s: float) -> int:
     pause = retry_s
     while not stopping.is_set():
-        follower = _LogFollower(log_path)
+        follower = LogFollower(log_path)
         with log_path.open("ab") as log_file:
             proc = subprocess.Popen(argv, env=flower_env(home), stdout=log_file, stderr=subprocess.STDOUT,
                                     start_new_session=True)

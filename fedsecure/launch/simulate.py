@@ -14,7 +14,7 @@ from fedsecure.data.synth import synthesize
 from fedsecure.errors import ConfigError, DataError
 from fedsecure.model.presets import _check_model_dir
 from fedsecure.privacy.policy import PolicyRefusal, check_delta, resolve
-from fedsecure.runs import RunDir, new_run_id
+from fedsecure.store.rundir import RunDir, new_run_id
 
 
 def check_sites_accept(cfg: SimulationConfig, records: int) -> None:
@@ -76,8 +76,8 @@ def simulation_policy(cfg: SimulationConfig) -> Policy:
     min_dp = None
     if cfg.privacy.enabled:
         own = cfg.site.privacy
-        min_dp = MinDP(max_epsilon=cfg.privacy.epsilon or own.max_epsilon,
-                       max_delta=cfg.privacy.delta or own.max_delta or 1e-5,
+        min_dp = MinDP(max_epsilon=cfg.privacy.epsilon_budget or own.epsilon_budget,
+                       max_delta=cfg.privacy.delta or own.delta or 1e-5,
                        min_sigma=cfg.privacy.noise_multiplier or own.min_sigma,
                        secure_noise=cfg.site.noise_seed is None)
     return Policy(measurements={"software": (ch,)}, code=(ch,), min_dp=min_dp, max_evidence_age_s=3600.0,
@@ -87,17 +87,20 @@ def simulation_policy(cfg: SimulationConfig) -> Policy:
 def simulate(cfg: SimulationConfig, run_dir: str | Path | None = None,
              observer: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one simulated federation end to end; returns the run summary."""
-    from fedsecure.federation import engines, server
+    import threading
+
+    from fedsecure.launch import engines
 
     cfg, run = prepare(cfg, run_dir)
-    if observer:
-        server.OBSERVERS.append(observer)
+    stop = threading.Event()
+    watcher = engines.watch_rounds(run.metrics_path, observer, stop) if observer else None
     try:
         if cfg.federation.engine == "ray":
             engines.run_flwr_engine(cfg, run.path)
         else:
             engines.run_inprocess_engine(cfg, run.path)
     finally:
-        if observer:
-            server.OBSERVERS.remove(observer)
+        stop.set()
+        if watcher is not None:
+            watcher.join(timeout=5)
     return run.read_summary()

@@ -1,22 +1,19 @@
 """Site side of a round: what the ClientApp in ``client/app.py`` does with each message.
 
-A site trusts no one with its privacy. Everything it decides for itself (its privacy policy and
-limits, where its state, keys and data live, its attestation provider, where its noise comes from)
-is its own :class:`~fedsecure.config.SiteSettings`, read from the SuperNode's node config, which only
-the site sets. The run config, which the coordinator sets, is a request: the training plan, the model,
-the transport, and privacy settings that :func:`fedsecure.privacy.policy.resolve` may only tighten.
-A request the site will not honour is refused with the key, both values and the fix; the refusal is
-written to the site's ledger and reported to the coordinator, which audits it.
+The message is parsed and checked first (:mod:`fedsecure.federation.site_settings`: the site's own
+settings, the run's request against the site's policy and limits). The run config, which the
+coordinator sets, is a request: the training plan, the model, the transport, and privacy settings
+that :func:`fedsecure.privacy.policy.resolve` may only tighten. A request the site will not honour is
+refused with the key, both values and the fix; the refusal is written to the site's ledger and
+reported to the coordinator, which audits it. Spend before release: the ledger entry is durable
+before the update leaves.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import math
 import time
-import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,20 +29,26 @@ from fedsecure.attestation.protocol import (
 )
 from fedsecure.attestation.providers import load_or_create_ed25519, make_provider
 from fedsecure.config import ModelSettings, SimulationConfig, SiteSettings
-from fedsecure.data.dataset import SiteData, fingerprint, load_site, site_dir
+from fedsecure.data.dataset import SiteData, fingerprint, load_site
 from fedsecure.data.tokenizer import TextTokenizer
-from fedsecure.errors import ConfigError, DataError, FedSecureError
+from fedsecure.errors import DataError, FedSecureError
 from fedsecure.federation import keys
 from fedsecure.federation.records import from_array_record, to_array_record
+from fedsecure.federation.site_settings import (
+    SiteRound,
+    model_settings,
+    parse_message,
+    randomness_for,
+    round_seed,
+)
 from fedsecure.model import adapter_delta, adapter_state, attach_lora, load_model_and_tokenizer, set_adapter_state
-from fedsecure.privacy.dpsgd import DPStepPlan, train_private
+from fedsecure.privacy.guard import DPStepPlan, Refusal, SitePrivacyGuard
 from fedsecure.privacy.ledger import PrivacyLedger
-from fedsecure.privacy.noise import Randomness, SeededRandomness, SystemRandomness
-from fedsecure.privacy.policy import PolicyRefusal, check_limits, resolve, site_delta
-from fedsecure.privacy.site import Refusal, SitePrivacyGuard
-from fedsecure.storage import site_keyring
-from fedsecure.training import evaluate, train_local
-from fedsecure.transport.session import fed_back, load_residual, save_residual, site_encode, site_receive
+from fedsecure.privacy.noise import Randomness
+from fedsecure.privacy.policy import PolicyRefusal, resolve, site_delta
+from fedsecure.training.dpsgd import train_private
+from fedsecure.training.local import evaluate, train_local
+from fedsecure.transport.session import fed_back, site_encode, site_receive
 
 log = logging.getLogger(__name__)
 
@@ -92,116 +95,11 @@ def _fingerprint_cached(directory: str, stamp: tuple) -> str:
                         "records there (one JSON object with a 'text' field per line).") from None
 
 
-# ---------------------------------------------------------------------------- the site's own settings
-def site_settings(context: Context) -> SiteSettings:
-    """This site's own settings: from its node config (``site.*``, written by ``fedsecure client`` or the
-    in-process engine). A node of Flower's Ray simulation engine, which cannot be given a node config,
-    takes the simulated sites' settings from the run config: there one operator runs every party."""
-    nc = context.node_config
-    if any(str(k).startswith("site.") for k in nc):
-        return SiteSettings.from_flat(nc)
-    if keys.PARTITION_ID in nc:
-        return _ray_site(context)
-    raise FedSecureError("this node has no site configuration (no site.* keys in its node config). Fix: start the "
-                         "site with `fedsecure client --config site.yaml`, which gives the SuperNode the site's own "
-                         "privacy policy, data and state directories.")
-
-
-def _ray_site(context: Context) -> SiteSettings:
-    """A simulated site of Flower's Ray engine: the settings `fedsecure simulate` wrote into the run directory."""
-    import yaml
-
-    from fedsecure.config import SimulatedSites, from_mapping
-
-    cfg = SimulationConfig.from_run_config(context.run_config)
-    run_dir = Path(str(context.run_config.get("run-dir", "")))
-    sites_file = run_dir / keys.SIMULATED_SITES
-    if not cfg.data.dir or not sites_file.is_file():
-        raise FedSecureError(f"this simulated node finds no site settings ({sites_file}). Fix: run simulations through "
-                             "`fedsecure simulate --engine ray`, which writes them.")
-    sites = from_mapping(SimulatedSites, yaml.safe_load(sites_file.read_text(encoding="utf-8")) or {}, "site.")
-    sites.validate("site")
-    pid = int(context.node_config[keys.PARTITION_ID])
-    return sites.for_site(f"site-{pid}", site_dir(cfg.data.dir, pid), run_dir)
-
-
-def round_seed(seed: int, server_round: int, site: str) -> int:
-    """A per-site, per-round seed that is the same on every engine (in-process, Ray, deployment)."""
-    digest = hashlib.sha256(f"{seed}/{server_round}/{site}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def _randomness(site: SiteSettings, server_round: int) -> Randomness:
-    """The OS's secure generator; a known seed only at a simulated site that asked for one."""
-    if site.noise_seed is not None and site.simulated:
-        warnings.warn("site.noise_seed is set: the DP noise and sampling are reproducible by anyone who knows the "
-                      "seed, which voids the guarantee. Simulation and tests only.", stacklevel=2)
-        return SeededRandomness(round_seed(site.noise_seed, server_round, str(site.name)))
-    return SystemRandomness()
-
-
-def _model_settings(cfg: SimulationConfig, site: SiteSettings) -> ModelSettings:
-    """The model to load: the run's, but a local model directory is the site's own copy, never a path that
-    the coordinator chose (a simulated site may use the simulation's path)."""
-    if not cfg.model.path:
-        return cfg.model
-    if site.model_dir:
-        return dataclasses.replace(cfg.model, path=site.model_dir, preset=None)
-    if site.simulated:
-        return cfg.model
-    raise FedSecureError(f"the run trains a local model (model.path={cfg.model.path}) and this site has no copy "
-                         "configured. Fix: set site.model_dir in site.yaml to this site's copy of that model.")
-
-
-def _seeded_request(context: Context, site: SiteSettings) -> PolicyRefusal | None:
-    """A deployed site refuses a run that tries to seed its noise."""
-    if site.simulated:
-        return None
-    for key in ("privacy.noise_seed", "site.noise_seed"):
-        value = context.run_config.get(key)
-        if value not in (None, ""):
-            return PolicyRefusal(key, f"{key}: the run asks for noise seeded with {value!r}; anyone who knows a "
-                                      "seed can remove the noise, so this site draws its noise from the operating "
-                                      "system's secure generator only. Fix: the coordinator removes the key.")
-    return None
-
-
 # ---------------------------------------------------------------------------- one message
-@dataclasses.dataclass
-class _Round:
-    """What one message is about, parsed and checked before any heavy work."""
-
-    cfg: SimulationConfig
-    site: SiteSettings
-    name: str
-    server_round: int
-    run_id: str
-    refusal: PolicyRefusal | None
-
-
-def _parse(msg: Message, context: Context) -> _Round:
-    try:
-        cfg = SimulationConfig.from_run_config(context.run_config)
-    except ConfigError as e:
-        raise FedSecureError(f"the run config is invalid: {e}") from None
-    site = site_settings(context)
-    name = str(site.name or f"node-{context.node_id}")
-    context.state.config_records[keys.SITE] = ConfigRecord({keys.SITE_NAME: name})
-    if not site.data_dir or not site.state_dir:
-        raise FedSecureError(f"{name}: site.data_dir and site.state_dir must be set in the site's own config")
-    rec = msg.content.config_records.get(keys.CONFIG)
-    server_round = rec.get(keys.SERVER_ROUND) if rec is not None else None
-    if isinstance(server_round, bool) or not isinstance(server_round, int) or not 0 <= server_round < 1 << 31:
-        raise FedSecureError(f"the coordinator's message has no valid {keys.SERVER_ROUND} ({server_round!r})")
-    run_id = f"{Path(str(context.run_config.get('run-dir', ''))).name}/{context.run_id}"
-    refusal = _seeded_request(context, site) or check_limits(site.privacy, site.limits, cfg)
-    return _Round(cfg, site, name, server_round, run_id, refusal)
-
-
-def _load(r: _Round, msg: Message, context: Context):
+def _load(r: SiteRound, msg: Message, context: Context):
     if r.site.threads:
         torch.set_num_threads(r.site.threads)
-    model, tokenizer = _model(_model_settings(r.cfg, r.site))
+    model, tokenizer = _model(model_settings(r.cfg, r.site))
     data = _site_data(str(r.site.data_dir), tokenizer, r.cfg.data.max_length)
     global_state = _receive_global(msg, context, r.cfg, model)
     set_adapter_state(model, global_state)
@@ -229,7 +127,7 @@ def _error_reply(msg: Message, context: Context, what: str, e: Exception) -> Mes
     return Message(Error(code=ERR_SITE, reason=f"{name}: {e}"), reply_to=msg)
 
 
-def _site_record(r: _Round) -> ConfigRecord:
+def _site_record(r: SiteRound) -> ConfigRecord:
     return ConfigRecord({keys.SITE_NAME: r.name, keys.DATASET_FINGERPRINT: _content_fingerprint(r.site)})
 
 
@@ -246,34 +144,34 @@ def _dataset_key(site: SiteSettings) -> str:
 def handle_train(msg: Message, context: Context) -> Message:
     """Check the request against the site's policy and budget, train (DP-SGD), charge the ledger, then reply."""
     try:
-        r = _parse(msg, context)
-        ring = site_keyring(r.site)
+        r = parse_message(msg, context)
         dataset = _dataset_key(r.site)
         if r.refusal is not None:  # the sizes or the noise seed: refused before anything is loaded
-            return _refuse(msg, r, ring, dataset, r.refusal.reason)
+            return _refuse(msg, r, dataset, r.refusal.reason)
         attester = _attester(msg, r.site, r.name)
         model, tokenizer, data, global_state = _load(r, msg, context)
         terms = resolve(r.site.privacy, r.site.limits, r.cfg, len(data.train))
         if isinstance(terms, PolicyRefusal):
-            return _refuse(msg, r, ring, dataset, terms.reason, len(data.train))
+            return _refuse(msg, r, dataset, terms.reason, len(data.train))
         seed = round_seed(r.cfg.seed, r.server_round, r.name)
         if not terms.private:
             log.warning("%s: differential privacy is OFF (the site's own policy allows it): this update is not "
                         "private", r.name)
-            ledger = PrivacyLedger.open(r.site.state_dir, dataset, ring=ring)
+            ledger = PrivacyLedger.open(r.state.root, dataset, files=r.state.files)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 result = train_local(model, data.train, r.cfg.train, pad_id=tokenizer.pad_id, seed=seed)
             delta_state = adapter_delta(adapter_state(model), global_state)
-            ledger.append_non_private(run_id=r.run_id, server_round=r.server_round, steps=result.steps)
+            ledger.append_non_private(run_id=r.run_id, server_round=r.server_round, steps=result.steps,
+                                      epsilon_budget=r.site.privacy.epsilon_budget)
             privacy = ConfigRecord({keys.STATUS: keys.STATUS_NON_PRIVATE})
             dp_metrics: dict[str, float | int] = {}
             dp_config = dp_config_document(enabled=False, records=len(data.train))
         else:
-            guard = SitePrivacyGuard(terms, state_dir=r.site.state_dir, dataset=dataset, num_records=len(data.train),
-                                     ring=ring)
+            guard = SitePrivacyGuard(terms, state_dir=r.state.root, dataset=dataset, num_records=len(data.train),
+                                     files=r.state.files)
             if guard.ledger.trained(r.run_id, r.server_round):
-                return _refuse(msg, r, ring, dataset, f"round {r.server_round} of run {r.run_id} was already "
+                return _refuse(msg, r, dataset, f"round {r.server_round} of run {r.run_id} was already "
                                "trained and released: a replayed message is not trained again. Fix: a coordinator "
                                "sends each round once (a restarted run is a new Flower run)", len(data.train),
                                guard=guard)
@@ -285,7 +183,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                 guard.refuse(f"budget exhausted: {decision.reason}", run_id=r.run_id, server_round=r.server_round)
                 return Message(_exhausted_content(r, guard, decision), reply_to=msg)
             context.state.config_records[keys.STATE_PLAN] = ConfigRecord({"sigma": decision.plan.sigma})
-            randomness = _randomness(r.site, r.server_round)
+            randomness = randomness_for(r.site, r.server_round)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 result = train_private(model, data.train, r.cfg.train, decision.plan, pad_id=tokenizer.pad_id,
@@ -296,7 +194,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             privacy = _privacy_record(guard, keys.STATUS_TRAINED)
             dp_metrics = _dp_metrics(guard, entry.epsilon_after, decision.plan)
             dp_config = _dp_config(guard, decision.plan, entry.epsilon_after, r.cfg, randomness, len(data.train))
-        update = _encode_update(r, ring, delta_state, seed ^ 0xC0DEC)
+        update = _encode_update(r, delta_state, seed ^ 0xC0DEC)
         attestation = _attest(attester, dp_config, update, delta_state)
     except FedSecureError as e:
         return _error_reply(msg, context, "train", e)
@@ -312,7 +210,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def _refuse(msg: Message, r: _Round, ring, dataset: str, reason: str, num_records: int | None = None,
+def _refuse(msg: Message, r: SiteRound, dataset: str, reason: str, num_records: int | None = None,
             guard: SitePrivacyGuard | None = None) -> Message:
     """Refuse this round: record why in the site's ledger (nothing is spent), and tell the coordinator."""
     log.warning("%s: refusing round %d: %s", r.name, r.server_round, reason)
@@ -322,10 +220,10 @@ def _refuse(msg: Message, r: _Round, ring, dataset: str, reason: str, num_record
         policy = r.site.privacy
         accountant = policy.accountants[0]
         delta = site_delta(policy, num_records or 1)
-        ledger = PrivacyLedger.open(r.site.state_dir, dataset, ring=ring)
+        ledger = PrivacyLedger.open(r.state.root, dataset, files=r.state.files)
         entry = ledger.append_refusal(run_id=r.run_id, server_round=r.server_round, reason=reason, delta=delta,
                                       accountant=accountant, epsilon_spent=ledger.epsilon(delta, accountant),
-                                      budget_epsilon=policy.max_epsilon)
+                                      epsilon_budget=policy.epsilon_budget)
     privacy = ConfigRecord({keys.STATUS: keys.STATUS_REFUSED, keys.ACCOUNTANT: entry.accountant,
                             keys.LEDGER_HEAD: entry.hash, keys.LEDGER_ENTRIES: entry.seq + 1, keys.REASON: reason})
     metrics = MetricRecord({keys.NUM_EXAMPLES: 0})
@@ -366,18 +264,16 @@ def _attest(attester, dp_config: str, update: bytes | None, delta_state) -> Conf
     return ConfigRecord(site_statement(provider, node_key, nonce, dp_config, digest))
 
 
-def _encode_update(r: _Round, ring, delta, seed: int) -> bytes | None:
+def _encode_update(r: SiteRound, delta, seed: int) -> bytes | None:
     """Compress the (already DP-noised) delta; the error-feedback residual stays sealed at the site."""
     ts = r.cfg.transport
     if not ts.enabled:
         return None
-    residual, state = None, Path(str(r.site.state_dir))
     fed = bool(fed_back(ts, delta))  # top-k or round-to-nearest somewhere: keep what it leaves out
-    if fed:
-        residual = load_residual(state, ring, r.run_id, delta)
+    residual = r.state.load_residual(r.run_id, delta) if fed else None
     payload, new_residual = site_encode(delta, residual, ts, seed)
     if fed:
-        save_residual(state, ring, r.run_id, new_residual)
+        r.state.save_residual(r.run_id, new_residual)
     return payload
 
 
@@ -393,7 +289,7 @@ def _dp_metrics(guard: SitePrivacyGuard, epsilon: float, plan: DPStepPlan | None
             keys.DP_MAX_GRAD_NORM: plan.max_grad_norm if plan else guard.terms.clip}
 
 
-def _exhausted_content(r: _Round, guard: SitePrivacyGuard, refusal: Refusal) -> RecordDict:
+def _exhausted_content(r: SiteRound, guard: SitePrivacyGuard, refusal: Refusal) -> RecordDict:
     """The structured "budget exhausted" answer: privacy numbers, no arrays, nothing trained."""
     metrics = MetricRecord({keys.NUM_EXAMPLES: 0, **_dp_metrics(guard, refusal.epsilon_spent, None),
                             keys.DP_EPSILON_IF_TRAINED: refusal.epsilon_if_trained
@@ -405,7 +301,7 @@ def _exhausted_content(r: _Round, guard: SitePrivacyGuard, refusal: Refusal) -> 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Held-out loss of the global adapter on this site's eval split."""
     try:
-        r = _parse(msg, context)
+        r = parse_message(msg, context)
         if r.refusal is not None:
             raise FedSecureError(f"refused: {r.refusal.reason}")
         model, tokenizer, data, _ = _load(r, msg, context)

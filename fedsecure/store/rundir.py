@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,16 @@ from typing import Any
 import numpy as np
 import yaml
 
+from fedsecure._durable import append_line, atomic_write
 from fedsecure.crypto.keys import KeyRing
 from fedsecure.crypto.sealed import DEFAULT_CHUNK, SUFFIX
-from fedsecure.crypto.tensors import open_tensors, seal_tensors
 from fedsecure.errors import FedSecureError
-from fedsecure.fsutil import atomic_write
-from fedsecure.model.adapter import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, load_adapter_file, save_adapter_file
+from fedsecure.model.adapter import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION
+from fedsecure.store.files import StateFiles
 
 
 def new_run_id() -> str:
+    """A run id: local time plus 24 random bits (``20261129-114422-2409d7``)."""
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
@@ -38,8 +38,7 @@ class RunDir:
 
     def __init__(self, path: str | Path, ring: KeyRing | None = None, chunk_size: int = DEFAULT_CHUNK) -> None:
         self.path = Path(path)
-        self.ring = ring
-        self.chunk_size = chunk_size
+        self.files = StateFiles(ring, chunk_size)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / "adapters").mkdir(exist_ok=True)
@@ -49,61 +48,72 @@ class RunDir:
                                  "--run-dir.") from None
 
     @property
+    def ring(self) -> KeyRing | None:
+        """The coordinator's keyring (None when the run is not sealed)."""
+        return self.files.ring
+
+    @property
     def metrics_path(self) -> Path:
+        """``metrics.jsonl``."""
         return self.path / "metrics.jsonl"
 
     def write_config(self, config: dict[str, Any]) -> Path:
-        p = self.path / "config.yaml"
-        _atomic_write(p, yaml.safe_dump(config, sort_keys=False).encode())
-        return p
+        """Write the resolved configuration as ``config.yaml``."""
+        return self.write_file("config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one JSON line to ``metrics.jsonl`` (fsynced)."""
+        append_line(self.metrics_path, (json.dumps(record, sort_keys=False) + "\n").encode(), mode=0o644)
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """Every line of ``metrics.jsonl``."""
         if not self.metrics_path.exists():
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
+    def _plain_adapter(self, server_round: int) -> Path:
+        return self.path / "adapters" / f"global-r{server_round:04d}.safetensors"
+
     def adapter_path(self, server_round: int) -> Path:
-        plain = self.path / "adapters" / f"global-r{server_round:04d}.safetensors"
-        return plain.with_name(plain.name + SUFFIX) if self.ring else plain
+        """Where the global adapter after ``server_round`` is written."""
+        return self.files.path(self._plain_adapter(server_round))
 
     def save_global_adapter(self, server_round: int, state: dict[str, np.ndarray], meta: dict[str, str]) -> Path:
+        """Write the global adapter after ``server_round`` (sealed with the coordinator's key unless sealing is off)."""
         meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, "round": str(server_round), **meta}
-        if self.ring is None:
-            return save_adapter_file(self.adapter_path(server_round), state, meta)
-        return seal_tensors(self.adapter_path(server_round), state, self.ring, meta, self.chunk_size)
+        return self.files.write_tensors(self._plain_adapter(server_round), state, meta)
 
     def load_global_adapter(self, server_round: int) -> dict[str, np.ndarray]:
-        plain = self.path / "adapters" / f"global-r{server_round:04d}.safetensors"
-        sealed = plain.with_name(plain.name + SUFFIX)
-        if sealed.exists():
-            if self.ring is None:
-                raise FedSecureError(f"{sealed} is sealed; open the run with its keyring (storage.keyring).")
-            return open_tensors(sealed, self.ring)[0]
-        return load_adapter_file(plain)[0]
+        """The global adapter after ``server_round`` (a run written with sealing off opens either way)."""
+        plain = self._plain_adapter(server_round)
+        got = self.files.read_tensors(plain)
+        if got is None and self.files.sealed:
+            got = StateFiles(None).read_tensors(plain)
+        if got is None:
+            if self.files.other_form(plain).exists():
+                raise FedSecureError(f"{self.files.other_form(plain)} is sealed; open the run with its keyring "
+                                     "(storage.keyring).")
+            raise FedSecureError(f"{self.files.path(plain)} does not exist. Fix: restore adapters/ from backup.")
+        return got[0]
 
     def latest_round(self) -> int | None:
+        """The last round whose global adapter is on disk."""
         rounds = sorted(int(p.name.split("-r")[1][:4]) for p in (self.path / "adapters").glob("global-r*.safetensors*")
                         if not p.name.endswith(".tmp"))
         return rounds[-1] if rounds else None
 
     def write_summary(self, summary: dict[str, Any], markdown: str) -> None:
-        _atomic_write(self.path / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-        _atomic_write(self.path / "summary.md", markdown.encode())
+        """Write ``summary.json`` and ``summary.md``."""
+        self.write_file("summary.json", json.dumps(summary, indent=2) + "\n")
+        self.write_file("summary.md", markdown)
 
     def write_file(self, name: str, text: str) -> Path:
-        p = self.path / name
-        _atomic_write(p, text.encode("utf-8"))
-        return p
+        """Write a text file of the run (no weights: readable by the operator), atomically."""
+        return atomic_write(self.path / name, text.encode("utf-8"), mode=0o644)
 
     def read_summary(self) -> dict[str, Any]:
+        """``summary.json``."""
         return json.loads((self.path / "summary.json").read_text())
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    atomic_write(path, data, mode=0o644)  # config and summaries hold no weights
+__all__ = ["SUFFIX", "RunDir", "new_run_id"]

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedsecure.config import SimulationConfig, SiteSettings
+from fedsecure.config import SiteSettings, StorageSettings
 from fedsecure.crypto.keys import KeyRing, load_keyring
 
 
-def coordinator_keyring(cfg: SimulationConfig, run_dir: str | Path) -> KeyRing | None:
-    if not cfg.storage.seal:
+def coordinator_keyring(storage: StorageSettings, run_dir: str | Path) -> KeyRing | None:
+    """The coordinator's keyring (None when it does not seal): ``storage.keyring``, else
+    ``<run_dir>/keys/coordinator.keyring.json`` (created on first use: a simulation convenience)."""
+    if not storage.seal:
         return None
-    return load_keyring(cfg.storage.key_provider, keyring_path=cfg.storage.keyring,
+    return load_keyring(storage.key_provider, keyring_path=storage.keyring,
                         default_path=Path(run_dir) / "keys" / "coordinator.keyring.json",
-                        key_command=cfg.storage.key_command)
+                        key_command=storage.key_command)
 
 
 def site_keyring(site: SiteSettings) -> KeyRing | None:

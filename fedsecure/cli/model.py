@@ -1,0 +1,49 @@
+"""``fedsecure model``: base models and LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedsecure.cli.common import console, friendly
+from fedsecure.errors import FedSecureError
+
+
+@friendly
+def model_show(
+    preset: str | None = typer.Option("deepseek-v3-tiny", help="Built-in preset."),
+    path: Path | None = typer.Option(None, help="Local model directory (overrides --preset)."),
+    r: int = typer.Option(8, help="LoRA rank."),
+) -> None:
+    """List which modules get LoRA and how many parameters train."""
+    from fedsecure.config import LoraSettings, ModelSettings
+    from fedsecure.model import attach_lora, load_model_and_tokenizer, lora_module_names
+
+    settings = ModelSettings(preset=None if path else preset, path=str(path) if path else None,
+                             lora=LoraSettings(r=r))
+    settings.validate("model")
+    base, tok = load_model_and_tokenizer(settings)
+    total = sum(p.numel() for p in base.parameters())
+    model = attach_lora(base, settings.lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    console.print(f"{type(base).__name__} ({base.config.model_type}), tokenizer {tok.name} "
+                  f"({tok.vocab_size} tokens)", highlight=False)
+    console.print(f"trainable {trainable:,} of {total + trainable:,} parameters (LoRA r={r})")
+    for name in lora_module_names(model):
+        console.print(f"  lora  {name.removeprefix('base_model.model.')}", highlight=False)
+
+
+@friendly
+def model_export(
+    preset: str = typer.Option(..., help="Built-in preset to save."),
+    out: Path = typer.Option(..., help="Output directory (a normal Hugging Face model directory)."),
+    seed: int = typer.Option(0, help="Initialisation seed [model.seed]."),
+) -> None:
+    """Save a tiny preset with its tokenizer, to use through model.path."""
+    from fedsecure.config import PRESETS
+    from fedsecure.model import export_preset
+
+    if preset not in PRESETS:
+        raise FedSecureError(f"--preset must be one of {', '.join(PRESETS)}; found {preset!r}")
+    console.print(str(export_preset(preset, out, seed)), highlight=False)

@@ -1,0 +1,283 @@
+"""The run's sections: what a federation run asks for (model, data, training, privacy requests, storage of the
+coordinator, transport, attestation). Each section validates itself; errors name the key, value and fix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fedsecure.config.checks import PRESETS, check_accountant, finite, require
+from fedsecure.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape. ``targets`` empty means the architecture's default set."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+
+    def validate(self, prefix: str) -> None:
+        require(self.r >= 1, f"{prefix}.r", self.r, "must be a positive integer, e.g. 8")
+        require(self.alpha >= 1, f"{prefix}.alpha", self.alpha, "must be a positive integer, e.g. 16")
+        require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which base model: a built-in tiny ``preset`` or a local Hugging Face ``path``."""
+
+    preset: str | None = "deepseek-v3-tiny"
+    path: str | None = None
+    seed: int = 0  # initialisation seed of a preset's random base weights
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def validate(self, prefix: str) -> None:
+        if self.path is None and self.preset is None:
+            raise ConfigError(f"{prefix}: set either 'preset' (one of {', '.join(PRESETS)}) or 'path' "
+                              "(a local Hugging Face model directory).")
+        if self.path is None:
+            require(self.preset in PRESETS, f"{prefix}.preset", self.preset,
+                     f"must be one of {', '.join(PRESETS)}, or set {prefix}.path to a local model directory")
+        self.lora.validate(f"{prefix}.lora")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Site datasets. ``dir`` holds ``site-<i>/train.jsonl`` and ``site-<i>/eval.jsonl``;
+    when it is null, ``fedsecure simulate`` synthesises data into the run directory."""
+
+    dir: str | None = None
+    records_per_site: int = 480
+    eval_fraction: float = 0.2
+    max_length: int = 96
+
+    def validate(self, prefix: str) -> None:
+        require(self.records_per_site >= 4, f"{prefix}.records_per_site", self.records_per_site,
+                 "must be at least 4")
+        require(0.0 < self.eval_fraction < 1.0, f"{prefix}.eval_fraction", self.eval_fraction,
+                 "must be in (0, 1), e.g. 0.2")
+        require(8 <= self.max_length <= 32768, f"{prefix}.max_length", self.max_length,
+                 "must be in [8, 32768] tokens")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training at each site, per round."""
+
+    local_steps: int = 16
+    batch_size: int = 32
+    learning_rate: float = 1e-2
+    weight_decay: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        require(self.local_steps >= 1, f"{prefix}.local_steps", self.local_steps, "must be >= 1")
+        require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        require(finite(self.learning_rate) and 0.0 < self.learning_rate < 10.0, f"{prefix}.learning_rate",
+                 self.learning_rate, "must be in (0, 10), e.g. 3e-3")
+        require(finite(self.weight_decay) and self.weight_decay >= 0.0, f"{prefix}.weight_decay", self.weight_decay,
+                 "must be a finite number >= 0")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """How many sites, and which engine runs them in simulation."""
+
+    sites: int = 3
+    rounds: int = 3
+    engine: Literal["inprocess", "ray"] = "inprocess"
+    fraction_train: float = 1.0
+    min_sites: int = 1
+    round_timeout_s: float = 3600.0
+    join_timeout_s: float = 600.0  # at start, wait this long for all `sites` to connect (then go on with min_sites)
+    max_site_records: int = 10_000_000  # a reply claiming more training records (its FedAvg weight) is rejected
+    max_update_norm: float | None = None  # optional L2 cap on one site's update (the per-value bound always applies)
+
+    def validate(self, prefix: str) -> None:
+        require(finite(self.join_timeout_s) and self.join_timeout_s >= 0, f"{prefix}.join_timeout_s",
+                 self.join_timeout_s, "must be a finite number >= 0 seconds")
+        require(1 <= self.sites <= 1000, f"{prefix}.sites", self.sites, "must be in [1, 1000]")
+        require(1 <= self.rounds <= 100000, f"{prefix}.rounds", self.rounds, "must be >= 1")
+        require(0.0 < self.fraction_train <= 1.0, f"{prefix}.fraction_train", self.fraction_train,
+                 "must be in (0, 1]")
+        require(1 <= self.min_sites <= self.sites, f"{prefix}.min_sites", self.min_sites,
+                 f"must be in [1, {prefix}.sites]")
+        require(finite(self.round_timeout_s) and self.round_timeout_s > 0, f"{prefix}.round_timeout_s",
+                 self.round_timeout_s, "must be a finite number > 0")
+        require(1 <= self.max_site_records <= 1 << 40, f"{prefix}.max_site_records", self.max_site_records,
+                 "must be in [1, 2^40]")
+        if self.max_update_norm is not None:
+            require(finite(self.max_update_norm) and self.max_update_norm > 0, f"{prefix}.max_update_norm",
+                     self.max_update_norm, "must be a finite number > 0, or null for no cap")
+
+
+@dataclass(frozen=True)
+class ClientDPSettings:
+    """Optional client-level DP at the coordinator: clip each site's update, noise the sum."""
+
+    enabled: bool = False
+    clip: float = 1.0  # S: L2 bound on one site's adapter delta
+    noise_multiplier: float = 1.0  # sigma_c: noise std is sigma_c * S on the sum
+    delta: float = 1e-5
+    noise_seed: int | None = None  # ONLY for reproducible tests of the coordinator's noise
+
+    def validate(self, prefix: str) -> None:
+        require(finite(self.clip) and self.clip > 0, f"{prefix}.clip", self.clip, "must be a finite number > 0")
+        require(finite(self.noise_multiplier) and self.noise_multiplier > 0, f"{prefix}.noise_multiplier",
+                 self.noise_multiplier, "must be a finite number > 0")
+        require(finite(self.delta) and 0 < self.delta < 1, f"{prefix}.delta", self.delta, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """What the run asks of every site's record-level DP-SGD (Opacus).
+
+    These are requests: each site's own policy (:class:`SitePolicy`) is authoritative, and a request
+    looser than it (DP off, a larger epsilon or delta, a smaller sigma, a larger clip, another
+    accountant) is refused by the site with the key, both values and the fix.
+    """
+
+    enabled: bool = True  # false asks for non-private training: only sites whose own policy allows it comply
+    epsilon_budget: float | None = None  # None = each site's own (site.privacy.epsilon_budget); else at most that
+    delta: float | None = None  # None = each site's own delta; else at most that
+    max_grad_norm: float = 1.0  # C: per-record L2 clipping bound (at most the site's max_clip)
+    noise_multiplier: float | None = None  # sigma; None = calibrated by each site from its remaining budget
+    accountant: str = "prv"  # prv (default, tightest sound) | rdp; the Gaussian/CLT accountant is refused
+    grad_sample_mode: str = "ew"  # Opacus per-sample gradients: ew (fastest exact here) | hooks
+    client_dp: ClientDPSettings = field(default_factory=ClientDPSettings)
+
+    def validate(self, prefix: str) -> None:
+        if self.epsilon_budget is not None:
+            require(finite(self.epsilon_budget) and 0 < self.epsilon_budget <= 100, f"{prefix}.epsilon_budget",
+                     self.epsilon_budget,
+                     "must be in (0, 100], e.g. 3, or null for each site's own budget")
+        if self.delta is not None:
+            require(finite(self.delta) and 0 < self.delta < 1e-2, f"{prefix}.delta", self.delta,
+                     "must be in (0, 0.01) and well below 1/records; null uses each site's own delta")
+        require(finite(self.max_grad_norm) and self.max_grad_norm > 0, f"{prefix}.max_grad_norm",
+                 self.max_grad_norm, "must be a finite number > 0, e.g. 1.0")
+        if self.noise_multiplier is not None:
+            require(finite(self.noise_multiplier) and self.noise_multiplier > 0, f"{prefix}.noise_multiplier",
+                     self.noise_multiplier, "must be a finite number > 0, or null to calibrate it from the budget")
+        check_accountant(self.accountant, f"{prefix}.accountant")
+        require(self.grad_sample_mode in ("ew", "hooks"), f"{prefix}.grad_sample_mode", self.grad_sample_mode,
+                 "must be ew or hooks (both exact for LoRA on the DeepSeek presets)")
+        self.client_dp.validate(f"{prefix}.client_dp")
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Encryption at rest of everything that holds weights or training state (adapters, ledgers)."""
+
+    seal: bool = True
+    key_provider: Literal["file", "env", "passphrase", "command"] = "file"
+    keyring: str | None = None  # file provider: keyring path; None = <run-dir>/keys/<party>.keyring.json
+    key_command: str | None = None  # command provider: prints the keyring JSON
+    chunk_size: int = 1 << 20
+
+    def validate(self, prefix: str) -> None:
+        require(4096 <= self.chunk_size <= 64 << 20, f"{prefix}.chunk_size", self.chunk_size,
+                 "must be in [4096, 67108864] bytes")
+        if self.key_provider == "command":
+            require(bool(self.key_command), f"{prefix}.key_command", self.key_command,
+                     "must name the program that prints the keyring when key_provider is command")
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """How one tensor travels: ``bits`` 32 (float32), 8 or 4; ``topk`` fraction kept (1.0 = dense);
+    ``dither`` > 0: dithered quantization with a step of ``dither`` x the tensor's RMS (``bits`` unused).
+    """
+
+    bits: int = 8
+    topk: float = 1.0
+    dither: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.bits not in (32, 8, 4):
+            raise ValueError(f"bits must be 32, 8 or 4; got {self.bits}")
+        if not 0.0 < self.topk <= 1.0:
+            raise ValueError(f"topk must be in (0, 1]; got {self.topk}")
+        if not (math.isfinite(self.dither) and 0.0 <= self.dither <= 1000.0):
+            raise ValueError(f"dither step must be in [0, 1000] (x RMS; 0 = off); got {self.dither}")
+
+    @property
+    def enc(self) -> str:
+        """The encoding's policy name, a key of :data:`~fedsecure.transport.stages.BY_NAME`."""
+        return "dq" if self.dither > 0 else {32: "f32", 8: "q8", 4: "q4"}[self.bits]
+
+
+def parse_tensor_rules(items: Sequence[str]) -> tuple[tuple[str, TensorRule], ...]:
+    """``"glob=bits/topk"`` strings; ``bits`` is 32, 8, 4 or ``d<step>`` (dithered, step x RMS).
+
+    E.g. ``"*kv_b_proj*=32/1.0"`` keeps a sensitive layer exact, ``"*lora_A*=d6/1.0"`` sends the
+    LoRA A matrices coarser than the rest.
+    """
+    out = []
+    for item in items:
+        try:
+            pattern, spec = item.rsplit("=", 1)
+            bits, topk = spec.split("/")
+            if bits.startswith("d"):
+                rule = TensorRule(8, float(topk), float(bits[1:]))
+                if rule.dither <= 0:
+                    raise ValueError("a dither step must be > 0")
+            else:
+                rule = TensorRule(int(bits), float(topk))
+            out.append((pattern, rule))
+        except ValueError as e:
+            raise ValueError(f"transport.policy entry {item!r} must look like 'glob=bits/topk' with bits 32, 8, 4 "
+                             f"or d<step>, e.g. '*kv_b_proj*=32/1.0' or '*lora_A*=d6/1.0' ({e})") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """How adapters travel: deltas, error feedback, top-k, blockwise int8/int4 or dithered quantization, zstd."""
+
+    enabled: bool = True
+    uplink_bits: int = 4  # site -> coordinator when uplink_dither is 0: 32 (float32), 8 or 4 (blockwise)
+    uplink_topk: float = 1.0  # share of each tensor's entries kept (top-k by magnitude, with error feedback)
+    uplink_dither: float = 1.0  # > 0: dithered quantization, step = this x the tensor's RMS (replaces uplink_bits)
+    downlink_bits: int = 8  # coordinator -> site, delta against the adapter the site already holds
+    downlink_topk: float = 1.0
+    downlink_dither: float = 0.0
+    error_feedback: bool = True  # carry what compression dropped into the next round (sealed at rest)
+    stochastic_rounding: bool = True  # unbiased quantization
+    zstd_level: int = 3  # 0 = off
+    # per-tensor uplink overrides "glob=bits/topk" (bits 32 | 8 | 4 | d<step>), first match wins; LoRA's A
+    # matrices are far less sensitive to quantization error than its B matrices (BENCHMARKS.md)
+    policy: tuple[str, ...] = ("*lora_A*=d3/1.0",)
+    max_update_bytes: int = 64 << 20  # larger updates are rejected before anything is decompressed
+
+    def validate(self, prefix: str) -> None:
+        for key in ("uplink_bits", "downlink_bits"):
+            require(getattr(self, key) in (32, 8, 4), f"{prefix}.{key}", getattr(self, key), "must be 32, 8 or 4")
+        for key in ("uplink_topk", "downlink_topk"):
+            require(0 < getattr(self, key) <= 1, f"{prefix}.{key}", getattr(self, key), "must be in (0, 1]")
+        for key in ("uplink_dither", "downlink_dither"):
+            require(0 <= getattr(self, key) <= 1000, f"{prefix}.{key}", getattr(self, key),
+                     "must be in [0, 1000] (quantization step in units of the tensor's RMS; 0 = off)")
+        require(0 <= self.zstd_level <= 22, f"{prefix}.zstd_level", self.zstd_level, "must be in [0, 22]")
+        require(self.max_update_bytes >= 1024, f"{prefix}.max_update_bytes", self.max_update_bytes, "must be >= 1024")
+        try:
+            parse_tensor_rules(self.policy)
+        except ValueError as e:
+            raise ConfigError(f"{prefix}.policy: {e}") from None
+
+
+@dataclass(frozen=True)
+class AttestationSettings:
+    """TEE attestation of every update (coordinator side): the sites' providers are their own (``site.attestation``)."""
+
+    enabled: bool = True
+    policy: str | None = None  # coordinator: policy file; None in `fedsecure simulate` = generated for this build
+
+    def validate(self, prefix: str) -> None:
+        if self.policy is not None:
+            require(bool(self.policy.strip()), f"{prefix}.policy", self.policy, "must be a file path or null")
+
