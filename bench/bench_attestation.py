@@ -64,7 +64,7 @@ def per_evidence() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         provider = SoftwareProvider(Path(tmp) / "signer.pem")
         key = load_or_create_ed25519(Path(tmp) / "node.pem")
-        policy = Policy(measurements={"software": (code_hash(),)}, code=(code_hash(),), min_dp=MinDP(max_epsilon=3))
+        policy = Policy(measurements={"software": (code_hash(),)}, code=(code_hash(),), min_dp=MinDP(epsilon_budget=3))
         gate = AttestationGate(policy, AuditLog(Path(tmp) / "audit.log"))
         dp = dp_config_document(enabled=True, epsilon_budget=3.0, delta=1e-5, sigma=1.0, noise="os-csprng")
         digest = bytes(32)

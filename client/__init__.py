@@ -1,0 +1,2 @@
+"""fedsecure's Flower ClientApp component (``clientapp = "client.app:app"``)."""
+

@@ -14,12 +14,14 @@ app = ClientApp()
 
 
 def handle_train(msg: Message, context: Context) -> Message:
+    """The site's train handler (imported only when this process does the work itself)."""
     from fedsecure.federation.site import handle_train as handler
 
     return handler(msg, context)
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
+    """The site's evaluate handler (imported only when this process does the work itself)."""
     from fedsecure.federation.site import handle_evaluate as handler
 
     return handler(msg, context)
@@ -51,9 +53,11 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Flower's train entry point: forward to the site's worker, or train here."""
     return _run("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """Flower's evaluate entry point: forward to the site's worker, or evaluate here."""
     return _run("evaluate", msg, context)

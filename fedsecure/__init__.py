@@ -1,0 +1,2 @@
+"""fedsecure: federated, differentially private LoRA fine-tuning of DeepSeek models across hospitals."""
+

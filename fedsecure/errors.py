@@ -39,7 +39,8 @@ class BudgetExhaustedError(FedSecureError):
 class IntegrityError(FedSecureError):
     """A sealed file failed authentication (tampered, truncated, reordered or the wrong key).
 
-    It says which file, never which byte: nothing from a failed file is ever returned."""
+    It says which file, never which byte: nothing from a failed file is ever returned.
+    """
 
 
 class KeyMaterialError(FedSecureError):
@@ -56,4 +57,5 @@ class AttestationError(FedSecureError):
 
 class ReplyRejected(FedSecureError):
     """A site's reply to the coordinator is malformed, out of range or inconsistent; the site's contribution to
-    the round is rejected (and audited), and the round goes on."""
+    the round is rejected (and audited), and the round goes on.
+    """

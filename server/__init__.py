@@ -1,0 +1,2 @@
+"""fedsecure's Flower ServerApp component (``serverapp = "server.app:app"``)."""
+

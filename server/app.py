@@ -13,6 +13,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """Flower's ServerApp entry point: the coordinator's round loop on this run's Grid."""
     cfg = SimulationConfig.from_run_config(context.run_config)
     path = str(context.run_config["run-dir"])
     run_dir = RunDir(path, coordinator_keyring(cfg.storage, path), cfg.storage.chunk_size)

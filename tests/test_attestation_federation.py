@@ -84,7 +84,7 @@ def test_dishonest_sites_are_rejected_and_the_round_goes_on(tmp_path, dishonest_
     synthesize(data, sites=7, records_per_site=40, eval_fraction=0.2, seed=11)
     cfg = small_config(data, federation={"sites": 7, "rounds": 2}, train={"local_steps": 2})
     policy = Policy(measurements={"software": (code_hash(),)}, code=(code_hash(),),
-                    min_dp=MinDP(max_epsilon=3.0, max_delta=1e-5, secure_noise=False))  # seeded test sites
+                    min_dp=MinDP(epsilon_budget=3.0, delta=1e-5, secure_noise=False))  # seeded test sites
     (tmp_path / "policy.yaml").write_text(policy.to_yaml())
     cfg = type(cfg).from_mapping({**cfg.to_dict(), "attestation": {"policy": str(tmp_path / "policy.yaml")}})
     summary = simulate(cfg, run_dir=tmp_path / "run")
@@ -94,8 +94,8 @@ def test_dishonest_sites_are_rejected_and_the_round_goes_on(tmp_path, dishonest_
     assert r1["attestation"]["site-0"].startswith("verified (software")
     assert r1["attestation"]["site-1"].startswith("verified") and r2["attestation"]["site-1"].startswith("rejected")
     expected = {"site-2": "issued to another site", "site-3": "REPORT_DATA does not match",
-                "site-4": "epsilon_budget=50 breaks max_epsilon=3", "site-5": "not in the policy's allow-list",
-                "site-6": "sent no attestation evidence"}
+                "site-4": "epsilon_budget=50 breaks min_dp.epsilon_budget=3",
+                "site-5": "not in the policy's allow-list", "site-6": "sent no attestation evidence"}
     for rnd in (r1, r2):
         for site, reason in expected.items():
             assert reason in rnd["failures"][site], (site, rnd["failures"][site])

@@ -44,7 +44,7 @@ DP = dp_config_document(enabled=True, epsilon_budget=3.0, delta=1e-5, sigma=0.9,
 
 def _policy(**kw) -> Policy:
     base = dict(measurements={"software": (code_hash(),)}, code=(code_hash(),),
-                min_dp=MinDP(max_epsilon=3.0, max_delta=1e-5, min_sigma=0.5), max_evidence_age_s=600.0)
+                min_dp=MinDP(epsilon_budget=3.0, delta=1e-5, min_sigma=0.5), max_evidence_age_s=600.0)
     base.update(kw)
     return Policy(**base)
 
@@ -150,9 +150,9 @@ def test_node_key_may_not_change_within_a_run(tmp_path, site):
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    ({"sigma": 0.3}, "weaker than the policy: sigma=0.3 breaks min_sigma=0.5"),
-    ({"epsilon_budget": 8.0}, "epsilon_budget=8 breaks max_epsilon=3"),
-    ({"delta": 1e-3}, "delta=0.001 breaks max_delta=1e-05"),
+    ({"sigma": 0.3}, "weaker than the policy: sigma=0.3 breaks min_dp.min_sigma=0.5"),
+    ({"epsilon_budget": 8.0}, "epsilon_budget=8 breaks min_dp.epsilon_budget=3"),
+    ({"delta": 1e-3}, "delta=0.001 breaks min_dp.delta=1e-05"),
     ({"enabled": False}, "differential privacy off"),
     ({"noise": "seeded"}, "draws its noise from 'seeded', not the operating system's secure generator"),
     ({"noise": None}, "draws its noise from None"),
@@ -300,8 +300,8 @@ def test_policy_file_round_trip_and_errors(tmp_path):
         ("measurements: {software: ['" + "a" * 64 + "']}\ncode: []", "code: must list at least one"),
         ("measurements: {software: ['" + "a" * 64 + "']}\ncode: ['" + "a" * 64 + "']\non_failure: shrug",
          "on_failure: 'shrug' is not an action"),
-        ("measurements: {software: ['" + "a" * 64 + "']}\ncode: ['" + "a" * 64 + "']\nmin_dp: {max_epsilon: -1}",
-         "min_dp.max_epsilon: -1 is not a positive number"),
+        ("measurements: {software: ['" + "a" * 64 + "']}\ncode: ['" + "a" * 64 + "']\nmin_dp: {epsilon_budget: -1}",
+         "min_dp.epsilon_budget: -1 is not a positive number"),
         ("allowed: {}", "allowed: unknown key"),
         ("measurements: {software: ['" + "a" * 64 + "']}\ncode: [" + "1" * 64 + "]", "quote each value"),
         ("measurements: [", "not valid YAML"),

@@ -26,7 +26,7 @@ def test_budget_plan_prints_sigma_and_epsilon_per_round():
 def test_budget_plan_errors():
     res = runner.invoke(app, ["budget", "plan", "--records", "384", "--accountant", "gdp"])
     assert res.exit_code == 2 and "can under-report" in res.output
-    res = runner.invoke(app, ["budget", "plan", "--records", "10", "--epsilon", "0.01", "--rounds", "50",
+    res = runner.invoke(app, ["budget", "plan", "--records", "10", "--epsilon-budget", "0.01", "--rounds", "50",
                               "--batch-size", "10"])
     assert res.exit_code == 2 and "no noise multiplier" in res.output
 
@@ -69,7 +69,7 @@ def test_bad_inputs_get_one_line_and_exit_code_2(tmp_path):
                     "leave no training record")
     assert not (tmp_path / "d").exists()  # nothing half-written
     for eps in ("nan", "inf", "1e9", "0"):
-        _one_line_error(runner.invoke(app, ["budget", "plan", "--records", "100", "--epsilon", eps]),
+        _one_line_error(runner.invoke(app, ["budget", "plan", "--records", "100", "--epsilon-budget", eps]),
                         "must be a finite number in (0, 100]")
     _one_line_error(runner.invoke(app, ["budget", "plan", "--records", "100", "--delta", "0.02"]),
                     "delta 0.02 is not below 1/N = 1/100")

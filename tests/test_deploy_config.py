@@ -195,10 +195,10 @@ def test_dev_policy_writes_a_loadable_policy_and_never_overwrites(tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "policy.yaml"
-    res = runner.invoke(app, ["attest", "dev-policy", "--out", str(out), "--epsilon", "2"])
+    res = runner.invoke(app, ["attest", "dev-policy", "--out", str(out), "--epsilon-budget", "2"])
     assert res.exit_code == 0 and "development only" in res.output
     policy = load_policy(out)
-    assert policy.measurements == {"software": (code_hash(),)} and policy.min_dp.max_epsilon == 2.0
+    assert policy.measurements == {"software": (code_hash(),)} and policy.min_dp.epsilon_budget == 2.0
     res = runner.invoke(app, ["attest", "dev-policy", "--out", str(out)])
     assert res.exit_code == 2 and "already exists" in res.output
 

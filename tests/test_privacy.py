@@ -499,3 +499,29 @@ def test_accounting_cost_is_bounded_whatever_the_plan():
     light = ((1.2, 32 / 384, 48),)  # the demo's plan stays on PRV
     assert prv_grid_points(light, 1e-5) < MAX_PRV_POINTS
     assert epsilon_of([Spend(1.2, 32 / 384, 48)], 1e-5, "prv") < epsilon_of([Spend(1.2, 32 / 384, 48)], 1e-5, "rdp")
+
+
+def test_the_accountant_registry_serves_exactly_the_accountants_the_config_accepts():
+    from fedsecure.config import ACCOUNTANTS
+    from fedsecure.privacy.accounting import REGISTRY, register_accountant
+
+    assert tuple(REGISTRY) == ACCOUNTANTS
+    with pytest.raises(ValueError, match="already registered"):
+        register_accountant("prv", REGISTRY["prv"])
+
+
+def test_the_dp_config_document_is_typed_and_strict():
+    from fedsecure.privacy.dpconfig import DPConfig, DPConfigError
+
+    doc = DPConfig(enabled=True, records=96, epsilon_budget=3.0, delta=1e-5, sigma=1.2, q=0.08, steps=16,
+                   max_grad_norm=1.0, accountant="prv", epsilon_spent=2.5, grad_sample_mode="ew", noise="os-csprng")
+    assert DPConfig.from_json(doc.to_json()) == doc
+    assert doc.to_json().startswith('{"accountant":"prv"')  # canonical: sorted, compact
+    assert DPConfig(enabled=False, records=96).to_json() == '{"enabled":false,"records":96}'
+    for bad, needle in [("[1]", "not a JSON object"), ('{"records": 3}', "with 'enabled'"),
+                        ('{"enabled": true, "epsilon": 3}', "unknown fields epsilon"),
+                        ('{"enabled": true, "sigma": "1"}', "sigma is not valid"),
+                        ('{"enabled": true, "records": 1.5}', "records is not valid"),
+                        ('{"enabled": true, "delta": NaN}', "delta is not valid")]:
+        with pytest.raises(DPConfigError, match=needle):
+            DPConfig.from_json(bad)

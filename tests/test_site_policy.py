@@ -186,6 +186,43 @@ def test_delta_must_be_below_one_over_the_records_at_the_site():
 
 def test_a_non_private_release_makes_the_datasets_epsilon_infinite(tmp_path):
     led = PrivacyLedger.open(tmp_path, "ab" * 32)
-    led.append_non_private(run_id="r", server_round=1, steps=4)
+    led.append_non_private(run_id="r", server_round=1, steps=4, epsilon_budget=3.0)
     again = PrivacyLedger.open(tmp_path, "ab" * 32)
     assert again.epsilon(1e-5, "prv") == math.inf and again.entries[0].kind == "non-private"
+    assert again.entries[0].epsilon_after is None  # unbounded, written as JSON null (canonical JSON has no inf)
+    assert b"Infinity" not in again.path.read_bytes()
+    # and no budget can be kept for it afterwards: the guard refuses every DP round of that dataset
+    from fedsecure.privacy.guard import Refusal, SitePrivacyGuard
+    from fedsecure.privacy.policy import Terms
+
+    terms = Terms(private=True, epsilon_budget=100.0, delta=1e-5, clip=1.0, sigma=None, min_sigma=0.5,
+                  accountant="prv", steps=4, batch_size=8)
+    decision = SitePrivacyGuard(terms, state_dir=tmp_path, dataset="ab" * 32, num_records=96).plan(
+        server_round=2, rounds_total=2)
+    assert isinstance(decision, Refusal) and "released without differential privacy" in decision.reason
+
+
+@pytest.mark.slow
+def test_the_site_loads_its_keyring_once_per_message(hospital, tmp_path, monkeypatch):
+    """One train message touches the ledger (read, append), the error-feedback residual (read, write) and the
+    node key; the site's keyring is loaded once for all of it (with the passphrase provider, one scrypt run)."""
+    import fedsecure.store.keyrings as keyrings
+    from fedsecure.crypto import keys as crypto_keys
+
+    root, site, adapter, run_config = hospital
+    monkeypatch.setenv("FEDSECURE_PASSPHRASE", "correct horse battery staple")
+    own = SiteSettings(**{**vars(site), "state_dir": str(tmp_path / "state"),
+                          "storage": type(site.storage)(key_provider="passphrase")}).validate()
+    loads, scrypts = [], []
+    real_load, real_scrypt = keyrings.load_keyring, crypto_keys.keyring_from_passphrase
+    monkeypatch.setattr(keyrings, "load_keyring", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(crypto_keys, "keyring_from_passphrase",
+                        lambda *a, **k: scrypts.append(1) or real_scrypt(*a, **k))
+    top_k = {"transport.uplink_dither": 0.0, "transport.policy": "", "transport.uplink_topk": 0.05}
+    c = Coordinator(own, adapter, run_config)
+    for server_round in (1, 2):
+        reply = c.train(server_round, **top_k)
+        assert not reply.has_error(), reply.error.reason
+        assert reply.content[keys.PRIVACY][keys.STATUS] == keys.STATUS_TRAINED
+    assert len(loads) == 2 and len(scrypts) == 2  # once per message
+    assert (tmp_path / "state" / "uplink-residual.safetensors.sealed").exists()  # the residual was kept, sealed

@@ -9,8 +9,8 @@ Example (``configs/attestation-policy.example.yaml``)::
       # software: ["<code hash>"]   development only: proves nothing about the platform
     code: ["<fedsecure code hash>"]   # builds accepted (`fedsecure attest code-hash`)
     min_dp:                    # the weakest privacy settings a site may attest to
-      max_epsilon: 3.0
-      max_delta: 1.0e-5
+      epsilon_budget: 3.0      # the largest budget a site may attest to
+      delta: 1.0e-5            # the largest delta
       min_sigma: 0.5
       secure_noise: true       # noise from the OS's secure generator, never a seed (default true)
     max_evidence_age_s: 3600   # from the nonce (sent with the train message) to the verified reply
@@ -42,8 +42,8 @@ ON_FAILURE = ("reject-update", "retire-site")
 class MinDP:
     """The weakest privacy settings a site may attest to (None: no bound)."""
 
-    max_epsilon: float | None = None
-    max_delta: float | None = None
+    epsilon_budget: float | None = None  # the largest budget a site may attest to
+    delta: float | None = None  # the largest delta
     min_sigma: float | None = None
     secure_noise: bool = True  # the attested noise source must be the OS's secure generator
 
@@ -139,9 +139,9 @@ def policy_from_mapping(doc: Any, source: str = "<memory>", base: Path | None = 
     min_dp = None
     if doc.get("min_dp") is not None:
         md = doc["min_dp"]
-        if not isinstance(md, dict) or set(md) - {"max_epsilon", "max_delta", "min_sigma", "secure_noise"}:
-            raise _fail(source, "min_dp", f"must hold only max_epsilon, max_delta, min_sigma, secure_noise, got "
-                        f"{md!r}", "e.g. {max_epsilon: 3.0, max_delta: 1.0e-5, min_sigma: 0.5, secure_noise: true}")
+        if not isinstance(md, dict) or set(md) - {"epsilon_budget", "delta", "min_sigma", "secure_noise"}:
+            raise _fail(source, "min_dp", f"must hold only epsilon_budget, delta, min_sigma, secure_noise, got "
+                        f"{md!r}", "e.g. {epsilon_budget: 3.0, delta: 1.0e-5, min_sigma: 0.5, secure_noise: true}")
         secure = md.get("secure_noise", True)
         if not isinstance(secure, bool):
             raise _fail(source, "min_dp.secure_noise", f"{secure!r} is not true or false", "write true or false")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import logging
 import math
 import secrets
@@ -36,16 +35,19 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedsecure.attestation.base import Claims, Provider
-from fedsecure.attestation.evidence import Evidence, canonical_json, code_hash, report_data, update_message
+from fedsecure.attestation.evidence import Evidence, code_hash, report_data, update_message
 from fedsecure.attestation.keys import raw_public
 from fedsecure.attestation.policy import Policy
 from fedsecure.attestation.verify import verify
 from fedsecure.audit import AuditLog
 from fedsecure.errors import AttestationError
+from fedsecure.privacy.dpconfig import DPConfig, DPConfigError
 
 log = logging.getLogger(__name__)
 
 NONCE_BYTES = 32
+#: DP-config fields a reply's numbers are checked against
+DP_NUMBERS = ("records", "epsilon_budget", "delta", "sigma", "q", "steps", "max_grad_norm", "epsilon_spent")
 FIELDS = ("nonce", "node-key", "dp-config", "code-hash", "evidence", "update-signature")
 MAX_DP_CONFIG = 4096
 
@@ -65,8 +67,8 @@ def update_digest_state(state: Mapping[str, np.ndarray]) -> bytes:
 
 
 def dp_config_document(*, enabled: bool, **settings: Any) -> str:
-    """The DP configuration a site attests to, as canonical JSON."""
-    return canonical_json({"enabled": enabled, **settings})
+    """The DP configuration a site attests to, as canonical JSON (:class:`~fedsecure.privacy.dpconfig.DPConfig`)."""
+    return DPConfig(enabled=enabled, **settings).to_json()
 
 
 def site_statement(provider: Provider, node_key: Ed25519PrivateKey, nonce: bytes, dp_config: str,
@@ -190,40 +192,39 @@ class AttestationGate:
 
     def _check_dp(self, dp: str, reported: Mapping[str, float]) -> None:
         try:
-            cfg = json.loads(dp)
-            if not isinstance(cfg, dict) or not isinstance(cfg.get("enabled"), bool):
-                raise ValueError
-        except ValueError:
-            raise AttestationError("the attested DP configuration is not a JSON object with 'enabled'") from None
+            cfg = DPConfig.from_json(dp)
+        except DPConfigError as e:
+            raise AttestationError(str(e)) from None
         self._check_min_dp(cfg)
         for key, value in reported.items():  # what the site reports (and the FedAvg weight) must be what it attested
-            attested = cfg.get(key)
-            if isinstance(attested, bool) or not isinstance(attested, (int, float)):
+            attested = cfg.number(key) if key in DP_NUMBERS else None
+            if attested is None:
                 raise AttestationError(f"the reply reports {key}={value:g} but the attested DP configuration has no "
                                        f"numeric {key}")
-            if not math.isclose(float(attested), float(value), rel_tol=1e-9):
-                raise AttestationError(f"reported {key}={value:g} differs from the attested {key}={attested!r}")
+            if not math.isclose(attested, float(value), rel_tol=1e-9):
+                raise AttestationError(f"reported {key}={value:g} differs from the attested "
+                                       f"{key}={getattr(cfg, key)!r}")
 
-    def _check_min_dp(self, cfg: dict[str, Any]) -> None:
+    def _check_min_dp(self, cfg: DPConfig) -> None:
         m = self.policy.min_dp
         if m is None:
             return
-        if not cfg["enabled"]:
+        if not cfg.enabled:
             raise AttestationError("the attested DP configuration has differential privacy off; the policy "
                                    "requires it")
-        checks = [("epsilon_budget", m.max_epsilon, "max_epsilon", lambda v, b: v <= b),
-                  ("delta", m.max_delta, "max_delta", lambda v, b: v <= b),
-                  ("sigma", m.min_sigma, "min_sigma", lambda v, b: v >= b)]
-        if m.secure_noise and cfg.get("noise") != "os-csprng":
-            raise AttestationError(f"the attested DP configuration draws its noise from {cfg.get('noise')!r}, not "
+        checks = [("epsilon_budget", m.epsilon_budget, "min_dp.epsilon_budget", lambda v, b: v <= b),
+                  ("delta", m.delta, "min_dp.delta", lambda v, b: v <= b),
+                  ("sigma", m.min_sigma, "min_dp.min_sigma", lambda v, b: v >= b)]
+        if m.secure_noise and cfg.noise != "os-csprng":
+            raise AttestationError(f"the attested DP configuration draws its noise from {cfg.noise!r}, not "
                                    "the operating system's secure generator ('os-csprng'); the policy requires it "
                                    "(min_dp.secure_noise)")
         for key, bound, name, ok in checks:
             if bound is None:
                 continue
-            value = cfg.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            value = cfg.number(key)
+            if value is None:
                 raise AttestationError(f"the attested DP configuration lacks a numeric {key}")
-            if not ok(float(value), bound):
+            if not ok(value, bound):
                 raise AttestationError(f"the attested DP configuration is weaker than the policy: {key}={value:g} "
                                        f"breaks {name}={bound:g}")

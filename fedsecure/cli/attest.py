@@ -95,19 +95,19 @@ def attest_code_hash() -> None:
 
 @friendly
 def attest_dev_policy(out: Path = typer.Option(..., "--out", help="Policy file to write."),
-                      epsilon: float = typer.Option(3.0, help="min_dp.max_epsilon."),
-                      delta: float = typer.Option(1e-5, help="min_dp.max_delta."),
+                      epsilon_budget: float = typer.Option(3.0, help="min_dp.epsilon_budget."),
+                      delta: float = typer.Option(1e-5, help="min_dp.delta."),
                       force: bool = typer.Option(False, help="Overwrite an existing file.")) -> None:
     """Write a development policy: software evidence from this build only (never for real patient data)."""
+    from fedsecure._durable import atomic_write
     from fedsecure.attestation.evidence import code_hash
     from fedsecure.attestation.policy import MinDP, Policy
     from fedsecure.errors import KeyMaterialError
-    from fedsecure.fsutil import atomic_write
 
     if out.exists() and not force:
         raise KeyMaterialError(f"{out} already exists. Fix: pass --force to replace it")
     policy = Policy(measurements={"software": (code_hash(),)}, code=(code_hash(),),
-                    min_dp=MinDP(max_epsilon=epsilon, max_delta=delta), source="fedsecure attest dev-policy")
+                    min_dp=MinDP(epsilon_budget=epsilon_budget, delta=delta), source="fedsecure attest dev-policy")
     atomic_write(out, ("# DEVELOPMENT ONLY: accepts software evidence, which proves nothing about the platform.\n"
                        + policy.to_yaml()).encode(), mode=0o644)
     typer.echo(f"wrote {out} (software evidence from code {code_hash()[:16]}...; development only)")

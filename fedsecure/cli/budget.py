@@ -11,7 +11,7 @@ from fedsecure.errors import FedSecureError
 
 @friendly
 def budget_plan(
-    epsilon: float = typer.Option(3.0, help="The site's budget ε."),
+    epsilon_budget: float = typer.Option(3.0, help="The site's budget ε (over every run of the dataset)."),
     delta: float | None = typer.Option(None, help="δ; default min(1e-5, 1/(10·records))."),
     records: int = typer.Option(..., help="Training records (patient documents) at the site."),
     batch_size: int = typer.Option(32, help="Expected batch size; q = batch_size / records."),
@@ -28,8 +28,9 @@ def budget_plan(
     check_accountant(accountant, "--accountant")
     if records < 1 or batch_size < 1 or rounds < 1 or local_steps < 1:
         raise FedSecureError("--records, --batch-size, --rounds and --local-steps must all be >= 1")
-    if not (math.isfinite(epsilon) and 0 < epsilon <= 100):
-        raise FedSecureError(f"--epsilon {epsilon} must be a finite number in (0, 100]. Fix: e.g. --epsilon 3")
+    if not (math.isfinite(epsilon_budget) and 0 < epsilon_budget <= 100):
+        raise FedSecureError(f"--epsilon-budget {epsilon_budget} must be a finite number in (0, 100]. Fix: e.g. "
+                             "--epsilon-budget 3")
     if delta is not None and not (math.isfinite(delta) and 0 < delta < 1):
         raise FedSecureError(f"--delta {delta} must be a number in (0, 1). Fix: leave it out for min(1e-5, "
                              "1/(10 records))")
@@ -40,12 +41,13 @@ def budget_plan(
     if bad is not None:
         raise FedSecureError(bad)
     q = min(1.0, batch_size / records)
-    sigma = calibrate_noise(epsilon_budget=epsilon, delta=d, spent=[], q=q, steps=rounds * local_steps,
+    sigma = calibrate_noise(epsilon_budget=epsilon_budget, delta=d, spent=[], q=q, steps=rounds * local_steps,
                             accountant=accountant)
     if sigma is None:
-        raise FedSecureError(f"no noise multiplier up to 64 fits epsilon={epsilon} for {rounds * local_steps} steps "
-                             f"at q={q:.4f}. Fix: raise the budget, train fewer steps or use more records.")
-    console.print(f"budget ε = {epsilon} at δ = {d:.1e} ({accountant}); q = {batch_size}/{records} = {q:.4f}; "
+        raise FedSecureError(f"no noise multiplier up to 64 fits epsilon_budget={epsilon_budget} for "
+                             f"{rounds * local_steps} steps at q={q:.4f}. Fix: raise the budget, train fewer steps or "
+                             "use more records.")
+    console.print(f"budget ε = {epsilon_budget} at δ = {d:.1e} ({accountant}); q = {batch_size}/{records} = {q:.4f}; "
                   f"{rounds} rounds × {local_steps} steps", highlight=False)
     console.print(f"noise multiplier σ = {sigma:.4f} (noise std σ·C per summed gradient)", highlight=False)
     table = Table()

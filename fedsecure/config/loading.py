@@ -1,5 +1,6 @@
 """Reading configs: YAML files, dotted overrides, strict conversion into the typed sections, and the flat
-dotted form Flower's run and node configs need."""
+dotted form Flower's run and node configs need.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ T = TypeVar("T")
 def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None,
                 cls: type[T] | None = None) -> T:
     """Read a YAML config (or the defaults when ``path`` is None), apply dotted overrides, build ``cls``
-    (default :class:`~fedsecure.config.SimulationConfig`)."""
+    (default :class:`~fedsecure.config.SimulationConfig`).
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -73,6 +75,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``key = "a.b.c"``, creating sections on the way."""
     parts = key.split(".")
     node = data
     for part in parts[:-1]:
@@ -152,6 +155,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
 
 
 def to_dict(obj: Any) -> Any:
+    """A dataclass as nested dicts (tuples as lists): what YAML and JSON write."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):

@@ -1,5 +1,6 @@
 """The run's sections: what a federation run asks for (model, data, training, privacy requests, storage of the
-coordinator, transport, attestation). Each section validates itself; errors name the key, value and fix."""
+coordinator, transport, attestation). Each section validates itself; errors name the key, value and fix.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class LoraSettings:
     targets: tuple[str, ...] = ()
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(self.r >= 1, f"{prefix}.r", self.r, "must be a positive integer, e.g. 8")
         require(self.alpha >= 1, f"{prefix}.alpha", self.alpha, "must be a positive integer, e.g. 16")
         require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
@@ -37,6 +39,7 @@ class ModelSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         if self.path is None and self.preset is None:
             raise ConfigError(f"{prefix}: set either 'preset' (one of {', '.join(PRESETS)}) or 'path' "
                               "(a local Hugging Face model directory).")
@@ -49,7 +52,8 @@ class ModelSettings:
 @dataclass(frozen=True)
 class DataSettings:
     """Site datasets. ``dir`` holds ``site-<i>/train.jsonl`` and ``site-<i>/eval.jsonl``;
-    when it is null, ``fedsecure simulate`` synthesises data into the run directory."""
+    when it is null, ``fedsecure simulate`` synthesises data into the run directory.
+    """
 
     dir: str | None = None
     records_per_site: int = 480
@@ -57,6 +61,7 @@ class DataSettings:
     max_length: int = 96
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(self.records_per_site >= 4, f"{prefix}.records_per_site", self.records_per_site,
                  "must be at least 4")
         require(0.0 < self.eval_fraction < 1.0, f"{prefix}.eval_fraction", self.eval_fraction,
@@ -75,6 +80,7 @@ class TrainSettings:
     weight_decay: float = 0.0
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(self.local_steps >= 1, f"{prefix}.local_steps", self.local_steps, "must be >= 1")
         require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
         require(finite(self.learning_rate) and 0.0 < self.learning_rate < 10.0, f"{prefix}.learning_rate",
@@ -98,6 +104,7 @@ class FederationSettings:
     max_update_norm: float | None = None  # optional L2 cap on one site's update (the per-value bound always applies)
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(finite(self.join_timeout_s) and self.join_timeout_s >= 0, f"{prefix}.join_timeout_s",
                  self.join_timeout_s, "must be a finite number >= 0 seconds")
         require(1 <= self.sites <= 1000, f"{prefix}.sites", self.sites, "must be in [1, 1000]")
@@ -126,6 +133,7 @@ class ClientDPSettings:
     noise_seed: int | None = None  # ONLY for reproducible tests of the coordinator's noise
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(finite(self.clip) and self.clip > 0, f"{prefix}.clip", self.clip, "must be a finite number > 0")
         require(finite(self.noise_multiplier) and self.noise_multiplier > 0, f"{prefix}.noise_multiplier",
                  self.noise_multiplier, "must be a finite number > 0")
@@ -151,6 +159,7 @@ class PrivacySettings:
     client_dp: ClientDPSettings = field(default_factory=ClientDPSettings)
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         if self.epsilon_budget is not None:
             require(finite(self.epsilon_budget) and 0 < self.epsilon_budget <= 100, f"{prefix}.epsilon_budget",
                      self.epsilon_budget,
@@ -180,6 +189,7 @@ class StorageSettings:
     chunk_size: int = 1 << 20
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(4096 <= self.chunk_size <= 64 << 20, f"{prefix}.chunk_size", self.chunk_size,
                  "must be in [4096, 67108864] bytes")
         if self.key_provider == "command":
@@ -255,6 +265,7 @@ class TransportSettings:
     max_update_bytes: int = 64 << 20  # larger updates are rejected before anything is decompressed
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         for key in ("uplink_bits", "downlink_bits"):
             require(getattr(self, key) in (32, 8, 4), f"{prefix}.{key}", getattr(self, key), "must be 32, 8 or 4")
         for key in ("uplink_topk", "downlink_topk"):
@@ -278,6 +289,7 @@ class AttestationSettings:
     policy: str | None = None  # coordinator: policy file; None in `fedsecure simulate` = generated for this build
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         if self.policy is not None:
             require(bool(self.policy.strip()), f"{prefix}.policy", self.policy, "must be a file path or null")
 

@@ -37,6 +37,7 @@ class SimulationConfig:
     site: SimulatedSites = field(default_factory=SimulatedSites)  # the simulated sites' own settings
 
     def validate(self) -> SimulationConfig:
+        """Check every section; returns ``self`` (ConfigError names the first problem)."""
         self.federation.validate("federation")
         self.model.validate("model")
         self.data.validate("data")
@@ -51,16 +52,19 @@ class SimulationConfig:
     # ------------------------------------------------------------------ conversions
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> SimulationConfig:
+        """Build and validate from a nested mapping (a parsed YAML file)."""
         return from_mapping(cls, data or {}).validate()
 
     def to_dict(self) -> dict[str, Any]:
+        """As nested dicts (what ``config.yaml`` holds)."""
         return to_dict(self)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """Flatten into Flower's run config: dotted keys, ``None`` as ``""``, tuples comma-joined.
 
         The simulated sites' own settings (``site``) never travel in the run config, which is the
-        coordinator's: each site gets its own through its node config."""
+        coordinator's: each site gets its own through its node config.
+        """
         doc = self.to_dict()
         doc.pop("site")
         return flatten(doc)

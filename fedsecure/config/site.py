@@ -20,7 +20,8 @@ from fedsecure.errors import ConfigError
 @dataclass(frozen=True)
 class SitePolicy:
     """A site's own privacy policy. It is authoritative: the run config (the coordinator's request) may
-    only ask for less privacy loss, and anything looser is refused at the site."""
+    only ask for less privacy loss, and anything looser is refused at the site.
+    """
 
     dp_required: bool = True  # false: this site may train without DP when the run asks (reported non-private)
     epsilon_budget: float = 3.0  # budget of each dataset over all runs that ever use it
@@ -32,6 +33,7 @@ class SitePolicy:
     max_batch_size: int = 1024  # expected records sampled per step
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(finite(self.epsilon_budget) and 0 < self.epsilon_budget <= 100, f"{prefix}.epsilon_budget",
                  self.epsilon_budget, "must be a finite number in (0, 100], e.g. 3")
         if self.delta is not None:
@@ -60,6 +62,7 @@ class SiteLimits:
     max_lora_rank: int = 256  # model.lora.r the run may ask for
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(8 <= self.max_seq_len <= 1 << 20, f"{prefix}.max_seq_len", self.max_seq_len, "must be in [8, 1048576]")
         require(1 <= self.max_lora_rank <= 65536, f"{prefix}.max_lora_rank", self.max_lora_rank,
                  "must be in [1, 65536]")
@@ -74,6 +77,7 @@ class SiteAttestation:
     configfs_root: str = "/sys/kernel/config/tsm/report"
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(self.provider in PROVIDERS, f"{prefix}.provider", self.provider,
                  f"must be one of {', '.join(PROVIDERS)}")
         if self.provider == "command":
@@ -85,7 +89,8 @@ class SiteAttestation:
 class SiteSettings:
     """Everything a site decides for itself. In deployment it comes from the site's ``site.yaml`` through the
     SuperNode's node config; in simulation the engine builds one per simulated site. Nothing here is ever
-    read from the run config (the coordinator's), except at a node of Flower's own simulation engine."""
+    read from the run config (the coordinator's), except at a node of Flower's own simulation engine.
+    """
 
     name: str | None = None
     data_dir: str | None = None
@@ -102,6 +107,7 @@ class SiteSettings:
     attestation: SiteAttestation = field(default_factory=SiteAttestation)
 
     def validate(self, prefix: str = "site") -> SiteSettings:
+        """Check every field (a noise seed only at a simulated site); returns ``self``."""
         require(self.threads >= 0, f"{prefix}.threads", self.threads, "must be >= 0 (0 = torch default)")
         if self.noise_seed is not None and not self.simulated:
             raise ConfigError(f"{prefix}.noise_seed: a deployed site draws its noise from the operating system's "
@@ -132,7 +138,8 @@ class SiteSettings:
 @dataclass(frozen=True)
 class SimulatedSites:
     """The simulated sites' own settings (``site:`` in configs/simulation.yaml): what each hospital's
-    ``site.yaml`` would hold in deployment. The run's ``privacy`` section can only tighten them."""
+    ``site.yaml`` would hold in deployment. The run's ``privacy`` section can only tighten them.
+    """
 
     state_dir: str | None = None  # each site's state in <state_dir>/<site>; None = <run-dir>/sites/<site> (fresh)
     threads: int = 0
@@ -143,6 +150,7 @@ class SimulatedSites:
     attestation: SiteAttestation = field(default_factory=SiteAttestation)
 
     def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(self.threads >= 0, f"{prefix}.threads", self.threads, "must be >= 0 (0 = torch default)")
         self.privacy.validate(f"{prefix}.privacy")
         self.limits.validate(f"{prefix}.limits")

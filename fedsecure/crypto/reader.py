@@ -18,6 +18,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from fedsecure._durable import atomic_file
 from fedsecure.crypto.keys import KeyRing
 from fedsecure.crypto.layout import (
     MAGIC,
@@ -32,7 +33,6 @@ from fedsecure.crypto.layout import (
     wrap_aad,
 )
 from fedsecure.errors import IntegrityError
-from fedsecure.fsutil import atomic_file
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+from fedsecure._durable import atomic_file
+from fedsecure._durable import fsync_dir as _fsync_dir
 from fedsecure.crypto.keys import KeyRing
 from fedsecure.crypto.layout import (
     DATA_KEY_BYTES,
@@ -61,8 +63,6 @@ from fedsecure.crypto.reader import (
     open_to_file,
     unwrap_data_key,
 )
-from fedsecure.fsutil import atomic_file
-from fedsecure.fsutil import fsync_dir as _fsync_dir
 
 SUFFIX = ".sealed"
 

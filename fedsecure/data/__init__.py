@@ -1,0 +1,2 @@
+"""Site datasets: JSONL records, tokenization, and synthetic clinical notes."""
+

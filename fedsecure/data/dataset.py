@@ -69,11 +69,13 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_texts(cls, texts: list[str], tokenizer: TextTokenizer, max_length: int) -> TokenizedDataset:
+        """Tokenize ``texts`` (truncated to ``max_length``); sequences under 2 tokens are dropped."""
         seqs = [tokenizer.encode(t, max_length) for t in texts]
         return cls([s for s in seqs if len(s) >= 2] or seqs)
 
     @property
     def num_tokens(self) -> int:
+        """Tokens over all sequences."""
         return sum(len(s) for s in self.sequences)
 
 
@@ -101,10 +103,12 @@ class SiteData:
 
 
 def site_dir(data_dir: str | Path, partition_id: int) -> Path:
+    """``<data_dir>/site-<i>``: the data folder of simulated site ``i``."""
     return Path(data_dir) / f"site-{partition_id}"
 
 
 def load_site(directory: str | Path, tokenizer: TextTokenizer, max_length: int) -> SiteData:
+    """A site's training and held-out splits, tokenized (DataError names a missing or broken file)."""
     d = Path(directory)
     if not d.is_dir():
         raise DataError(f"site data directory {d} does not exist. Fix: create it with "

@@ -127,6 +127,7 @@ class SiteProfile:
 
 
 def make_profiles(sites: int, rng: random.Random) -> list[SiteProfile]:
+    """One profile per hospital: specialty mix, writing style, patient ages (non-IID)."""
     names = list(SPECIALTIES)
     profiles = []
     for i in range(sites):

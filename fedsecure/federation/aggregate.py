@@ -43,7 +43,8 @@ def weighted_mean(updates: Sequence[Update]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for u in ordered:
         factor = u.weight / total
-        for name, value in u.delta.items():
+        for name, raw in u.delta.items():
+            value = np.asarray(raw, dtype=np.float32)
             if name not in out:
                 out[name] = value * factor
             else:

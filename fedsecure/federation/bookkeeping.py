@@ -1,5 +1,6 @@
 """What the coordinator keeps about the run: which node is which site, who is retired, each site's privacy
-figures, the round history, and the documents written at the end (privacy.json/md, summary.json/md)."""
+figures, the round history, and the documents written at the end (privacy.json/md, summary.json/md).
+"""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def site_name(reply: Message, known: dict[int, str] | None = None) -> str:
     """The site that sent ``reply``. Error replies carry no content, so ``known`` (node id -> name,
-    filled from earlier replies) names them."""
+    filled from earlier replies) names them.
+    """
     node = reply.metadata.src_node_id
     known = {} if known is None else known
     if reply.has_content():
@@ -56,7 +58,8 @@ class Bookkeeping:
 
     def site_of(self, reply: Message) -> str:
         """The reply's site name, bound to its node for the whole run: a node cannot switch names, nor take a
-        name another node already uses (it would take over that site's records); such a claim is ignored."""
+        name another node already uses (it would take over that site's records); such a claim is ignored.
+        """
         node = reply.metadata.src_node_id
         current = self.known_sites.get(node)
         claimed = site_name(reply, {})

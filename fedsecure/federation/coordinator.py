@@ -73,7 +73,8 @@ class Coordinator:
     def _messages(self, nodes: list[int], kind: str, state: dict[str, np.ndarray], server_round: int,
                   challenge: bool = False) -> list[Message]:
         """One message per node: the plain adapter, or (transport on) the encoded difference to what
-        that node already holds; with ``challenge``, a fresh attestation nonce for that node."""
+        that node already holds; with ``challenge``, a fresh attestation nonce for that node.
+        """
         arrays: ArrayRecord | None = to_array_record(state) if self.downlink is None else None
         out = []
         for node in nodes:
@@ -221,7 +222,8 @@ class Coordinator:
     def _take_train_reply(self, reply: Message, name: str, server_round: int, rl: RoundLog, expected,
                           fp32_bytes: int, state: dict[str, np.ndarray]) -> Update | None:
         """Strict reading, privacy bookkeeping, attestation and decoding of one train reply; its Update if it
-        counts. A malformed reply raises ReplyRejected (the caller audits it and goes on)."""
+        counts. A malformed reply raises ReplyRejected (the caller audits it and goes on).
+        """
         node = reply.metadata.src_node_id
         tr: TrainReply = parse_train_reply(reply.content, self.cfg)
         self.books.note_privacy(name, tr, server_round)

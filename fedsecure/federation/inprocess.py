@@ -24,6 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedsecure.federation import keys
+
 log = logging.getLogger(__name__)
 
 _FIRST_NODE_ID = 1001
@@ -47,20 +49,25 @@ class InProcessGrid(Grid):
 
     # -- Grid API --------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
+        """Flower's Grid API: the run this grid serves."""
         self._run = run
 
     @property
     def run(self) -> Run:
+        """The run this grid serves."""
         return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
+        """A message to ``dst_node_id`` (Flower's deprecated Grid API, kept for completeness)."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
+        """Every simulated node."""
         return list(self._contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message to its node's ClientApp now; returns the message ids."""
         ids = []
         for msg in messages:
             message_id = uuid.uuid4().hex
@@ -72,9 +79,11 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies to ``message_ids`` that are ready."""
         return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push and pull at once (delivery is synchronous here)."""
         return self.pull_messages(self.push_messages(messages))
 
     # -- delivery --------------------------------------------------------------------------
@@ -100,7 +109,7 @@ def run_inprocess(server_app: ServerApp, client_app: ClientApp, *, num_nodes: in
                   run_id: int = 1) -> InProcessGrid:
     """Run ``server_app`` against ``num_nodes`` in-process ClientApps; returns the grid used."""
     if node_configs is None:
-        node_configs = [{"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)]
+        node_configs = [{keys.PARTITION_ID: i, keys.NUM_PARTITIONS: num_nodes} for i in range(num_nodes)]
     grid = InProcessGrid(client_app, node_configs, run_config, run_id=run_id)
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID

@@ -96,6 +96,7 @@ class TrainReply:
 
 @dataclass(frozen=True)
 class EvalReply:
+    """A site's evaluation reply, every field checked."""
     site: str
     loss: float
     tokens: int
@@ -320,7 +321,8 @@ def decode_update(tr: TrainReply, expected, max_bytes: int) -> tuple[dict[str, n
 
 def attest_reply(gate: AttestationGate, tr: TrainReply, node: int, name: str, server_round: int) -> tuple[str, bool]:
     """Check the reply's attestation statement: ("verified (...)", True), or ("rejected: <why>", False). The
-    DP numbers the reply reports, and its FedAvg weight, must be the ones the site attested."""
+    DP numbers the reply reports, and its FedAvg weight, must be the ones the site attested.
+    """
     try:
         digest = update_digest_payload(tr.payload) if tr.payload is not None else \
             update_digest_state(from_array_record(tr.arrays))  # type: ignore[arg-type]

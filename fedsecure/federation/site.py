@@ -22,7 +22,6 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 
 from fedsecure.attestation.protocol import (
     NONCE_BYTES,
-    dp_config_document,
     site_statement,
     update_digest_payload,
     update_digest_state,
@@ -42,6 +41,7 @@ from fedsecure.federation.site_settings import (
     round_seed,
 )
 from fedsecure.model import adapter_delta, adapter_state, attach_lora, load_model_and_tokenizer, set_adapter_state
+from fedsecure.privacy.dpconfig import DPConfig
 from fedsecure.privacy.guard import DPStepPlan, Refusal, SitePrivacyGuard
 from fedsecure.privacy.ledger import PrivacyLedger
 from fedsecure.privacy.noise import Randomness
@@ -137,7 +137,8 @@ def _content_fingerprint(site: SiteSettings) -> str:
 
 def _dataset_key(site: SiteSettings) -> str:
     """The ledger's key: a stable id the site pins (so an edited or extended dataset keeps charging the same
-    ledger), or the content fingerprint of its training file."""
+    ledger), or the content fingerprint of its training file.
+    """
     return site.dataset_id or _content_fingerprint(site)
 
 
@@ -166,7 +167,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                                       epsilon_budget=r.site.privacy.epsilon_budget)
             privacy = ConfigRecord({keys.STATUS: keys.STATUS_NON_PRIVATE})
             dp_metrics: dict[str, float | int] = {}
-            dp_config = dp_config_document(enabled=False, records=len(data.train))
+            dp_config = DPConfig(enabled=False, records=len(data.train)).to_json()
         else:
             guard = SitePrivacyGuard(terms, state_dir=r.state.root, dataset=dataset, num_records=len(data.train),
                                      files=r.state.files)
@@ -234,15 +235,16 @@ def _refuse(msg: Message, r: SiteRound, dataset: str, reason: str, num_records: 
 def _dp_config(guard: SitePrivacyGuard, plan: DPStepPlan, epsilon_spent: float, cfg: SimulationConfig,
                randomness: Randomness, records: int) -> str:
     """The DP settings of this round, as the site attests them (the coordinator checks them against policy)."""
-    return dp_config_document(enabled=True, epsilon_budget=guard.epsilon_budget, delta=guard.delta,
-                              sigma=plan.sigma, q=plan.q, steps=plan.steps, max_grad_norm=plan.max_grad_norm,
-                              accountant=guard.accountant, epsilon_spent=epsilon_spent,
-                              grad_sample_mode=cfg.privacy.grad_sample_mode, noise=randomness.name, records=records)
+    return DPConfig(enabled=True, records=records, epsilon_budget=guard.epsilon_budget, delta=guard.delta,
+                    sigma=plan.sigma, q=plan.q, steps=plan.steps, max_grad_norm=plan.max_grad_norm,
+                    accountant=guard.accountant, epsilon_spent=epsilon_spent,
+                    grad_sample_mode=cfg.privacy.grad_sample_mode, noise=randomness.name).to_json()
 
 
 def _attester(msg: Message, site: SiteSettings, name: str):
     """(nonce, provider, node key) when the coordinator sent a challenge, else None. Built before training,
-    so a misconfigured provider fails before any privacy budget is spent. The provider is the site's own."""
+    so a misconfigured provider fails before any privacy budget is spent. The provider is the site's own.
+    """
     nonce = msg.content[keys.CONFIG].get(keys.ATTEST_NONCE)
     if nonce is None:
         return None
@@ -256,7 +258,8 @@ def _attester(msg: Message, site: SiteSettings, name: str):
 
 def _attest(attester, dp_config: str, update: bytes | None, delta_state) -> ConfigRecord | None:
     """Answer the challenge: evidence bound to the nonce, our node key, DP settings and code; the node key
-    signs the update."""
+    signs the update.
+    """
     if attester is None:
         return None
     nonce, provider, node_key = attester

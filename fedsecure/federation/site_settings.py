@@ -28,7 +28,8 @@ from fedsecure.store.site_state import SiteState
 def site_settings(context: Context) -> SiteSettings:
     """This site's own settings: from its node config (``site.*``, written by ``fedsecure client`` or the
     in-process engine). A node of Flower's Ray simulation engine, which cannot be given a node config,
-    takes the simulated sites' settings from the run config: there one operator runs every party."""
+    takes the simulated sites' settings from the run config: there one operator runs every party.
+    """
     nc = context.node_config
     if any(str(k).startswith(keys.SITE_PREFIX) for k in nc):
         return SiteSettings.from_flat(nc)
@@ -74,7 +75,8 @@ def randomness_for(site: SiteSettings, server_round: int) -> Randomness:
 
 def model_settings(cfg: SimulationConfig, site: SiteSettings) -> ModelSettings:
     """The model to load: the run's, but a local model directory is the site's own copy, never a path that
-    the coordinator chose (a simulated site may use the simulation's path)."""
+    the coordinator chose (a simulated site may use the simulation's path).
+    """
     if not cfg.model.path:
         return cfg.model
     if site.model_dir:
@@ -102,7 +104,8 @@ def _seeded_request(context: Context, site: SiteSettings) -> PolicyRefusal | Non
 @dataclasses.dataclass
 class SiteRound:
     """What one message is about, parsed and checked before any heavy work; ``state`` loads the site's
-    keyring at most once for the whole message."""
+    keyring at most once for the whole message.
+    """
 
     cfg: SimulationConfig
     site: SiteSettings

@@ -119,6 +119,7 @@ def _handle(conn: socket.socket, handlers: dict[str, Any], lock: Any) -> None:
 
 
 def serve(path: Path) -> None:
+    """Serve the site's train and evaluate handlers on the Unix socket ``path`` until killed."""
     from fedsecure.federation.site import handle_evaluate, handle_train  # the heavy imports, once
 
     _serve(path, {"train": handle_train, "evaluate": handle_evaluate})
@@ -127,7 +128,8 @@ def serve(path: Path) -> None:
 def _serve(path: Path, handlers: dict[str, Any], max_requests: int | None = None,
            ready: Any = None) -> None:
     """Accept connections; each is read on its own thread (with a timeout, so a stalled or dead ClientApp
-    process cannot block the others), and the handlers run one at a time under a lock."""
+    process cannot block the others), and the handlers run one at a time under a lock.
+    """
     import threading
 
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -167,6 +169,7 @@ def _serve(path: Path, handlers: dict[str, Any], max_requests: int | None = None
 
 
 def main() -> None:
+    """``python -m fedsecure.federation.worker --socket PATH`` (started by ``fedsecure client``)."""
     ap = argparse.ArgumentParser(description="fedsecure site worker (started by `fedsecure client`).")
     ap.add_argument("--socket", required=True, type=Path)
     args = ap.parse_args()

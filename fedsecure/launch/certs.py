@@ -26,14 +26,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedsecure._durable import atomic_write
 from fedsecure.errors import ConfigError, KeyMaterialError
-from fedsecure.fsutil import atomic_write
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
 class Material:
+    """Where the consortium's key material lives under one folder."""
     ca_cert: Path
     ca_key: Path
     server_cert: Path
@@ -42,6 +43,7 @@ class Material:
 
     @classmethod
     def at(cls, out: str | Path, sites: Iterable[str] = ()) -> Material:
+        """The files under ``out`` (the CA, the coordinator's key pair, each site's key pair)."""
         d = Path(out)
         return cls(d / "ca.pem", d / "ca.key", d / "coordinator.pem", d / "coordinator.key",
                    {s: (d / "sites" / s / "auth.key", d / "sites" / s / "auth.pub") for s in sites})
@@ -76,6 +78,7 @@ def _check_free(paths: Iterable[Path], force: bool) -> None:
 
 
 def create_ca(m: Material, *, days: int = 5 * 365, force: bool = False) -> None:
+    """Create the consortium CA (ECDSA P-384, self-signed); refuses to overwrite without ``force``."""
     _check_free([m.ca_cert, m.ca_key], force)
     key = ec.generate_private_key(ec.SECP384R1())
     now = _dt.datetime.now(_dt.UTC)
@@ -105,6 +108,7 @@ def _load_ca(m: Material) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
 
 def create_server_cert(m: Material, hosts: Iterable[str], *, days: int = 825, force: bool = False) -> None:
+    """Create the coordinator's TLS certificate for ``hosts`` (names and addresses), signed by the CA."""
     hosts = list(dict.fromkeys(hosts))
     if not hosts:
         raise ConfigError("the coordinator certificate needs at least one --host (name or address it serves)")
@@ -125,6 +129,7 @@ def create_server_cert(m: Material, hosts: Iterable[str], *, days: int = 825, fo
 
 
 def create_site_key(m: Material, site: str, *, force: bool = False) -> None:
+    """Create a site's SuperNode authentication key pair (OpenSSH ECDSA, private key 0600)."""
     if not SITE_NAME.match(site):
         raise ConfigError(f"site name {site!r} must be 1-63 letters, digits, '.', '_' or '-'")
     priv, pub = m.sites[site]

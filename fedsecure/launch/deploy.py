@@ -80,6 +80,7 @@ class Server:
         return subprocess.run([_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def prepare(self) -> Path:
+        """Write Flower's connection config and the run config file; returns the run config file."""
         cfg = self.dc.federation
         if cfg.attestation.enabled and not cfg.attestation.policy:
             raise ConfigError("attestation.policy is not set. Fix: point it at the consortium's policy file (for "
@@ -97,6 +98,7 @@ class Server:
         return rc_file
 
     def start_superlink(self) -> None:
+        """Start flower-superlink with TLS and SuperNode authentication; wait until it is healthy."""
         self.superlink_log = LogFollower(self.run_dir / "superlink.log")
         log_file = (self.run_dir / "superlink.log").open("ab")
         self.superlink = subprocess.Popen(
@@ -114,6 +116,7 @@ class Server:
                   "runtime dependency installation off)")
 
     def register_sites(self) -> None:
+        """Register every site's SuperNode public key with the SuperLink."""
         for name, pub in self.dc.sites.items():
             out = self._flwr("supernode", "register", str(pub), CONNECTION, "--name", name, "--format", "json")
             text = out.stdout + out.stderr
@@ -126,6 +129,7 @@ class Server:
                                      "that the file is the site's auth.pub (OpenSSH ECDSA public key)")
 
     def submit(self, rc_file: Path) -> str:
+        """Submit fedsecure's ServerApp as a Flower run; returns the run id."""
         out = self._flwr("run", str(app_directory()), CONNECTION, "--run-config", str(rc_file), "--format", "json",
                          timeout=300)
         try:
@@ -138,9 +142,11 @@ class Server:
         return self.run_id
 
     def status(self) -> str:
+        """The Flower run's status (``flwr ls``)."""
         return run_status(self.env, CONNECTION, self.run_id)
 
     def follow(self, timeout_s: float, started: float) -> dict[str, Any]:
+        """Stream progress and refusals until the run's summary appears; returns it."""
         metrics = LogFollower(self.run_dir / "metrics.jsonl")
         superlink_log = self.superlink_log
         summary = self.run_dir / "summary.json"
@@ -187,6 +193,7 @@ class Server:
                   + (f" [{fails}]" if fails else ""))
 
     def stop(self) -> None:
+        """Stop the Flower run and everything started for it."""
         if self.run_id is not None and self.superlink is not None and self.superlink.poll() is None:
             try:
                 self._flwr("stop", str(self.run_id), CONNECTION, timeout=30)
@@ -197,6 +204,7 @@ class Server:
             self.superlink = None
 
     def run(self, timeout_s: float = 7 * 86400) -> dict[str, Any]:
+        """Prepare, start, register, submit and follow; always stops what it started."""
         started = time.time() - 1
         rc_file = self.prepare()
         try:
@@ -212,7 +220,8 @@ def run_site(sc: SiteConfig, emit: Callable[[str], None] = print, stopping: thre
              retry_s: float = 10.0) -> int:
     """Run the site's SuperNode until ``stopping`` is set. A SuperNode that the coordinator refused (key not
     registered yet, coordinator down) is restarted after a growing pause; one that cannot trust the
-    coordinator's certificate is not (that is a configuration error). Returns an exit code."""
+    coordinator's certificate is not (that is a configuration error). Returns an exit code.
+    """
     if sc.auth_key.stat().st_mode & 0o077:
         raise ConfigError(f"site.auth_key: {sc.auth_key} is readable by group or others. Fix: chmod 600 "
                           f"{sc.auth_key}")
@@ -314,6 +323,7 @@ def _explain_site_line(sc: SiteConfig, line: str, emit: Callable[[str], None]) -
 
 
 def install_signal_handlers(event: threading.Event) -> None:
+    """SIGTERM sets ``event`` and interrupts the main thread (like Ctrl-C)."""
     def handler(signum, frame):  # noqa: ARG001
         event.set()
         raise KeyboardInterrupt

@@ -1,6 +1,7 @@
 """Deployment configs: ``configs/coordinator.yaml`` (``fedsecure server``) and ``configs/site.yaml``
 (``fedsecure client``). Relative paths are relative to the config file. Validation is strict and
-every error names the key and the fix."""
+every error names the key and the fix.
+"""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def _port(value: Any, key: str) -> int:
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
+    """``coordinator.yaml``: where the coordinator serves, its TLS material, the sites' keys, the run."""
     run_dir: Path
     host: str
     port: int
@@ -78,10 +80,12 @@ class CoordinatorConfig:
 
     @property
     def address(self) -> str:
+        """``host:port`` the SuperLink serves."""
         return f"{self.host}:{self.port}"
 
 
 def load_coordinator_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> CoordinatorConfig:
+    """Read and check ``coordinator.yaml`` (paths relative to the file); applies dotted ``overrides``."""
     from fedsecure.config import set_dotted
 
     doc, base = _read(path)
@@ -127,14 +131,17 @@ class SiteConfig:
 
     @property
     def name(self) -> str:
+        """The site's name."""
         return str(self.settings.name)
 
     @property
     def data_dir(self) -> Path:
+        """The site's data folder."""
         return Path(str(self.settings.data_dir))
 
     @property
     def state_dir(self) -> Path:
+        """The site's state folder (ledgers, keys, residuals)."""
         return Path(str(self.settings.state_dir))
 
     @property
@@ -219,8 +226,9 @@ def _bool(value: Any, key: str) -> bool:
 
 def write_node_config(path: Path, node: Mapping[str, str | int | float | bool]) -> Path:
     """Write the SuperNode's node config as a TOML file (0600): flower-supernode takes ``--node-config FILE.toml``,
-    and a file needs no shell quoting, whatever the values hold."""
-    from fedsecure.fsutil import atomic_write
+    and a file needs no shell quoting, whatever the values hold.
+    """
+    from fedsecure._durable import atomic_write
 
     lines = []
     for k, v in node.items():

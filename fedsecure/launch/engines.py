@@ -29,6 +29,7 @@ from typing import Any
 
 from fedsecure.config import SimulationConfig
 from fedsecure.errors import FedSecureError
+from fedsecure.federation import keys
 from fedsecure.federation.keys import SIMULATED_SITES
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class LogFollower:
 def watch_rounds(metrics: Path, observer: Callable[[dict[str, Any]], None], stop: threading.Event,
                  every_s: float = 0.2) -> threading.Thread:
     """Call ``observer`` with every federation row appended to ``metrics`` (``metrics.jsonl``) until ``stop``
-    is set, then with the rows written before that; the same for every engine (nothing global)."""
+    is set, then with the rows written before that; the same for every engine (nothing global).
+    """
     follower = LogFollower(metrics, from_end=False)
 
     def emit() -> None:
@@ -80,24 +82,27 @@ def watch_rounds(metrics: Path, observer: Callable[[dict[str, Any]], None], stop
 
 def node_configs(cfg: SimulationConfig, run_dir: str | Path) -> list[dict[str, Any]]:
     """One node config per simulated site: its own settings (``site.*``), as `fedsecure client` gives a
-    deployed site's SuperNode, plus Flower's partition keys."""
+    deployed site's SuperNode, plus Flower's partition keys.
+    """
     from fedsecure.data.dataset import site_dir
 
     n = cfg.federation.sites
     if not cfg.data.dir:
         raise FedSecureError("data.dir is not set. Fix: run through `fedsecure simulate`, which prepares the data.")
-    return [{"partition-id": i, "num-partitions": n,
+    return [{keys.PARTITION_ID: i, keys.NUM_PARTITIONS: n,
              **cfg.site.for_site(f"site-{i}", site_dir(cfg.data.dir, i), Path(run_dir).resolve()).to_flat()}
             for i in range(n)]
 
 
 def run_config(cfg: SimulationConfig, run_dir: Path) -> dict[str, bool | int | float | str]:
+    """The Flower run config of ``cfg`` for the run directory ``run_dir``."""
     rc = cfg.to_run_config()
     rc["run-dir"] = str(Path(run_dir).resolve())
     return rc
 
 
 def run_inprocess_engine(cfg: SimulationConfig, run_dir: Path) -> None:
+    """Run the federation with the in-process grid (one process, no network)."""
     from client.app import app as client_app
     from fedsecure.federation.inprocess import run_inprocess
     from server.app import app as server_app
@@ -141,7 +146,7 @@ def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 
     """Run through Flower's simulation engine (Ray); blocks until the run ends."""
     import yaml
 
-    from fedsecure.fsutil import atomic_write
+    from fedsecure._durable import atomic_write
 
     run_dir = Path(run_dir).resolve()
     home = run_dir / "flwr-home"
@@ -193,7 +198,8 @@ def flower_env(home: Path) -> dict[str, str]:
 
     Flower's processes spawn each other by name (flower-superexec, flwr-simulation, flwr-clientapp):
     this interpreter's bin directory goes first on PATH so they are this installation's. Runtime
-    dependency installation and the update check are off (no network at run time)."""
+    dependency installation and the update check are off (no network at run time).
+    """
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}

@@ -19,7 +19,8 @@ from fedsecure.store.rundir import RunDir, new_run_id
 
 def check_sites_accept(cfg: SimulationConfig, records: int) -> None:
     """Fail before any work when the simulated sites' own policy would refuse what the run asks for (each
-    site would refuse every round), naming the key, both values and the fix."""
+    site would refuse every round), naming the key, both values and the fix.
+    """
     terms = resolve(cfg.site.privacy, cfg.site.limits, cfg, records)
     if isinstance(terms, PolicyRefusal):
         raise ConfigError(f"the simulated sites would refuse this run: {terms.reason} (In simulation the sites' "
@@ -32,7 +33,8 @@ def check_sites_accept(cfg: SimulationConfig, records: int) -> None:
 
 def _count_records(path: Path) -> int:
     """Non-blank lines of a JSONL file: at least the records a site will train on (a broken line is that
-    site's own error, reported in its round, and must not stop the other sites)."""
+    site's own error, reported in its round, and must not stop the other sites).
+    """
     with path.open("rb") as f:
         return max(1, sum(1 for line in f if line.strip()))
 
@@ -71,13 +73,14 @@ def prepare(cfg: SimulationConfig, run_dir: str | Path | None = None) -> tuple[S
 
 def simulation_policy(cfg: SimulationConfig) -> Policy:
     """The policy `fedsecure simulate` generates when none is given: software evidence from this very build,
-    and DP settings no weaker than the run's own privacy config."""
+    and DP settings no weaker than the run's own privacy config.
+    """
     ch = code_hash()
     min_dp = None
     if cfg.privacy.enabled:
         own = cfg.site.privacy
-        min_dp = MinDP(max_epsilon=cfg.privacy.epsilon_budget or own.epsilon_budget,
-                       max_delta=cfg.privacy.delta or own.delta or 1e-5,
+        min_dp = MinDP(epsilon_budget=cfg.privacy.epsilon_budget or own.epsilon_budget,
+                       delta=cfg.privacy.delta or own.delta or 1e-5,
                        min_sigma=cfg.privacy.noise_multiplier or own.min_sigma,
                        secure_noise=cfg.site.noise_seed is None)
     return Policy(measurements={"software": (ch,)}, code=(ch,), min_dp=min_dp, max_evidence_age_s=3600.0,

@@ -36,6 +36,7 @@ def set_adapter_state(model: torch.nn.Module, state: dict[str, np.ndarray]) -> N
 
 
 def check_compatible(state: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise AdapterError when ``state`` does not have exactly the tensors and shapes of ``expected``."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
@@ -51,11 +52,13 @@ def check_compatible(state: dict[str, np.ndarray], expected: dict[str, tuple[int
 
 
 def adapter_delta(new: dict[str, np.ndarray], old: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``new - old`` (float32), after checking both hold the same tensors."""
     check_compatible(new, {k: v.shape for k, v in old.items()})
     return {k: (new[k] - old[k]).astype(np.float32) for k in old}
 
 
 def apply_delta(base: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``base + delta`` (float32), after checking both hold the same tensors."""
     check_compatible(delta, {k: v.shape for k, v in base.items()})
     return {k: (base[k] + delta[k]).astype(np.float32) for k in base}
 
@@ -64,7 +67,7 @@ def save_adapter_file(path: str | Path, state: dict[str, np.ndarray], metadata: 
     """Write ``state`` as plain safetensors, atomically (used only when sealing is off)."""
     from safetensors.numpy import save
 
-    from fedsecure.fsutil import atomic_write
+    from fedsecure._durable import atomic_write
 
     meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION, **(metadata or {})}
     blob = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, metadata=meta)

@@ -133,7 +133,8 @@ def export_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
 
 def initial_adapter(settings: ModelSettings, seed: int) -> dict[str, np.ndarray]:
     """The round-0 global adapter: LoRA A random (seeded with ``seed``), LoRA B zero, so the model starts
-    as the base."""
+    as the base.
+    """
     from fedsecure.model.adapter import adapter_state
     from fedsecure.model.lora import attach_lora
 

@@ -24,6 +24,7 @@ from fedsecure.privacy.accounting import Spend, epsilon_of
 
 
 class ClientLevelDP:
+    """Client-level DP at the coordinator: clip each site's update, noise the sum, account the rounds."""
     def __init__(self, settings: ClientDPSettings, accountant: str, seed: int | None = None) -> None:
         self.settings = settings
         self.accountant = accountant
@@ -51,9 +52,11 @@ class ClientLevelDP:
         return out
 
     def epsilon(self) -> float:
+        """ε of every release so far (client-level guarantee)."""
         return epsilon_of(self.spends, self.settings.delta, self.accountant)
 
     def summary(self) -> dict:
+        """The client-level guarantee for the privacy report."""
         return {"enabled": True, "unit": "one site's entire contribution to a round",
                 "epsilon": self.epsilon() if self.spends else 0.0, "delta": self.settings.delta,
                 "clip": self.settings.clip, "noise_multiplier": self.settings.noise_multiplier,

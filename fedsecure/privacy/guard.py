@@ -32,6 +32,7 @@ class DPStepPlan:
 
     @staticmethod
     def sample_rate(batch_size: int, num_records: int) -> float:
+        """Poisson sampling rate q = batch / records (at most 1)."""
         return min(1.0, batch_size / num_records)
 
 
@@ -72,6 +73,7 @@ class SitePrivacyGuard:
         return sorted({self.accountant, *(e.accountant for e in self.ledger.entries if e.kind == "spend")})
 
     def spent(self) -> float:
+        """ε this dataset has spent (the largest bound over the accountants it used)."""
         return self.ledger.epsilon(self.delta, self.accountant)
 
     def plan(self, *, server_round: int, rounds_total: int, sigma_hint: float | None = None) -> Approval | Refusal:
@@ -79,6 +81,9 @@ class SitePrivacyGuard:
         t = self.terms
         q = DPStepPlan.sample_rate(t.batch_size, self.num_records)
         spent = self.spent()
+        if not math.isfinite(spent):
+            return Refusal(spent, self.epsilon_budget, math.inf, "this dataset was released without differential "
+                           "privacy (see its ledger): its epsilon is unbounded, and no budget can be kept")
         sigma = t.sigma if t.sigma is not None else sigma_hint
         if sigma is not None and sigma < t.min_sigma:
             sigma = None  # a stored hint from a looser earlier policy: calibrate again

@@ -234,7 +234,8 @@ class PrivacyLedger:
     def epsilon(self, delta: float, accountant: str) -> float:
         """ε spent so far at ``delta``: the larger of the recomputed value and the last one recorded, under
         ``accountant`` and every accountant the history was charged under (switching accountants never
-        lowers what the site counts as spent); infinite once the dataset was released without DP."""
+        lowers what the site counts as spent); infinite once the dataset was released without DP.
+        """
         if any(e.kind == NON_PRIVATE for e in self.entries):
             return math.inf
         used = {accountant, *(e.accountant for e in self.entries if e.kind == SPEND)}

@@ -87,10 +87,12 @@ class SeededRandomness:
         self.noise_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
 
     def poisson_mask(self, n: int, q: float) -> torch.Tensor:
+        """Which of ``n`` records a Poisson sample with rate ``q`` takes (seeded)."""
         return torch.rand(n, generator=self.sample_gen) < q
 
     def gaussian(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         # exactly Opacus' non-secure path (``_generate_noise``), with our generator
+        """Noise N(0, std²) shaped like ``reference``, exactly Opacus' non-secure draw (seeded)."""
         return torch.normal(mean=0, std=std, size=reference.shape, device=reference.device,
                             generator=self.noise_gen, dtype=reference.dtype)
 

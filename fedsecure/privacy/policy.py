@@ -73,7 +73,8 @@ def _looser(key: str, asked: object, allowed: object, site_key: str, fix: str) -
 
 def check_limits(policy: SitePolicy, limits: SiteLimits, cfg: SimulationConfig) -> PolicyRefusal | None:
     """The run's sizes (steps, batch, sequence length, LoRA rank) against the site's limits, checked before the
-    site loads or allocates anything for the message."""
+    site loads or allocates anything for the message.
+    """
     train = cfg.train
     if train.local_steps > policy.max_steps_per_round:
         return _looser("train.local_steps", train.local_steps, f"at most {policy.max_steps_per_round}",

@@ -59,7 +59,8 @@ class StateFiles:
 
     def append_line(self, plain: str | Path, line: bytes, whole: bytes, metadata: dict[str, str]) -> None:
         """Add ``line`` durably: appended and fsynced when plain; a sealed file is rewritten atomically as
-        ``whole`` (its content with the line), since a sealed file is authenticated as one piece."""
+        ``whole`` (its content with the line), since a sealed file is authenticated as one piece.
+        """
         if self.ring is not None:
             self.write_bytes(plain, whole, metadata)
         else:

@@ -10,7 +10,8 @@ from fedsecure.crypto.keys import KeyRing, load_keyring
 
 def coordinator_keyring(storage: StorageSettings, run_dir: str | Path) -> KeyRing | None:
     """The coordinator's keyring (None when it does not seal): ``storage.keyring``, else
-    ``<run_dir>/keys/coordinator.keyring.json`` (created on first use: a simulation convenience)."""
+    ``<run_dir>/keys/coordinator.keyring.json`` (created on first use: a simulation convenience).
+    """
     if not storage.seal:
         return None
     return load_keyring(storage.key_provider, keyring_path=storage.keyring,
@@ -20,7 +21,8 @@ def coordinator_keyring(storage: StorageSettings, run_dir: str | Path) -> KeyRin
 
 def site_keyring(site: SiteSettings) -> KeyRing | None:
     """A site's keyring, from its own settings: ``site.storage.keyring``, else
-    ``<state_dir>/../keys/<site>.keyring.json``. The coordinator's storage settings never apply to a site."""
+    ``<state_dir>/../keys/<site>.keyring.json``. The coordinator's storage settings never apply to a site.
+    """
     st = site.storage
     if not st.seal:
         return None

@@ -29,6 +29,7 @@ def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What one round of local training did."""
     loss: float  # mean per-sequence loss over the steps
     steps: int
     examples: int  # records in the site's training set (the FedAvg weight)
@@ -36,6 +37,7 @@ class TrainResult:
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train (the LoRA weights)."""
     return [p for p in model.parameters() if p.requires_grad]
 
 

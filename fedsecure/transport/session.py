@@ -27,12 +27,14 @@ NO_BASE = "none"
 
 
 def uplink_policy(ts: TransportSettings) -> CodecPolicy:
+    """The codec policy of site -> coordinator updates."""
     return CodecPolicy(TensorRule(ts.uplink_bits, ts.uplink_topk, ts.uplink_dither),
                        CodecPolicy.parse_overrides(ts.policy), ts.zstd_level, ts.stochastic_rounding)
 
 
 def downlink_policy(ts: TransportSettings, keyframe: bool) -> CodecPolicy:
     # a keyframe carries the whole adapter (not a small difference): dense int8 whatever the delta setting
+    """The codec policy of coordinator -> site updates (a keyframe is dense int8)."""
     rule = TensorRule(ts.downlink_bits, 1.0) if keyframe else TensorRule(ts.downlink_bits, ts.downlink_topk,
                                                                           ts.downlink_dither)
     return CodecPolicy(rule, (), ts.zstd_level, ts.stochastic_rounding)
@@ -41,11 +43,13 @@ def downlink_policy(ts: TransportSettings, keyframe: bool) -> CodecPolicy:
 def carries_error(rule: TensorRule, stochastic: bool) -> bool:
     """Whether error feedback applies to a tensor sent under ``rule``: only where compression is biased
     (top-k, round to nearest). Unbiased stages (dither, stochastic rounding) leave independent zero-mean
-    error; feeding it back would double its variance each round without removing any bias."""
+    error; feeding it back would double its variance each round without removing any bias.
+    """
     return rule.topk < 1.0 or not stochastic
 
 
 def view_hash(state: dict[str, np.ndarray]) -> str:
+    """SHA-256 (hex) naming an adapter state: what a downlink step applies to."""
     h = hashlib.sha256()
     for k in sorted(state):
         h.update(k.encode() + b"\0" + np.ascontiguousarray(state[k], dtype=np.float32).tobytes())
@@ -72,6 +76,7 @@ class DownlinkTracker:
         self.encodes = 0  # how many payloads were actually encoded (the memo's effect is tested)
 
     def payload_for(self, node: int, state: dict[str, np.ndarray], seed: int | None = None) -> tuple[bytes, str]:
+        """The payload that brings ``node`` to ``state``, and the hash of the base it applies to."""
         base = self.views.get(node)
         base_id = NO_BASE if base is None else view_hash(base)
         global_id = view_hash(state)
@@ -101,6 +106,7 @@ class DownlinkTracker:
         return payload, {k: (base[k] + step[k]).astype(np.float32) for k in state}
 
     def forget(self, node: int) -> None:
+        """Forget what ``node`` holds: it gets a full adapter next time."""
         self.views.pop(node, None)
         self.sent_for.pop(node, None)
 
