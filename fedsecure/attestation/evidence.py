@@ -29,6 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from fedsecure._durable import canonical_json as _canonical
 from fedsecure.attestation.base import registered_tees, tee_info, tee_names
 from fedsecure.errors import AttestationError
 
@@ -61,7 +62,7 @@ class Evidence:
         doc = {"fedsecure-evidence": ENVELOPE_VERSION, "tee": self.tee, "provider": self.provider,
                "blob": base64.b64encode(self.blob).decode(),
                "aux": {k: base64.b64encode(v).decode() for k, v in sorted(self.aux.items())}}
-        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return _canonical(doc)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Evidence:
@@ -115,8 +116,8 @@ def detect(data: bytes) -> Evidence:
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:
-    """``obj`` as canonical JSON: sorted keys, no spaces, no NaN."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    """``obj`` as canonical JSON text (:func:`fedsecure._durable.canonical_json`)."""
+    return _canonical(obj).decode()
 
 
 def dp_config_hash(dp_config: str) -> bytes:

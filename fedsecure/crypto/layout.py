@@ -17,6 +17,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from fedsecure._durable import canonical_json as _canonical
+
 MAGIC = b"FSSEALED"
 VERSION = 1
 TAG = 16
@@ -68,8 +70,8 @@ def b64(data: bytes) -> str:
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
-    """The canonical header encoding: keys sorted, no spaces, non-ASCII escaped (Python's ``json.dumps`` default)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    """The canonical header encoding: keys sorted, no spaces, non-ASCII escaped (:mod:`fedsecure._durable`)."""
+    return _canonical(obj)
 
 
 def header_bytes(chunk_size: int, nonce_prefix: bytes, file_id: bytes, metadata: Mapping[str, Any] | None) -> bytes:
