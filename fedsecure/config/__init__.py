@@ -12,15 +12,7 @@ validates itself. Validation is strict: an unknown key, a wrong type or an out-o
 """
 
 from fedsecure.config.checks import ACCOUNTANTS, PRESETS, PROVIDERS, check_accountant, finite, require
-from fedsecure.config.loading import (
-    flatten,
-    from_mapping,
-    load_config,
-    parse_override,
-    set_dotted,
-    to_dict,
-    unflatten,
-)
+from fedsecure.config.loading import flatten, from_mapping, parse_override, read_yaml, set_dotted, to_dict, unflatten
 from fedsecure.config.run import (
     AttestationSettings,
     ClientDPSettings,
@@ -35,7 +27,7 @@ from fedsecure.config.run import (
     TransportSettings,
     parse_tensor_rules,
 )
-from fedsecure.config.simulation import SimulationConfig
+from fedsecure.config.simulation import SimulationConfig, load_config
 from fedsecure.config.site import SimulatedSites, SiteAttestation, SiteLimits, SitePolicy, SiteSettings
 
 __all__ = [
@@ -43,5 +35,5 @@ __all__ = [
     "FederationSettings", "LoraSettings", "ModelSettings", "PrivacySettings", "SimulatedSites", "SimulationConfig",
     "SiteAttestation", "SiteLimits", "SitePolicy", "SiteSettings", "StorageSettings", "TensorRule", "TrainSettings",
     "TransportSettings", "check_accountant", "finite", "flatten", "from_mapping", "load_config", "parse_override",
-    "parse_tensor_rules", "require", "set_dotted", "to_dict", "unflatten",
+    "parse_tensor_rules", "read_yaml", "require", "set_dotted", "to_dict", "unflatten",
 ]

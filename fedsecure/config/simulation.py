@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fedsecure.config.loading import flatten, from_mapping, to_dict, unflatten
+from fedsecure.config.loading import flatten, from_mapping, read_yaml, to_dict, unflatten
 from fedsecure.config.run import (
     AttestationSettings,
     DataSettings,
@@ -75,3 +76,7 @@ class SimulationConfig:
         doc = unflatten({k: v for k, v in run_config.items() if not str(k).startswith("site.")}, cls)
         return cls.from_mapping(doc)
 
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> SimulationConfig:
+    """Read a YAML config (or the defaults when ``path`` is None), apply dotted overrides, validate."""
+    return SimulationConfig.from_mapping(read_yaml(path, overrides))

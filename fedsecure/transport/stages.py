@@ -3,7 +3,7 @@
 A :class:`Stage` turns the ``k`` kept values of one tensor into the value part of its section and
 back; :mod:`fedsecure.transport.codec` owns the wire format around it (table, framing, caps) and
 loops over the tensors. Each stage knows its wire code (the table's ``enc`` byte), its policy name
-(:attr:`TensorRule.enc <fedsecure.transport.codec.TensorRule.enc>`), how many bytes ``k`` values
+(:attr:`TensorRule.enc <fedsecure.config.run.TensorRule.enc>`), how many bytes ``k`` values
 take at least and at most, and how to check and decode its bytes without trusting them.
 
 Adding an encoding is one new :class:`Stage` subclass and one :func:`register` line.
@@ -20,7 +20,7 @@ import numpy as np
 from fedsecure.errors import UpdateRejected
 
 if TYPE_CHECKING:
-    from fedsecure.transport.codec import TensorRule
+    from fedsecure.config.run import TensorRule
 
 BLOCK = 64
 KMAX = 7  # dithered codes lie in [-KMAX, KMAX]
@@ -190,7 +190,7 @@ class Stage:
 
     Attributes:
         code: the wire code (the table's ``enc`` byte, below 0x80).
-        name: the policy name (:attr:`TensorRule.enc <fedsecure.transport.codec.TensorRule.enc>`).
+        name: the policy name (:attr:`TensorRule.enc <fedsecure.config.run.TensorRule.enc>`).
         dithered: whether the stage consumes ``k`` values of the payload's dither stream.
     """
 
