@@ -34,9 +34,7 @@ from fedsecure.errors import AttestationError, ConfigError, IntegrityError
 
 pytestmark = pytest.mark.filterwarnings("ignore::fedsecure.attestation.verify.SoftwareAttestationWarning")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "attestation"
-if not DATA.is_dir():
-    DATA = Path(__file__).resolve().parents[1] / "shared" / "testdata" / "attestation"
+DATA = Path(__file__).resolve().parent / "data" / "attestation"  # genuine evidence, provenance in README.md
 V4_AT = dt.datetime(2023, 7, 1, 1, tzinfo=dt.UTC)
 DP = dp_config_document(enabled=True, epsilon_budget=3.0, delta=1e-5, sigma=0.9, q=0.1, steps=16, max_grad_norm=1.0,
                         noise="os-csprng")
@@ -232,10 +230,6 @@ def test_policy_without_the_tee_type_refuses_it(tmp_path, site):
 
 
 # ---------------------------------------------------------------------------- genuine evidence via the interface
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/testdata/attestation is not available")
-
-
-@needs_data
 def test_tdx_quote_through_the_verifier_interface():
     raw = (DATA / "tdx_prod_quote_SPR_E4.dat").read_bytes()
     ev = detect(raw)
@@ -250,7 +244,6 @@ def test_tdx_quote_through_the_verifier_interface():
         verify(ev, report_data(bytes(32), bytes(32), DP, code_hash()), None, V4_AT)
 
 
-@needs_data
 @pytest.mark.filterwarnings("ignore:Parsed a serial number")
 def test_snp_report_with_a_vcek_cache(tmp_path):
     raw = (DATA / "snp_attestation.bin").read_bytes()
@@ -588,7 +581,6 @@ def test_site_and_coordinator_modules_meet_only_in_base_and_evidence():
 
 
 # ---------------------------------------------------------------------------- CLI
-@needs_data
 def test_cli_attest_inspect_and_verify(tmp_path):
     from typer.testing import CliRunner
 

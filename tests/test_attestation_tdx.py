@@ -1,4 +1,4 @@
-"""Intel TDX quote verification against genuine quotes (shared/testdata), and alterations of them."""
+"""Intel TDX quote verification against genuine quotes (tests/data/attestation), and alterations of them."""
 
 from __future__ import annotations
 
@@ -12,10 +12,7 @@ from cryptography import x509
 from fedsecure.attestation.tee.tdx import HEADER, TD10_BODY, parse_quote, verify
 from fedsecure.errors import AttestationError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "attestation"
-if not DATA.is_dir():
-    DATA = Path(__file__).resolve().parents[1] / "shared" / "testdata" / "attestation"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="shared/testdata/attestation is not available")
+DATA = Path(__file__).resolve().parent / "data" / "attestation"  # genuine evidence, provenance in README.md
 
 V4_AT = dt.datetime(2023, 7, 1, 1, tzinfo=dt.UTC)  # the time go-tdx-guest verifies this quote at
 
