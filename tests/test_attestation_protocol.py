@@ -335,7 +335,7 @@ def test_audit_log_chain_detects_edits_deletions_and_torn_tails(tmp_path):
 # ---------------------------------------------------------------------------- providers
 def test_software_provider_warns_and_keeps_its_key_private(tmp_path):
     key_path = tmp_path / "s" / "signer.pem"
-    with pytest.warns(SoftwareAttestationWarning, match="simulation only"):
+    with pytest.warns(SoftwareAttestationWarning, match="development only"):
         ev = SoftwareProvider(key_path).evidence(bytes(64))
     assert key_path.stat().st_mode & 0o777 == 0o600
     again = SoftwareProvider(key_path).evidence(bytes(64))

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
+from fedsecure.attestation.policy import Policy
 from fedsecure.cli import app
 from fedsecure.data.synth import synthesize
 from fedsecure.errors import ConfigError, KeyMaterialError
@@ -67,7 +68,8 @@ def consortium(tmp_path):
     coord = {"server": {"run_dir": "run", "port": 9999, "tls_ca": "certs/ca.pem", "tls_cert": "certs/coordinator.pem",
                         "tls_key": "certs/coordinator.key", "sites": {"a": "certs/sites/a/auth.pub",
                                                                       "b": "certs/sites/b/auth.pub"}},
-             "federation": {"rounds": 2}}
+             "federation": {"rounds": 2}, "attestation": {"policy": "policy.yaml"}}
+    (tmp_path / "policy.yaml").write_text(Policy(measurements={"software": ("ab" * 32,)}, code=("ab" * 32,)).to_yaml())
     site = {"site": {"name": "a", "superlink": "localhost:9999", "tls_ca": "certs/ca.pem",
                      "auth_key": "certs/sites/a/auth.key", "data_dir": "data/site-0", "state_dir": "state/a",
                      "privacy": {"epsilon_budget": 1.5, "delta": 1e-5}}}
@@ -178,6 +180,7 @@ def test_coordinator_config_holds_no_site_settings(consortium):
 
 def test_server_refuses_to_start_without_an_attestation_policy(consortium):
     root, coord, _ = consortium
+    coord.pop("attestation")
     res = CliRunner().invoke(app, ["server", "--config", str(_write(root / "c.yaml", coord))])
     assert res.exit_code == 2 and "attestation.policy is not set" in res.output and "dev-policy" in res.output
 

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from fedsecure.attestation.evidence import Evidence
 
 #: the text of every :class:`SoftwareAttestationWarning`
-SOFTWARE_WARNING = "software attestation evidence: simulation only, it proves nothing about the platform or code"
+SOFTWARE_WARNING = ("software attestation evidence: for development only, it proves nothing about the platform "
+                    "or the code a site runs")
 REPORT_DATA_BYTES = 64
 
 

@@ -114,9 +114,17 @@ def attest_dev_policy(out: Path = typer.Option(..., "--out", help="Policy file t
 
 
 @friendly
-def audit_verify(file: Path = typer.Argument(..., help="An audit.log from a run directory.")) -> None:
-    """Check the audit log's hash chain; prints the number of entries and the head."""
-    from fedsecure.audit import verify_log
+def audit_verify(
+    file: Path = typer.Argument(..., help="An audit.log from a run directory."),
+    expect_head: str | None = typer.Option(None, "--expect-head", help="The head the log must end with (64 hex "
+                                           "digits), recorded elsewhere: a signed report, a copy of summary.json."),
+    no_anchor: bool = typer.Option(False, "--no-anchor", help="Do not compare with the heads recorded in the run "
+                                   "directory (summary.json, coordinator-state.json)."),
+) -> None:
+    """Check the audit log's hash chain and compare its end with the heads recorded beside it (a cut or replaced
+    log fails); prints the number of entries, the head and what it matched.
+    """
+    from fedsecure.audit import expected_head, verify_anchored
 
-    count, head = verify_log(file)
-    typer.echo(f"OK: {count} entries, chain intact, head {head}")
+    expect = expected_head(expect_head) if expect_head is not None else None
+    typer.echo(verify_anchored(file, expect=expect, recorded=not no_anchor).line())

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedsecure.errors import FedSecureError
 
@@ -27,7 +28,8 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FedSecureError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets (a config key list, a JSON value) that rich would eat as markup
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]

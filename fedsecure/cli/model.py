@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 
 from fedsecure.cli.common import console, friendly
 from fedsecure.errors import FedSecureError
+
+
+@contextlib.contextmanager
+def quiet_hugging_face() -> Iterator[None]:
+    """Silence Hugging Face's progress bars and log lines ("Writing model shards", "Loading weights") for the
+    duration of one command, then restore what was set: the command prints its own lines only.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    bars, hub_bars, level = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled(), \
+        hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # transformers' own bars, and huggingface_hub's
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
 
 
 @friendly
@@ -23,9 +48,10 @@ def model_show(
     settings = ModelSettings(preset=None if path else preset, path=str(path) if path else None,
                              lora=LoraSettings(r=r))
     settings.validate("model")
-    base, tok = load_model_and_tokenizer(settings)
-    total = sum(p.numel() for p in base.parameters())
-    model = attach_lora(base, settings.lora)
+    with quiet_hugging_face():
+        base, tok = load_model_and_tokenizer(settings)
+        total = sum(p.numel() for p in base.parameters())
+        model = attach_lora(base, settings.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"{type(base).__name__} ({base.config.model_type}), tokenizer {tok.name} "
                   f"({tok.vocab_size} tokens)", highlight=False)
@@ -40,10 +66,12 @@ def model_export(
     out: Path = typer.Option(..., help="Output directory (a normal Hugging Face model directory)."),
     seed: int = typer.Option(0, help="Initialisation seed [model.seed]."),
 ) -> None:
-    """Save a tiny preset with its tokenizer, to use through model.path."""
+    """Save a tiny preset with its tokenizer, to use through model.path; prints the directory only."""
     from fedsecure.config import PRESETS
     from fedsecure.model import export_preset
 
     if preset not in PRESETS:
         raise FedSecureError(f"--preset must be one of {', '.join(PRESETS)}; found {preset!r}")
-    console.print(str(export_preset(preset, out, seed)), highlight=False)
+    with quiet_hugging_face():
+        saved = export_preset(preset, out, seed)
+    console.print(str(saved), highlight=False)

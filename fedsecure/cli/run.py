@@ -30,7 +30,11 @@ def simulate(
     set_: list[str] = typer.Option([], "--set", help="Override any config key: --set model.lora.r=4 (repeatable)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step."),
 ) -> None:
-    """Run a simulated multi-site federation on this machine and print its summary."""
+    """Run a simulated multi-site federation on this machine and print its summary.
+
+    Exit codes: 0 the run completed; 1 it ended early (all sites out of budget, too few sites); 2 a
+    configuration or data error.
+    """
     from fedsecure.config import load_config, parse_override
     from fedsecure.launch.simulate import simulate as run_simulation
 
@@ -60,17 +64,27 @@ def simulate(
                                    f"{r['seconds']:.1f} s", highlight=False)
             progress.update(task, completed=r["round"])
 
-        summary = run_simulation(cfg, run_dir, observer=on_round)
+        summary = run_simulation(cfg, run_dir, observer=on_round,
+                                 announce=lambda line: progress.console.print(line, highlight=False, soft_wrap=True,
+                                                                              markup=False))
     render(summary, console)
+    _exit_for(summary)
 
 
 @friendly
 def server_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="Coordinator config (see configs/coordinator.yaml)."),
+    run_dir: Path | None = typer.Option(None, help="Run directory of this run [server.run_dir]; a new one starts a "
+                                                   "new run, the same one resumes an unfinished run."),
     set_: list[str] = typer.Option([], "--set", help="Override a federation key: --set federation.rounds=5."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step."),
 ) -> None:
-    """Run the coordinator: a TLS SuperLink with SuperNode authentication, and the fedsecure run on it."""
+    """Run the coordinator: a TLS SuperLink with SuperNode authentication, and the fedsecure run on it.
+
+    Exit codes: 0 the run completed; 1 it ended early (all sites out of budget, too few sites); 2 a
+    configuration error, or the run directory holds a finished run; 130 stopped (resumable).
+    """
+    import dataclasses
     import threading
 
     from fedsecure.config import parse_override
@@ -79,7 +93,9 @@ def server_cmd(
 
     setup_logging(verbose)
     dc = load_coordinator_config(config, dict(parse_override(s) for s in set_))
-    srv = Server(dc, emit=lambda m: console.print(m, highlight=False))
+    if run_dir is not None:
+        dc = dataclasses.replace(dc, run_dir=run_dir.expanduser().resolve())
+    srv = Server(dc, emit=lambda m: console.print(m, highlight=False, soft_wrap=True, markup=False))
     stopping = threading.Event()
     install_signal_handlers(stopping)
     srv.stopping = stopping
@@ -90,6 +106,16 @@ def server_cmd(
                       "the same config resumes after the last completed round[/]")
         raise typer.Exit(130) from None
     render(summary, console)
+    _exit_for(summary)
+
+
+def _exit_for(summary: dict[str, Any]) -> None:
+    """Exit 1 with the reason when the run ended before its last round (everything so far is saved)."""
+    if summary.get("stopped"):
+        err_console.print(f"error: the run ended early after round {summary.get('rounds_completed')}: "
+                          f"{summary['stopped']}. Results so far are saved in {summary.get('run_dir')}.",
+                          highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @friendly
@@ -108,7 +134,8 @@ def client_cmd(
     stopping = threading.Event()
     install_signal_handlers(stopping)
     try:
-        code = run_site(sc, emit=lambda m: console.print(m, highlight=False), stopping=stopping)
+        code = run_site(sc, emit=lambda m: console.print(m, highlight=False, soft_wrap=True, markup=False),
+                        stopping=stopping)
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)

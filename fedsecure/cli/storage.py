@@ -46,8 +46,10 @@ def keys_show(
 @friendly
 def keys_rotate(
     keyring: Path = typer.Option(..., help="Keyring file; gets a new current key."),
-    paths: list[Path] = typer.Argument(..., help="Sealed files or folders whose *.sealed files to re-wrap."),
-    retire: bool = typer.Option(False, help="Drop the old keys once every file is re-wrapped."),
+    paths: list[Path] = typer.Argument(..., help="Sealed files or folders whose *.sealed files to re-wrap (files "
+                                       "sealed under other keyrings are skipped and listed)."),
+    retire: bool = typer.Option(False, help="Drop the old keys once every file of this keyring is re-wrapped "
+                                "(refused while one still needs them)."),
 ) -> None:
     """Re-wrap every data key under a new key-encryption key (data is not re-encrypted; resumable)."""
     from fedsecure.crypto.rotation import rotate
@@ -55,6 +57,20 @@ def keys_rotate(
     r = rotate(keyring, paths, retire=retire)
     console.print(f"current key {r.new_key}: re-wrapped {r.rewrapped} files, {r.already} already done"
                   + (f"; retired {', '.join(r.retired)}" if r.retired else ""), highlight=False)
+    if not r.skipped:
+        return
+    dirs = [p for p in paths if p.is_dir()]
+
+    def shown(f: Path) -> str:
+        return next((str(f.relative_to(d)) for d in dirs if f.is_relative_to(d)), str(f))
+
+    console.print(f"skipped {len(r.skipped)} files sealed under other keyrings (rotate them with their own "
+                  "keyring):", highlight=False)
+    for f, kid in r.skipped:
+        console.print(f"  {shown(f)} (key {kid})", highlight=False)
+    if r.rewrapped + r.already == 0:
+        console.print(f"[yellow]no file under {', '.join(map(str, paths))} is sealed under {keyring}: is it the "
+                      "keyring you meant?[/]", highlight=False)
 
 
 @friendly

@@ -3,7 +3,9 @@
 Providers (``storage.key_provider``):
 
 * ``file``: a keyring JSON file ``{"current": id, "keys": {id: base64(32 bytes)}}``; refused unless
-  its permissions are 0600 (no group/other access).
+  its permissions are 0600 (no group/other access). A keyring that rotation retired keys from also
+  lists their ids, ``"retired": [id, ...]`` (ids only), so a file still sealed under one is told apart
+  from a file of another keyring.
 * ``env``: ``FEDSECURE_KEK`` holds base64(32 bytes), ``FEDSECURE_KEK_ID`` its id (default ``env``).
 * ``passphrase``: ``FEDSECURE_PASSPHRASE`` through scrypt (n=2^15, r=8, p=1) with a salt kept in a
   small public file beside the data; the id derives from the salt.
@@ -37,6 +39,7 @@ class KeyRing:
     Attributes:
         current: The id that wraps the data keys of new files; must be among ``keys``.
         keys: Id to 32 key bytes.
+        retired: Ids this keyring held and dropped (``fedsecure keys rotate --retire``); no key bytes.
 
     Raises:
         KeyMaterialError: ``current`` is missing from ``keys``, or a key is not 32 bytes.
@@ -44,6 +47,7 @@ class KeyRing:
 
     current: str
     keys: dict[str, bytes] = field(default_factory=dict)
+    retired: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.current not in self.keys:
@@ -60,6 +64,12 @@ class KeyRing:
         Raises:
             KeyMaterialError: No key has that id (the message names the ids the ring holds).
         """
+        if kid not in self.keys and kid in self.retired:
+            raise KeyMaterialError(
+                f"key {kid!r} was retired from this keyring (it holds {', '.join(sorted(self.keys))}) while a file "
+                "still needed it. Fix: add the old key back to the keyring (from a backup), then finish "
+                "`fedsecure keys rotate`."
+            )
         if kid not in self.keys:
             raise KeyMaterialError(
                 f"no key with id {kid!r} in the keyring (it holds {', '.join(sorted(self.keys))}). "
@@ -68,10 +78,13 @@ class KeyRing:
         return self.keys[kid]
 
     def to_json(self) -> str:
-        """The keyring file's JSON, ``{"current": id, "keys": {id: base64}}``; holds the key bytes."""
-        return json.dumps(
-            {"current": self.current, "keys": {k: base64.b64encode(v).decode() for k, v in self.keys.items()}}, indent=2
-        )
+        """The keyring file's JSON, ``{"current": id, "keys": {id: base64}}`` (and ``"retired": [id, ...]`` once
+        rotation retired keys); holds the key bytes.
+        """
+        doc: dict = {"current": self.current, "keys": {k: base64.b64encode(v).decode() for k, v in self.keys.items()}}
+        if self.retired:
+            doc["retired"] = sorted(self.retired)
+        return json.dumps(doc, indent=2)
 
     @classmethod
     def from_json(cls, text: str, source: str) -> KeyRing:
@@ -89,9 +102,13 @@ class KeyRing:
         """
         try:
             raw = json.loads(text)
+            retired = raw.get("retired", [])
+            if not isinstance(retired, list):
+                raise TypeError("'retired' must be a list of key ids")
             return cls(
                 current=str(raw["current"]),
                 keys={str(k): base64.b64decode(v, validate=True) for k, v in raw["keys"].items()},
+                retired=[str(k) for k in retired],
             )
         except KeyMaterialError:
             raise

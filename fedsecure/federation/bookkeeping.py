@@ -1,5 +1,7 @@
 """What the coordinator keeps about the run: which node is which site, who is retired, each site's privacy
-figures, the round history, and the documents written at the end (privacy.json/md, summary.json/md).
+figures, the round history, and what is written at the end: the closing ``run.completed`` audit entry, then
+privacy.json/md, summary.json/md and the final checkpoint, both recording the audit head after that entry
+(``fedsecure audit verify`` compares the log with them). A run directory that holds a finished run is refused.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsecure.attestation.protocol import AttestationGate
-from fedsecure.audit import AuditLog
+from fedsecure.audit import RUN_COMPLETED, AuditLog
 from fedsecure.config import SimulationConfig
 from fedsecure.federation import keys
 from fedsecure.federation.aggregate import RoundLog
-from fedsecure.federation.checkpoint import Checkpoint
+from fedsecure.federation.checkpoint import Checkpoint, config_digest, refuse_unusable
 from fedsecure.federation.intake import TrainReply
 from fedsecure.privacy.client_dp import ClientLevelDP
 from fedsecure.reports import privacy as privacy_report
@@ -41,9 +43,16 @@ def site_name(reply: Message, known: dict[int, str] | None = None) -> str:
 
 
 class Bookkeeping:
-    """The coordinator's records of one run."""
+    """The coordinator's records of one run.
+
+    Raises:
+        FedSecureError: ``run_dir`` holds a finished run, a damaged checkpoint or a run with another configuration:
+            refused before anything is written (the coordinator builds its records before its attestation gate
+            writes its first audit entry).
+    """
 
     def __init__(self, cfg: SimulationConfig, run_dir: RunDir, audit: AuditLog) -> None:
+        refuse_unusable(run_dir, cfg)
         self.cfg, self.run_dir, self.audit = cfg, run_dir, audit
         self.known_sites: dict[int, str] = {}  # node id -> site name
         self.retired: dict[int, str] = {}  # node id -> site name: budget exhausted, refused or failed attestation
@@ -161,25 +170,40 @@ class Bookkeeping:
     # ------------------------------------------------------------------ the end
     def finish(self, initial_loss: float | None, stopped: str | None, client_dp: ClientLevelDP | None,
                gate: AttestationGate | None) -> dict[str, Any]:
-        """Write privacy.json/md and summary.json/md; returns the summary."""
+        """Close the audit log (``run.completed``), write privacy.json/md and summary.json/md, and the final
+        checkpoint (marked finished); summary and checkpoint record the audit head after ``run.completed``.
+        Returns the summary.
+        """
         privacy = {"unit": privacy_report.UNIT, "record_level": self.cfg.privacy.enabled,
                    "accountant": self.cfg.privacy.accountant, "sites": dict(sorted(self.privacy_sites.items())),
                    "client_level": client_dp.summary() if client_dp else {"enabled": False}}
         self.run_dir.write_file("privacy.json", json.dumps(privacy, indent=2) + "\n")
         self.run_dir.write_file("privacy.md", privacy_report.markdown(privacy))
         evaluated = [h for h in self.history if h.get("eval_loss") is not None]
+        last_round = self.run_dir.latest_round() or 0
+        final_adapter = self.run_dir.adapter_path(last_round)
+        rounds_completed = max(h["round"] for h in evaluated) if evaluated else 0
+        self.audit.append(RUN_COMPLETED, rounds_completed=rounds_completed, stopped=stopped,
+                          final_adapter=final_adapter.name)
+        head, entries = self.audit.head, self.audit.count
         summary = {
             "run_dir": str(self.run_dir.path),
-            "rounds_completed": max(h["round"] for h in evaluated) if evaluated else 0,
+            "rounds_completed": rounds_completed,
             "initial_eval_loss": initial_loss,
             "final_eval_loss": evaluated[-1]["eval_loss"] if evaluated else None,
             "rounds": self.history,
-            "final_adapter": str(self.run_dir.adapter_path(self.run_dir.latest_round() or 0)),
+            "final_adapter": str(final_adapter),
             "stopped": stopped,
             "privacy": privacy,
             "attestation": {"enabled": gate is not None, "policy": self.cfg.attestation.policy if gate else None,
-                            "audit_log": str(self.audit.path), "audit_head": self.audit.head,
-                            "audit_entries": self.audit.count},
+                            "audit_log": str(self.audit.path), "audit_head": head, "audit_entries": entries,
+                            "audit_last_event": RUN_COMPLETED},
         }
         self.run_dir.write_summary(summary, run_report.markdown(summary))
+        Checkpoint(round=last_round, config_sha256=config_digest(self.cfg), initial_eval_loss=initial_loss,
+                   retired=self.retired_list(), privacy_sites=self.privacy_sites, history=self.history,
+                   client_dp_spends=list(client_dp.spends) if client_dp else [], audit_head=head,
+                   audit_entries=entries,
+                   finished={"audit_head": head, "audit_entries": entries, "rounds_completed": rounds_completed,
+                             "stopped": stopped, "final_adapter": final_adapter.name}).write(self.run_dir)
         return summary

@@ -217,7 +217,8 @@ class Coordinator:
         Checkpoint(round=server_round, config_sha256=config_digest(self.cfg), initial_eval_loss=initial_loss,
                    retired=self.books.retired_list(), privacy_sites=self.books.privacy_sites,
                    history=self.books.history,
-                   client_dp_spends=list(self.client_dp.spends) if self.client_dp else []).write(self.run_dir)
+                   client_dp_spends=list(self.client_dp.spends) if self.client_dp else [],
+                   audit_head=self.audit.head, audit_entries=self.audit.count).write(self.run_dir)
 
     def _take_train_reply(self, reply: Message, name: str, server_round: int, rl: RoundLog, expected,
                           fp32_bytes: int, state: dict[str, np.ndarray]) -> Update | None:

@@ -31,7 +31,7 @@ from fedsecure.config import ModelSettings, SimulationConfig, SiteSettings
 from fedsecure.data.dataset import SiteData, fingerprint, load_site
 from fedsecure.data.tokenizer import TextTokenizer
 from fedsecure.errors import DataError, FedSecureError
-from fedsecure.federation import keys
+from fedsecure.federation import keys, site_events
 from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.federation.site_settings import (
     SiteRound,
@@ -135,18 +135,24 @@ def _content_fingerprint(site: SiteSettings) -> str:
     return _fingerprint_cached(str(site.data_dir), _stamp(str(site.data_dir)))
 
 
-def _dataset_key(site: SiteSettings) -> str:
+def dataset_key(site: SiteSettings) -> str:
     """The ledger's key: a stable id the site pins (so an edited or extended dataset keeps charging the same
     ledger), or the content fingerprint of its training file.
     """
     return site.dataset_id or _content_fingerprint(site)
 
 
+def _event(r: SiteRound, event: str, **fields) -> None:
+    site_events.record(r.state.root, event, run=r.run_id, round=r.server_round, rounds=r.cfg.federation.rounds,
+                       **fields)
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """Check the request against the site's policy and budget, train (DP-SGD), charge the ledger, then reply."""
+    r: SiteRound | None = None
     try:
         r = parse_message(msg, context)
-        dataset = _dataset_key(r.site)
+        dataset = dataset_key(r.site)
         if r.refusal is not None:  # the sizes or the noise seed: refused before anything is loaded
             return _refuse(msg, r, dataset, r.refusal.reason)
         attester = _attester(msg, r.site, r.name)
@@ -165,6 +171,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             delta_state = adapter_delta(adapter_state(model), global_state)
             ledger.append_non_private(run_id=r.run_id, server_round=r.server_round, steps=result.steps,
                                       epsilon_budget=r.site.privacy.epsilon_budget)
+            _event(r, site_events.NON_PRIVATE, records=len(data.train))
             privacy = ConfigRecord({keys.STATUS: keys.STATUS_NON_PRIVATE})
             dp_metrics: dict[str, float | int] = {}
             dp_config = DPConfig(enabled=False, records=len(data.train)).to_json()
@@ -182,7 +189,14 @@ def handle_train(msg: Message, context: Context) -> Message:
             if isinstance(decision, Refusal):
                 log.warning("%s: refusing round %d: %s", r.name, r.server_round, decision.reason)
                 guard.refuse(f"budget exhausted: {decision.reason}", run_id=r.run_id, server_round=r.server_round)
+                _event(r, site_events.EXHAUSTED, epsilon=decision.epsilon_spent, budget=decision.epsilon_budget,
+                       reason=decision.reason)
                 return Message(_exhausted_content(r, guard, decision), reply_to=msg)
+            if stored is None:  # the run's first round here: is it spending what earlier runs left?
+                warning = guard.remnant(decision, server_round=r.server_round, rounds_total=r.cfg.federation.rounds)
+                if warning is not None:
+                    log.warning("%s: %s", r.name, warning)
+                    _event(r, site_events.REMNANT, reason=warning)
             context.state.config_records[keys.STATE_PLAN] = ConfigRecord({"sigma": decision.plan.sigma})
             randomness = randomness_for(r.site, r.server_round)
             with torch.random.fork_rng(devices=[]):
@@ -195,9 +209,13 @@ def handle_train(msg: Message, context: Context) -> Message:
             privacy = _privacy_record(guard, keys.STATUS_TRAINED)
             dp_metrics = _dp_metrics(guard, entry.epsilon_after, decision.plan)
             dp_config = _dp_config(guard, decision.plan, entry.epsilon_after, r.cfg, randomness, len(data.train))
+            _event(r, site_events.TRAINED, records=len(data.train), steps=result.steps, loss=result.loss,
+                   sigma=decision.plan.sigma, epsilon=entry.epsilon_after, budget=guard.epsilon_budget)
         update = _encode_update(r, delta_state, seed ^ 0xC0DEC)
         attestation = _attest(attester, dp_config, update, delta_state)
     except FedSecureError as e:
+        if r is not None:
+            _event(r, site_events.FAILED, reason=str(e))
         return _error_reply(msg, context, "train", e)
     metrics = MetricRecord({keys.NUM_EXAMPLES: result.examples, keys.TRAIN_LOSS: result.loss,
                             keys.STEPS: result.steps, keys.SECONDS: result.seconds, **dp_metrics})
@@ -215,6 +233,7 @@ def _refuse(msg: Message, r: SiteRound, dataset: str, reason: str, num_records: 
             guard: SitePrivacyGuard | None = None) -> Message:
     """Refuse this round: record why in the site's ledger (nothing is spent), and tell the coordinator."""
     log.warning("%s: refusing round %d: %s", r.name, r.server_round, reason)
+    _event(r, site_events.REFUSED, reason=reason)
     if guard is not None:
         entry = guard.refuse(reason, run_id=r.run_id, server_round=r.server_round)
     else:
@@ -303,6 +322,7 @@ def _exhausted_content(r: SiteRound, guard: SitePrivacyGuard, refusal: Refusal) 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Held-out loss of the global adapter on this site's eval split."""
+    r: SiteRound | None = None
     try:
         r = parse_message(msg, context)
         if r.refusal is not None:
@@ -312,7 +332,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         loss, tokens = evaluate(model, data.eval, pad_id=tokenizer.pad_id)
         seconds = time.perf_counter() - start
     except FedSecureError as e:
+        if r is not None:
+            _event(r, site_events.FAILED, reason=f"evaluation: {e}")
         return _error_reply(msg, context, "evaluate", e)
+    _event(r, site_events.EVALUATED, loss=loss, records=len(data.eval))
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(data.eval), keys.EVAL_LOSS: loss, keys.EVAL_TOKENS: tokens,
                             keys.SECONDS: seconds})
     return Message(RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(r)}), reply_to=msg)

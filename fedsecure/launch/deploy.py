@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsecure.errors import ConfigError, FedSecureError
+from fedsecure.federation import site_events
 from fedsecure.federation.keys import NODE_WORKER_SOCKET
 from fedsecure.launch.deploy_config import CoordinatorConfig, SiteConfig, write_node_config
 from fedsecure.launch.engines import (
@@ -37,11 +38,13 @@ from fedsecure.launch.engines import (
     _stop,
     _toml_value,
     app_directory,
+    failure_message,
     flower_env,
     run_config,
     run_status,
     wait_healthy,
 )
+from fedsecure.store.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,10 @@ REFUSALS = (
     ("Invalid HTTP request", "a client spoke plain HTTP to the TLS port and was refused (SuperNodes must use TLS "
      "with the consortium CA)"),
 )
+
+
+class FinishedRunError(FedSecureError):
+    """The run directory holds a run that already ended."""
 
 
 def _connect_host(host: str) -> str:
@@ -168,8 +175,8 @@ class Server:
                 last_status = time.monotonic()
                 status = self.status()
                 if status.startswith("finished") and not summary.exists():
-                    raise FedSecureError(f"Flower run {self.run_id} ended with status {status} before the "
-                                         f"coordinator wrote its summary; see {self.run_dir / 'superlink.log'}")
+                    raise FedSecureError(failure_message(self.run_id, status, self.run_dir,
+                                                         self.run_dir / "superlink.log", started))
             time.sleep(0.5)
         if self.stopping.is_set():
             raise KeyboardInterrupt
@@ -203,9 +210,22 @@ class Server:
             _stop(self.superlink)
             self.superlink = None
 
+    def check_not_finished(self) -> None:
+        """Refuse a run directory whose run already ended: resuming it would append to a closed audit log and
+        wait for sites that will not come. A new run needs a new run directory. Reads, never writes.
+        """
+        from fedsecure.federation.checkpoint import finished_run
+
+        if not (self.run_dir / "summary.json").exists() and not (self.run_dir / "coordinator-state.json").exists():
+            return
+        why = finished_run(RunDir(self.run_dir))
+        if why is not None:
+            raise FinishedRunError(f"{why}; its report is {self.run_dir / 'summary.md'}")
+
     def run(self, timeout_s: float = 7 * 86400) -> dict[str, Any]:
         """Prepare, start, register, submit and follow; always stops what it started."""
         started = time.time() - 1
+        self.check_not_finished()
         rc_file = self.prepare()
         try:
             self.start_superlink()
@@ -280,6 +300,17 @@ def start_worker(sc: SiteConfig, emit: Callable[[str], None], timeout_s: float =
 def _supervise(sc: SiteConfig, argv: list[str], home: Path, log_path: Path, emit: Callable[[str], None],
                stopping: threading.Event, retry_s: float) -> int:
     pause = retry_s
+    events = LogFollower(sc.state_dir / site_events.EVENTS)  # what the site does with each message, from now on
+
+    def progress() -> None:
+        for line in events.lines():
+            try:
+                text = site_events.describe(sc.name, json.loads(line))
+            except (ValueError, TypeError, AttributeError):
+                continue
+            if text:
+                emit(text)
+
     while not stopping.is_set():
         follower = LogFollower(log_path)
         with log_path.open("ab") as log_file:
@@ -292,7 +323,9 @@ def _supervise(sc: SiteConfig, argv: list[str], home: Path, log_path: Path, emit
             while proc.poll() is None and not stopping.is_set():
                 for line in follower.lines():
                     verdict = _explain_site_line(sc, line, emit) or verdict
+                progress()
                 time.sleep(0.5)
+            progress()
             for line in follower.lines():
                 verdict = _explain_site_line(sc, line, emit) or verdict
         finally:

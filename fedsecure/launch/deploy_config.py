@@ -33,7 +33,8 @@ def _read(path: str | Path) -> tuple[dict[str, Any], Path]:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({e}). Fix: correct the file.") from None
     if not isinstance(doc, dict):
-        raise ConfigError(f"{p}: must be a mapping of sections. Fix: see configs/{p.name}.")
+        raise ConfigError(f"{p}: must be a mapping of sections. Fix: start from the template (configs/coordinator.yaml "
+                          "for `fedsecure server`, configs/site.yaml for `fedsecure client`).")
     return doc, p.resolve().parent
 
 
@@ -51,7 +52,13 @@ def _path(base: Path, value: Any, key: str, *, must_exist: bool = True,
 def _section(doc: dict[str, Any], name: str, known: set[str], src: Path) -> dict[str, Any]:
     sec = doc.get(name)
     if not isinstance(sec, dict):
-        raise ConfigError(f"{src}: the '{name}' section is missing. Fix: see configs/{src.name}.")
+        other = {"server": ("site", "a site's config (for `fedsecure client`)", "coordinator"),
+                 "site": ("server", "the coordinator's config (for `fedsecure server`)", "site")}[name]
+        if isinstance(doc.get(other[0]), dict):
+            raise ConfigError(f"{src} is {other[1]}, not a {other[2]} config. Fix: pass the {other[2]}'s config "
+                              f"(template: configs/{other[2]}.yaml).")
+        raise ConfigError(f"{src}: the '{name}' section is missing. Fix: see the template "
+                          f"configs/{'coordinator' if name == 'server' else 'site'}.yaml.")
     unknown = sorted(set(sec) - known)
     if unknown:
         raise ConfigError(f"{name}.{unknown[0]}: unknown key. Known keys here: "
@@ -63,6 +70,24 @@ def _port(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ConfigError(f"{key}: {value!r} is not a TCP port. Fix: use a number in 1..65535.")
     return value
+
+
+#: run-config keys that name files or folders (resolved against the coordinator config's folder)
+_RUN_PATHS = ("attestation.policy", "model.path", "data.dir", "storage.keyring", "runs_dir")
+
+
+def _resolve_paths(doc: dict[str, Any], base: Path) -> None:
+    """Make every relative path in ``doc`` (a coordinator config without ``server``) absolute against ``base``:
+    the ServerApp runs in another working directory, so a relative path would name another file there.
+    """
+    for dotted in _RUN_PATHS:
+        *parents, leaf = dotted.split(".")
+        node: Any = doc
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and node[leaf]:
+            p = Path(node[leaf]).expanduser()
+            node[leaf] = str(p if p.is_absolute() else (base / p).resolve())
 
 
 @dataclass(frozen=True)
@@ -100,14 +125,16 @@ def load_coordinator_config(path: str | Path, overrides: Mapping[str, Any] | Non
         raise ConfigError("site: a coordinator config holds no site settings: each hospital's privacy policy, "
                           "storage and attestation provider are its own (site.yaml). Fix: remove the site section; "
                           "ask for tighter privacy with the privacy section instead.")
-    for key, value in (overrides or {}).items():
-        set_dotted(rest, key, value)
+    _resolve_paths(rest, base)  # relative to the config file, like every path in it
+    for key, value in (overrides or {}).items():  # --set values are the caller's: relative to its directory
+        set_dotted(rest, key, str(Path(value).expanduser().resolve())
+                   if key in _RUN_PATHS and isinstance(value, str) and value else value)
     rest.setdefault("federation", {})
     if not isinstance(rest["federation"], dict):
         raise ConfigError("federation: must be a mapping.")
     rest["federation"]["sites"] = len(sites)
     federation = from_mapping(SimulationConfig, rest).validate()
-    return CoordinatorConfig(
+    dc = CoordinatorConfig(
         run_dir=_path(base, sec.get("run_dir", "runs/consortium"), "server.run_dir", must_exist=False),
         host=str(sec.get("host", "127.0.0.1")), port=_port(sec.get("port", 9093), "server.port"),
         tls_ca=_path(base, sec.get("tls_ca"), "server.tls_ca"), tls_cert=_path(base, sec.get("tls_cert"),
@@ -115,6 +142,27 @@ def load_coordinator_config(path: str | Path, overrides: Mapping[str, Any] | Non
         tls_key=_path(base, sec.get("tls_key"), "server.tls_key"),
         sites={str(n): _path(base, p, f"server.sites.{n}") for n, p in sites.items()},
         federation=federation, source=src)
+    _check_policy(federation)
+    return dc
+
+
+def _check_policy(cfg: SimulationConfig) -> None:
+    """Read the attestation policy now, so a missing or malformed one stops ``fedsecure server`` at once with
+    its own message (the ServerApp would fail later, in Flower's log).
+    """
+    if not cfg.attestation.enabled:
+        return
+    if not cfg.attestation.policy:
+        raise ConfigError("attestation.policy is not set. Fix: point it at the consortium's policy file (for "
+                          "development: `fedsecure attest dev-policy --out policy.yaml` accepts software "
+                          "evidence from this build), or set attestation.enabled: false")
+    from fedsecure.attestation.policy import load_policy
+
+    if not Path(cfg.attestation.policy).is_file():
+        raise ConfigError(f"attestation.policy: {cfg.attestation.policy} does not exist (relative paths are "
+                          "relative to the coordinator config). Fix: correct the path, or create a development "
+                          f"policy with `fedsecure attest dev-policy --out {cfg.attestation.policy}`")
+    load_policy(cfg.attestation.policy)  # AttestationError / ConfigError name the problem
 
 
 @dataclass(frozen=True)
@@ -165,6 +213,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
 
     doc, base = _read(path)
     src = Path(path)
+    if "site" not in doc:
+        _section(doc, "site", _SITE_KEYS, src)  # names the coordinator's config, or the missing section
     unknown = sorted(set(doc) - {"site"})
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section. Fix: a site config holds one 'site' section.")
@@ -190,7 +240,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise ConfigError("site.privacy.delta: must be a number below 1/N (N = this site's training records), "
                           "e.g. 1.0e-5. Fix: set it in site.yaml.")
     data_dir = _path(base, sec.get("data_dir"), "site.data_dir", fix="create the folder and put the site's "
-                     "train.jsonl and eval.jsonl there (one JSON object with a 'text' field per line)")
+                     "train.jsonl and eval.jsonl there (one JSON object with a 'text' field per line); for a trial, "
+                     "`fedsecure data synth --sites N --out DIR` writes synthetic ones to DIR/site-<i>")
     records = {}
     for split in ("train.jsonl", "eval.jsonl"):
         if not (data_dir / split).is_file():

@@ -142,13 +142,17 @@ def _bin(name: str) -> str:
 
 
 def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 1800.0,
-                    poll: Callable[[], None] | None = None) -> None:
-    """Run through Flower's simulation engine (Ray); blocks until the run ends."""
+                    poll: Callable[[], None] | None = None, emit: Callable[[str], None] | None = None) -> None:
+    """Run through Flower's simulation engine (Ray); blocks until the run ends. ``emit`` gets a line for each
+    start-up step (Ray takes tens of seconds before the first round).
+    """
+    emit = emit or (lambda line: None)
     import yaml
 
     from fedsecure._durable import atomic_write
 
     run_dir = Path(run_dir).resolve()
+    started = time.time() - 1
     home = run_dir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / SIMULATED_SITES, yaml.safe_dump(cfg.to_dict()["site"], sort_keys=False).encode(),
@@ -167,6 +171,8 @@ def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 
         [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
         env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    emit(f"starting Flower's simulation engine: SuperLink on 127.0.0.1:{port}, {cfg.federation.sites} "
+         f"SuperNodes on Ray (log: {run_dir / 'flwr-superlink.log'})")
     try:
         wait_healthy(f"http://127.0.0.1:{port}/health", superlink, timeout_s=60.0)
         out = subprocess.run([_bin("flwr"), "run", str(app_directory()), "sim", "--run-config", str(rc_file),
@@ -176,13 +182,14 @@ def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 
         except (json.JSONDecodeError, KeyError):
             raise FedSecureError(f"flwr run failed (exit {out.returncode}): {out.stdout[-500:]} "
                                  f"{out.stderr[-500:]}") from None
+        emit(f"submitted Flower run {run_id}; Ray is starting the sites' workers (round 0 follows)")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = run_status(env, "sim", run_id)
             if status.startswith("finished"):
                 if status != "finished:completed":
-                    raise FedSecureError(f"Flower run {run_id} ended with status {status}; see "
-                                         f"{run_dir / 'flwr-superlink.log'}")
+                    raise FedSecureError(failure_message(run_id, status, run_dir, run_dir / "flwr-superlink.log",
+                                                         started))
                 return
             if poll:
                 poll()
@@ -191,6 +198,19 @@ def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 
     finally:
         _stop(superlink)
         log_file.close()
+
+
+def failure_message(run_id: str | int | None, status: str, run_dir: Path, flower_log: Path, since: float) -> str:
+    """Why a Flower run of the ServerApp failed: the coordinator's own error when it recorded one
+    (:func:`~fedsecure.store.rundir.write_failure`), else a pointer to Flower's log.
+    """
+    from fedsecure.store.rundir import read_failure
+
+    error = read_failure(run_dir, since)
+    if error is not None:
+        return f"the coordinator stopped: {error} (Flower run {run_id}: {status}; traceback in {flower_log})"
+    return (f"Flower run {run_id} ended with status {status} before the coordinator wrote its summary; see "
+            f"{flower_log}")
 
 
 def flower_env(home: Path) -> dict[str, str]:

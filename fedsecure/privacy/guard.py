@@ -20,6 +20,9 @@ from fedsecure.store.files import StateFiles
 
 log = logging.getLogger(__name__)
 
+#: a run whose σ is this many times what a fresh budget would need is "spending a remnant" (a warning)
+REMNANT_NOISE_RATIO = 2.0
+
 
 @dataclass(frozen=True)
 class DPStepPlan:
@@ -103,6 +106,27 @@ class SitePrivacyGuard:
                            f"{self.epsilon_budget}")
         return Approval(DPStepPlan(sigma=float(sigma), q=q, steps=t.steps, max_grad_norm=t.clip), eps_after,
                         accountant)
+
+    def remnant(self, approval: Approval, *, server_round: int, rounds_total: int) -> str | None:
+        """A warning when ``approval`` spends a budget remnant: earlier runs left so little ε that the σ this run
+        needs is at least :data:`REMNANT_NOISE_RATIO` times what a fresh budget would need for the same plan (the
+        updates would be mostly noise). None otherwise, or when the run fixed σ itself.
+        """
+        if self.terms.sigma is not None or not self.ledger.spends:
+            return None
+        p = approval.plan
+        steps = p.steps * max(1, rounds_total - server_round + 1)
+        fresh = calibrate_noise(epsilon_budget=self.epsilon_budget, delta=self.delta, spent=[], q=p.q, steps=steps,
+                                accountant=self.accountant, sigma_min=self.terms.min_sigma)
+        if fresh is None or p.sigma < REMNANT_NOISE_RATIO * fresh:
+            return None
+        spent = self.spent()
+        left = self.epsilon_budget - spent
+        return (f"spending a budget remnant: only epsilon {left:.4g} of {self.epsilon_budget:g} is "
+                f"left for this dataset (earlier runs spent {spent:.4g}), so this run trains with sigma {p.sigma:.3g} "
+                f"where a fresh budget would need {fresh:.3g}: its updates carry {p.sigma / fresh:.0f}x the noise and "
+                "will barely move the model. A dataset's budget is never reset; whether to spend the rest this way is "
+                "the site's decision (site.privacy.epsilon_budget)")
 
     def record(self, approval: Approval, *, run_id: str, server_round: int) -> LedgerEntry:
         """Charge the round to the ledger, durably. Call after training, before the update leaves."""

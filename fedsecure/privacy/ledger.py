@@ -36,6 +36,7 @@ from typing import Any
 from fedsecure._durable import GENESIS, canonical_json, chain_hash
 from fedsecure.crypto.keys import KeyRing
 from fedsecure.crypto.sealed import DEFAULT_CHUNK
+from fedsecure.crypto.sealed import SUFFIX as SEALED_SUFFIX
 from fedsecure.errors import FedSecureError, LedgerError
 from fedsecure.privacy.accounting import Spend, epsilon_of
 from fedsecure.store.files import StateFiles
@@ -276,3 +277,66 @@ class PrivacyLedger:
         self.files.append_line(self.plain, line, whole, {"content": _META, "dataset": self.dataset})
         self.entries.append(entry)
         return entry
+
+
+# ---------------------------------------------------------------------------- reading a ledger file (an auditor)
+LEDGER_PREFIX = "privacy-ledger-"
+
+
+def is_ledger_file(path: str | Path) -> bool:
+    """Whether ``path`` is named like a ledger (``privacy-ledger-<key>.jsonl``, plain or ``.sealed``)."""
+    name = Path(path).name
+    return name.startswith(LEDGER_PREFIX) and name.endswith((".jsonl", ".jsonl" + SEALED_SUFFIX))
+
+
+def ledger_files(folder: str | Path) -> list[Path]:
+    """The ledger files directly in ``folder`` (a site's state directory), sealed or plain, sorted by name."""
+    d = Path(folder)
+    return sorted(p for p in d.glob(LEDGER_PREFIX + "*") if p.is_file() and is_ledger_file(p)) if d.is_dir() else []
+
+
+def open_ledger_file(path: str | Path, ring: KeyRing | None = None) -> PrivacyLedger:
+    """Open and verify the ledger in the file ``path`` without knowing its dataset beforehand.
+
+    The dataset is read from the first entry and the file must be named as that dataset's ledger
+    (:func:`ledger_path`); :meth:`PrivacyLedger.open` then checks the whole hash chain and recomputes
+    every recorded ε. A sealed file (``.sealed``) needs the site's ``ring``; a plain one needs none.
+
+    Raises:
+        LedgerError: the file is missing, cannot be decrypted, or fails any check (naming the entry).
+    """
+    p = Path(path)
+    sealed = p.name.endswith(SEALED_SUFFIX)
+    plain = p.with_name(p.name.removesuffix(SEALED_SUFFIX))
+    if not is_ledger_file(p):
+        raise LedgerError(f"{p} is not a privacy ledger (privacy-ledger-<key>.jsonl or .jsonl.sealed)")
+    if not p.is_file():
+        raise LedgerError(f"privacy ledger {p} does not exist")
+    if sealed and ring is None:
+        raise LedgerError(f"privacy ledger {p} is sealed; opening it needs the site's keyring")
+    files = StateFiles(ring if sealed else None)
+    try:
+        raw = files.read_bytes(plain) or b""
+    except FedSecureError as e:
+        raise LedgerError(f"privacy ledger {p} cannot be opened: {e} Fix: use the site's own keyring; restore the "
+                          "ledger from a backup if it was damaged.") from None
+    dataset = _first_dataset(raw) or plain.name.removeprefix(LEDGER_PREFIX).removesuffix(".jsonl")
+    if ledger_path(p.parent, dataset) != plain:
+        raise LedgerError(f"privacy ledger {p} holds entries of dataset {dataset[:16]}, whose ledger is named "
+                          f"{ledger_path(p.parent, dataset).name}: the file was renamed or replaced. Fix: restore it "
+                          "from a backup.")
+    return PrivacyLedger.open(p.parent, dataset, files=files)
+
+
+def _first_dataset(raw: bytes) -> str | None:
+    """The ``dataset`` of the first entry, or None (the verifier then names what is wrong with that line)."""
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        if line.strip():
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            value = data.get("dataset") if isinstance(data, dict) else None
+            return value if isinstance(value, str) and value else None
+    return None
+

@@ -48,7 +48,9 @@ def attestation_line(summary: dict[str, Any]) -> str:
     line = (f"Attestation: {ok}/{len(results)} statements verified ({', '.join(kinds) or 'none'}); policy "
             f"{att['policy']}; audit log {att['audit_entries']} entries, head {att['audit_head'][:16]}.")
     if "software" in kinds:
-        line += " Software evidence proves nothing about the platform: simulation only."
+        line += (" Software evidence was accepted because the policy allows it (a development policy): it shows "
+                 "which code and DP settings a site claims, and proves nothing about its platform. A production "
+                 "policy accepts TEE evidence only (tdx, sev-snp).")
     return line
 
 

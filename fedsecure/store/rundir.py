@@ -116,4 +116,32 @@ class RunDir:
         return json.loads((self.path / "summary.json").read_text())
 
 
-__all__ = ["SUFFIX", "RunDir", "new_run_id"]
+#: the coordinator's fatal error, for the process that launched it (the ServerApp runs under Flower, whose log
+#: would otherwise be the only place it appears)
+FAILURE = "coordinator-error.json"
+
+
+def write_failure(run_dir: str | Path, error: BaseException) -> Path | None:
+    """Record why the coordinator stopped (one line: the message a FedSecureError carries, or the exception's
+    type and text); returns the file, or None when the run directory cannot be written either.
+    """
+    message = str(error) if isinstance(error, FedSecureError) else f"{type(error).__name__}: {error}"
+    doc = {"time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "error": message}
+    try:
+        return atomic_write(Path(run_dir) / FAILURE, (json.dumps(doc) + "\n").encode("utf-8"), mode=0o644)
+    except OSError:
+        return None
+
+
+def read_failure(run_dir: str | Path, since: float = 0.0) -> str | None:
+    """The coordinator's recorded fatal error, if one was written at or after ``since`` (a Unix time)."""
+    path = Path(run_dir) / FAILURE
+    try:
+        if path.stat().st_mtime < since:
+            return None
+        return str(json.loads(path.read_text(encoding="utf-8"))["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+__all__ = ["FAILURE", "SUFFIX", "RunDir", "new_run_id", "read_failure", "write_failure"]

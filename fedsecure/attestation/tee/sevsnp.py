@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.utils import CryptographyDeprecationWarning
 
 from fedsecure.attestation.base import Claims, TeeInfo, VerifyRequest, register_tee, register_verifier
 from fedsecure.attestation.evidence import Evidence
@@ -177,7 +179,14 @@ def _verify(report_bytes: bytes, vcek_der: bytes, chain_pem: bytes, *, at_time: 
     at = at_time or _dt.datetime.now(_dt.UTC)
     report = parse_report(report_bytes)
     try:
-        vcek = x509.load_der_x509_certificate(vcek_der)
+        with warnings.catch_warnings():
+            # AMD's key distribution service issues VCEKs with a non-positive serial number (RFC 5280 forbids it),
+            # and cryptography warns on parsing one. Accepting it is safe: a VCEK's trust comes from the chain
+            # check below (signed by the ASK, signed by the pinned ARK) and its hwID/TCB binding, never from its
+            # serial number, which nothing here reads. Only this warning, only for this one certificate.
+            warnings.filterwarnings("ignore", message="Parsed a serial number which wasn't positive",
+                                    category=CryptographyDeprecationWarning)
+            vcek = x509.load_der_x509_certificate(vcek_der)
         certs = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as e:
         raise AttestationError(f"cannot parse the VCEK or the ASK/ARK chain ({e})") from None
