@@ -215,3 +215,21 @@ def test_gitignore_keeps_key_material_and_site_state_out(tmp_path):
     ignored = (root / ".gitignore").read_text().split()
     assert {"deploy/", "state/", "*.key"} <= set(ignored)
     assert os.path.exists(root / ".gitignore")
+
+
+def test_a_second_stop_signal_does_not_interrupt_the_clean_up_of_the_first():
+    import signal
+    import threading
+
+    from fedsecure.launch.deploy import install_signal_handlers
+
+    old = signal.getsignal(signal.SIGTERM)
+    event = threading.Event()
+    try:
+        install_signal_handlers(event)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert event.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. `timeout` forwarding the same stop: ignored, clean-up goes on
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -48,6 +48,7 @@ def test_the_readme_block_is_what_this_test_expects():
 
 def _free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT leftovers are fine
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

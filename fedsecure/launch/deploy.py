@@ -358,6 +358,8 @@ def _explain_site_line(sc: SiteConfig, line: str, emit: Callable[[str], None]) -
 def install_signal_handlers(event: threading.Event) -> None:
     """SIGTERM sets ``event`` and interrupts the main thread (like Ctrl-C)."""
     def handler(signum, frame):  # noqa: ARG001
+        if event.is_set():  # a second signal while stopping must not interrupt the clean-up of the first
+            return
         event.set()
         raise KeyboardInterrupt
 
