@@ -121,6 +121,15 @@ def test_rotating_a_site_keyring_over_the_run_directory_and_retiring(run):
     assert ring_file.read_text() == ring_text and not ring_file.with_name(ring_file.name + ".rotation").exists()
     with pytest.raises(KeyMaterialError, match=f"key '{old}' was retired from this keyring"):
         open_bytes(ledger, ring)
+    # keys show tells a retired key (an error to fix) from another keyring's (the other parties' files)
+    from typer.testing import CliRunner
+
+    from fedsecure.cli import app
+
+    shown = CliRunner().invoke(app, ["keys", "show", "--keyring", str(ring_file), "--under", str(run)])
+    assert shown.exit_code == 0
+    assert f"{old}: seals 1 files but was RETIRED from this keyring" in shown.output
+    assert "files under another keyring" in shown.output
 
 
 def test_a_keyring_that_seals_nothing_there_says_so(run, tmp_path):

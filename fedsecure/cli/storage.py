@@ -33,14 +33,20 @@ def keys_show(
     from fedsecure.crypto import read_keyring_file
     from fedsecure.crypto.rotation import key_usage
 
-    view = read_keyring_file(keyring).public_view()
+    ring = read_keyring_file(keyring)
+    view = ring.public_view()
     usage = key_usage(under) if under else {}
     for kid, fp in view["keys"].items():
         mark = "current" if kid == view["current"] else "old"
         extra = f", seals {usage.get(kid, 0)} files" if under else ""
         console.print(f"{kid}  fingerprint {fp}  ({mark}{extra})", highlight=False)
     for kid in sorted(set(usage) - set(view["keys"])):
-        console.print(f"[red]{kid}: seals {usage[kid]} files but is NOT in this keyring[/]", highlight=False)
+        if kid in ring.retired:  # this keyring dropped it while files still need it: they cannot be opened
+            console.print(f"[red]{kid}: seals {usage[kid]} files but was RETIRED from this keyring (add the old key "
+                          "back to open them)[/]", highlight=False)
+        else:
+            console.print(f"{kid}: seals {usage[kid]} files under another keyring (e.g. a site's in a run "
+                          "directory)", highlight=False)
 
 
 @friendly
