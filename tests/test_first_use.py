@@ -153,6 +153,10 @@ def test_a_completed_run_exits_0(tmp_path):
     res = runner.invoke(app, ["simulate", "--run-dir", str(tmp_path / "r"), *SMALL])
     assert res.exit_code == 0, res.output
     assert "ended early" not in res.output
+    # every message a site handled is in its events, from the first (round 0's evaluation, before any state)
+    events = [json.loads(line)["event"] for line in
+              (tmp_path / "r" / "sites" / "site-0" / site_events.EVENTS).read_text().splitlines()]
+    assert events == [site_events.EVALUATED, site_events.TRAINED, site_events.EVALUATED]
     # the same run directory again: a finished run, refused before any file in it is rewritten
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.is_file()}
     res = runner.invoke(app, ["simulate", "--run-dir", str(tmp_path / "r"), *SMALL])

@@ -31,6 +31,7 @@ def record(state_dir: str | Path, event: str, **fields: Any) -> None:
     """Append one event (best effort: a full disk must not fail the round, whose ledger entry is already durable)."""
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     try:
+        Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # a site's first message may be an evaluation
         append_line(Path(state_dir) / EVENTS, (json.dumps({"time": now, "event": event, **fields}) + "\n").encode(),
                     mode=0o600)
     except OSError as e:

@@ -44,6 +44,9 @@ CLOCK_SKEW_S = 60.0
 
 
 # ---------------------------------------------------------------------------- site
+_LOGGED: set[str] = set()  # node keys whose software evidence was logged in this process
+
+
 class SoftwareProvider:
     """Signs ``{report_data, measurement = code hash, issued_at}`` with a local Ed25519 key."""
 
@@ -52,12 +55,15 @@ class SoftwareProvider:
     def __init__(self, key_path: str | Path, measurement: str | None = None) -> None:
         self.key = load_or_create_ed25519(Path(key_path))
         self.measurement = measurement or code_hash()
+        self.key_path = str(key_path)
 
     def evidence(self, report_data: bytes) -> Evidence:
         """A signed statement over ``report_data``; warns that it proves nothing."""
         check_report_data(report_data)
         warnings.warn(SOFTWARE_WARNING, SoftwareAttestationWarning, stacklevel=2)
-        log.warning("software attestation evidence (simulation only)")
+        if self.key_path not in _LOGGED:  # logged once per site and process; each statement is a warning above
+            _LOGGED.add(self.key_path)
+            log.warning("%s", SOFTWARE_WARNING)
         statement = json.dumps({"fedsecure-software-evidence": 1, "public_key": raw_public(self.key).hex(),
                                 "report_data": report_data.hex(), "measurement": self.measurement,
                                 "issued_at": _dt.datetime.now(_dt.UTC).isoformat()},
