@@ -34,8 +34,14 @@ def test_flwr_run_and_inprocess_give_the_same_global_adapter(site_data, tmp_path
     cfg = small_config(site_data)
     simulate(cfg, run_dir=tmp_path / "inprocess")
     ray_cfg = small_config(site_data, federation={"engine": "ray"})
-    summary = simulate(ray_cfg, run_dir=tmp_path / "ray")
+    said: list[str] = []
+    rounds: list[int] = []
+    summary = simulate(ray_cfg, run_dir=tmp_path / "ray", announce=said.append,
+                       observer=lambda r: rounds.append(r["round"]))
     assert summary["rounds_completed"] == 1
+    # the operator hears about the slow start-up and each round as it ends, not only at the end
+    assert said[0].startswith("starting Flower's simulation engine") and said[1].startswith("submitted Flower run")
+    assert rounds == [0, 1]
     a, b = global_adapter(tmp_path / "inprocess", 1), global_adapter(tmp_path / "ray", 1)
     assert a.keys() == b.keys()
     # Same seeds, same data, same apps: equal up to float reordering across thread counts.
