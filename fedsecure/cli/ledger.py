@@ -69,9 +69,11 @@ def _site_default(state: Path) -> tuple[Path | None, KeyRing | None]:
     """The keyring file the site of state directory ``state`` uses by default (or the keyring itself, when its
     provider is the environment or a passphrase); the same rule as :func:`fedsecure.store.site_keyring`.
     """
+    from fedsecure.store.keyrings import default_site_keyring_path
+
     node_config = state / NODE_CONFIG
     if not node_config.is_file():  # a simulated site, or a deployed one without its node config at hand
-        return state.parent / "keys" / f"{state.name}.keyring.json", None
+        return default_site_keyring_path(state, state.name), None
     import tomllib
 
     from fedsecure.config import SiteSettings
@@ -87,7 +89,7 @@ def _site_default(state: Path) -> tuple[Path | None, KeyRing | None]:
         raise KeyMaterialError(f"{node_config}: the site's keyring comes from a command (site.storage.key_command), "
                                "which this command does not run. Fix: write the keyring it prints to a 0600 file "
                                "and pass --keyring FILE.")
-    default = Path(str(site.state_dir or state)).parent / "keys" / f"{site.name or state.name}.keyring.json"
+    default = default_site_keyring_path(str(site.state_dir or state), str(site.name or state.name))
     if st.key_provider in ("env", "passphrase"):
         return None, load_keyring(st.key_provider, keyring_path=st.keyring, default_path=default,
                                   create_default=False)

@@ -15,10 +15,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
-
-from fedsecure._durable import append_line
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +31,18 @@ def record(state_dir: str | Path, event: str, **fields: Any) -> None:
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     try:
         Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)  # a site's first message may be an evaluation
-        append_line(Path(state_dir) / EVENTS, (json.dumps({"time": now, "event": event, **fields}) + "\n").encode(),
-                    mode=0o600)
+        # a plain append, no fsync: progress lines, not a record (the ledger is the durable one)
+        fd = os.open(Path(state_dir) / EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps({"time": now, "event": event, **fields}) + "\n").encode())
+        finally:
+            os.close(fd)
     except OSError as e:
         log.warning("cannot write the site's event line (%s): %s", event, e)
+
+
+#: events that are a label and the site's reason
+_WITH_REASON = {REFUSED: "refused", REMNANT: "WARNING", FAILED: "failed"}
 
 
 def _eps(value: Any) -> str:
@@ -52,15 +59,11 @@ def describe(site: str, ev: dict[str, Any]) -> str | None:
                 f"{_eps(ev.get('epsilon'))} of {_eps(ev.get('budget'))}; update sent")
     if kind == NON_PRIVATE:
         return f"{where}: trained WITHOUT differential privacy (this site's policy allows it); update sent"
-    if kind == REFUSED:
-        return f"{where}: refused: {ev.get('reason')}"
+    if kind in _WITH_REASON:
+        return f"{where}: {_WITH_REASON[kind]}: {ev.get('reason')}"
     if kind == EXHAUSTED:
         return (f"{where}: privacy budget exhausted (epsilon spent {_eps(ev.get('epsilon'))} of "
                 f"{_eps(ev.get('budget'))}); nothing trained, the coordinator was told")
-    if kind == REMNANT:
-        return f"{where}: WARNING: {ev.get('reason')}"
-    if kind == FAILED:
-        return f"{where}: failed: {ev.get('reason')}"
     if kind == EVALUATED:
         line = f"{where}: held-out loss {float(ev.get('loss', 0)):.4f} on {ev.get('records')} records"
         if ev.get("round") is not None and ev.get("round") == ev.get("rounds"):

@@ -88,11 +88,7 @@ class Server:
 
     def prepare(self) -> Path:
         """Write Flower's connection config and the run config file; returns the run config file."""
-        cfg = self.dc.federation
-        if cfg.attestation.enabled and not cfg.attestation.policy:
-            raise ConfigError("attestation.policy is not set. Fix: point it at the consortium's policy file (for "
-                              "development: `fedsecure attest dev-policy --out policy.yaml` accepts software "
-                              "evidence from this build), or set attestation.enabled: false")
+        cfg = self.dc.federation  # checked when loaded (load_coordinator_config), the attestation policy too
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(

@@ -19,6 +19,13 @@ def coordinator_keyring(storage: StorageSettings, run_dir: str | Path) -> KeyRin
                         key_command=storage.key_command)
 
 
+def default_site_keyring_path(state_dir: str | Path, name: str) -> Path:
+    """Where a site's keyring lives unless ``site.storage.keyring`` says otherwise: beside its state folder,
+    ``<state_dir>/../keys/<name>.keyring.json``.
+    """
+    return Path(str(state_dir)).parent / "keys" / f"{name}.keyring.json"
+
+
 def site_keyring(site: SiteSettings) -> KeyRing | None:
     """A site's keyring, from its own settings: ``site.storage.keyring``, else
     ``<state_dir>/../keys/<site>.keyring.json``. The coordinator's storage settings never apply to a site.
@@ -26,5 +33,5 @@ def site_keyring(site: SiteSettings) -> KeyRing | None:
     st = site.storage
     if not st.seal:
         return None
-    default = Path(str(site.state_dir)).parent / "keys" / f"{site.name}.keyring.json"
+    default = default_site_keyring_path(str(site.state_dir), str(site.name))
     return load_keyring(st.key_provider, keyring_path=st.keyring, default_path=default, key_command=st.key_command)
