@@ -59,3 +59,7 @@ class ReplyRejected(FedSecureError):
     """A site's reply to the coordinator is malformed, out of range or inconsistent; the site's contribution to
     the round is rejected (and audited), and the round goes on.
     """
+
+
+class ReportError(FedSecureError):
+    """A report cannot be made from what was given (no run there, unreadable summary, no ledgers)."""

@@ -248,7 +248,8 @@ class Coordinator:
                      train_seconds=round(tr.seconds, 4), bytes_down=self.bytes_down.get(node, 0), bytes_up=bytes_up,
                      fp32_bytes=fp32_bytes)
         if tr.dp:
-            entry.update(epsilon=tr.dp["epsilon"], sigma=tr.dp["sigma"])
+            entry.update(epsilon=tr.dp["epsilon"], sigma=tr.dp["sigma"], q=tr.dp["q"], dp_steps=int(tr.dp["steps"]),
+                         delta=tr.dp["delta"], max_grad_norm=tr.dp["max_grad_norm"])
         return Update(name, tr.records, delta)
 
 
