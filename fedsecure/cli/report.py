@@ -17,10 +17,10 @@ from fedsecure.errors import FedSecureError, ReportError
 
 
 def default_coordinator_key(run_dir: Path) -> Path:
-    """The coordinator's report key: beside its keyring (``<run-dir>/keys/`` unless the config names another)."""
-    from fedsecure.reports.report_files import COORDINATOR_KEY
-
+    """The coordinator's report key, as the run found it: beside the keyring its config.yaml names."""
     import yaml
+
+    from fedsecure.reports.report_files import coordinator_key_path
 
     keyring = None
     try:
@@ -28,8 +28,7 @@ def default_coordinator_key(run_dir: Path) -> Path:
         keyring = (cfg.get("storage") or {}).get("keyring")
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         pass
-    folder = Path(keyring).parent if isinstance(keyring, str) and keyring else run_dir / "keys"
-    return folder / COORDINATOR_KEY
+    return coordinator_key_path(run_dir, keyring if isinstance(keyring, str) and keyring else None)
 
 
 def _site_report(state: Path, keyring: Path | None):

@@ -24,6 +24,7 @@ from fedsecure.federation.intake import TrainReply
 from fedsecure.privacy.client_dp import ClientLevelDP
 from fedsecure.reports import privacy as privacy_report
 from fedsecure.reports import run as run_report
+from fedsecure.reports.report_files import write_run_report
 from fedsecure.store.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -206,4 +207,5 @@ class Bookkeeping:
                    audit_entries=entries,
                    finished={"audit_head": head, "audit_entries": entries, "rounds_completed": rounds_completed,
                              "stopped": stopped, "final_adapter": final_adapter.name}).write(self.run_dir)
+        write_run_report(self.run_dir.path, self.cfg.storage.keyring)
         return summary

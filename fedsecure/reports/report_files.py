@@ -127,6 +127,28 @@ def write_report(report: dict[str, Any], folder: str | Path, *, signing_key: Pat
     return ReportFiles(out, tuple(files), digest, key_id, public)
 
 
+def coordinator_key_path(run_dir: str | Path, keyring: str | None) -> Path:
+    """The coordinator's report key: beside its keyring (``<run-dir>/keys/`` unless the config names another)."""
+    folder = Path(keyring).parent if keyring else Path(run_dir) / "keys"
+    return folder / COORDINATOR_KEY
+
+
+def write_run_report(run_dir: str | Path, keyring: str | None) -> ReportFiles | None:
+    """The end of a run: its signed compliance report in the run directory. A failure is logged, never raised: the
+    run's results are saved before this, and ``fedsecure report RUN_DIR`` makes the report again."""
+    import logging
+
+    from fedsecure.reports.compliance import build_run_report
+
+    try:
+        return write_report(build_run_report(run_dir), run_dir, signing_key=coordinator_key_path(run_dir, keyring))
+    except Exception as e:  # noqa: BLE001 - see the docstring: the run itself is complete and saved
+        logging.getLogger(__name__).warning("the compliance report could not be written (%s: %s); the run is "
+                                            "saved. Fix the cause, then run `fedsecure report %s`.",
+                                            type(e).__name__, e, run_dir)
+        return None
+
+
 def verify_report(report_json: str | Path, public_key: str | Path, signature: str | Path | None = None
                   ) -> dict[str, Any]:
     """Check a report's signature and every signed file (report.json must be one). Returns the Statement.

@@ -32,7 +32,7 @@ th{background:#f6f8fa}td.l,th.l{text-align:left}td:first-child{white-space:nowra
 .chart{max-width:100%;width:540px;height:auto;margin:6px 0}.chart-title{font-weight:600;font-size:13px}
 .tick,.legend,.axis{font-size:11px;fill:#57606a}.grid{stroke:#eaeef2}.frame{fill:none;stroke:#d0d7de}
 .budget{stroke:#cf222e;stroke-dasharray:6 4;stroke-width:1.5}.budget-label{font-size:11px;fill:#cf222e}
-pre{background:#f6f8fa;padding:8px;overflow-x:auto;font-size:12px}code{font-size:12px}
+pre{background:#f6f8fa;padding:8px;overflow-x:auto;font-size:12px;white-space:pre-wrap;word-break:break-all}code{font-size:12px}
 @media print{body{max-width:none;margin:0}details{display:block}}
 """
 

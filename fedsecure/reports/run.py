@@ -7,6 +7,7 @@ The data is ``summary.json`` (written by the coordinator). :func:`round_rows` an
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fedsecure.reports import privacy as privacy_report
@@ -93,3 +94,6 @@ def render(summary: dict[str, Any], console) -> None:
     console.print(attestation_line(summary), highlight=False)
     console.print(f"Run directory: {summary['run_dir']} (privacy.json, privacy.md, metrics.jsonl, adapters/, "
                   "audit.log)", highlight=False)
+    report = Path(summary["run_dir"]) / "report.html"
+    if report.is_file():
+        console.print(f"Compliance report (signed): {report}", highlight=False)
