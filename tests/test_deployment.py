@@ -181,6 +181,13 @@ def _two_sites_match_the_simulation(d: Deployment) -> None:
     assert {s["status"] for s in summary["privacy"]["sites"].values()} == {"non-private"}
     assert "refused: the coordinator does not know this site's key" in d.output("rogue")
     assert "TLS, SuperNode authentication on" in out and (d.root / "run" / "superlink.db").exists()
+    # the server wrote and signed its compliance report, which says plainly that nothing was private
+    report = json.loads((d.root / "run" / "report.json").read_text())
+    assert report["guarantees"]["record_level"]["enabled"] is False
+    assert all(s["epsilon"]["unbounded"] for s in report["sites"])
+    assert report["findings"][0] == {"severity": "error", "text": "Record-level DP was OFF: the updates of this run "
+                                     "are not private."}
+    assert (d.root / "run" / "report.dsse.json").is_file()
 
     # the same seeds in the in-process simulation give the same global adapter
     fed = {**d.federation, "federation": {**d.federation["federation"], "sites": 2},

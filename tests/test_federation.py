@@ -65,6 +65,16 @@ def test_inprocess_simulation_writes_the_run_directory(site_data, tmp_path):
     from fedsecure.crypto import inspect
 
     assert inspect(run / "adapters" / "global-r0001.safetensors.sealed").metadata["round"] == "1"
+    # the signed compliance report, built from what the sites reported
+    from fedsecure.reports.report_files import verify_report
+
+    report = __import__("json").loads((run / "report.json").read_text())
+    verify_report(run / "report.json", run / "keys" / "coordinator-report.pub.pem")
+    for row in report["sites"]:
+        mine = [x for x in site_lines if x["site"] == row["site"]]
+        assert row["epsilon_by_round"] == [[1, mine[0]["epsilon"]]]
+        assert row["q"] == mine[0]["q"] and row["records"] == 96
+        assert row["epsilon"]["within_tolerance"] is True
 
 
 def test_same_seed_gives_the_same_global_adapter(site_data, tmp_path):
@@ -106,6 +116,10 @@ def test_demo_config_learns_clearly_under_dp(tmp_path):
     assert losses == sorted(losses, reverse=True)  # improves every round
     for site in summary["privacy"]["sites"].values():
         assert site["status"] == "active" and site["epsilon_spent"] <= 3.0
+    # the report does not hide that this run's noise was seeded (reproducible by anyone with the seed)
+    report = __import__("json").loads((tmp_path / "demo" / "report.json").read_text())
+    assert any(f["severity"] == "error" and "noise seed" in f["text"] for f in report["findings"])
+    assert "NOT PROTECTED" in report["trust_model"]["noise_generator"]
 
 
 @pytest.mark.slow

@@ -76,7 +76,7 @@ def _site(name: str, reported: dict[str, Any], trained: list[dict[str, Any]], re
         this_run = epsilon_of([Spend(*h) for h in history], delta, accountant if accountant in ("prv", "rdp") else "prv")
         recomputed = mech.recompute(description, delta, accountant)
     lifetime = reported.get("epsilon_spent")
-    lifetime = math.inf if lifetime is None and reported.get("status") == "exhausted" else lifetime
+    lifetime = math.inf if lifetime is None and reported.get("status") in ("exhausted", "non-private") else lifetime
     entries = reported.get("ledger_entries")
     released_here = len(reported.get("rounds_trained", [])) + len(reported.get("refused_rounds", []))
     prior = entries is not None and entries > released_here
