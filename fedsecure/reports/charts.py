@@ -74,7 +74,8 @@ def line_chart(series: Mapping[str, Sequence[tuple[float, float | None]]], *, ch
     integer_x = all(float(x).is_integer() for x in xs)
     for t in _ticks(x0, x1, 6):
         if x0 <= t <= x1 and (not integer_x or float(t).is_integer()):
-            parts.append(f'<text x="{sx(t):.1f}" y="{TOP + ph + 16}" text-anchor="middle" class="tick">{_fmt(t)}</text>')
+            parts.append(f'<text x="{sx(t):.1f}" y="{TOP + ph + 16}" text-anchor="middle" class="tick">'
+                         f'{_fmt(t)}</text>')
     parts.append(f'<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" class="frame"/>')
     parts.append(f'<text x="{LEFT + pw / 2}" y="{H - 6}" text-anchor="middle" class="axis">{escape(x_label)}</text>')
     parts.append(f'<text transform="translate(14 {TOP + ph / 2}) rotate(-90)" text-anchor="middle" class="axis">'

@@ -1,4 +1,4 @@
-"""The compliance report of one run, as the coordinator sees it (``fedsecure report RUN_DIR``).
+r"""The compliance report of one run, as the coordinator sees it (``fedsecure report RUN_DIR``).
 
 Every figure comes from a file of the run directory: ``summary.json`` (what each site reported: ε from its
 ledger, σ, C, q, its ledger head), ``metrics.jsonl`` (each site's release per round), ``audit.log`` (verified
@@ -71,15 +71,19 @@ def _site(name: str, reported: dict[str, Any], trained: list[dict[str, Any]], re
     description = mech.describe(history)
     delta = reported.get("delta")
     records = max((int(m["records"]) for m in trained if m.get("records")), default=None)
-    this_run = recomputed = None
-    if delta and history:
-        this_run = epsilon_of([Spend(*h) for h in history], delta, accountant if accountant in ("prv", "rdp") else "prv")
-        recomputed = mech.recompute(description, delta, accountant)
     lifetime = reported.get("epsilon_spent")
     lifetime = math.inf if lifetime is None and reported.get("status") in ("exhausted", "non-private") else lifetime
     entries = reported.get("ledger_entries")
     released_here = len(reported.get("rounds_trained", [])) + len(reported.get("refused_rounds", []))
     prior = entries is not None and entries > released_here
+    this_run = recomputed = None
+    if delta and history:
+        recomputed = mech.recompute(description, delta, accountant)
+        if prior or lifetime is None:  # this run is not the dataset's whole history: its own ε, by Opacus
+            ours = accountant if accountant in ("prv", "rdp") else "prv"
+            this_run = epsilon_of([Spend(*h) for h in history], delta, ours)
+        else:  # the same releases the site's figure accounts for (its ledger holds nothing else)
+            this_run = lifetime
     # the site's claim is checked where this run is the dataset's whole history; else this run's own ε
     claim = this_run if prior or lifetime is None else lifetime
     agree = mech.agreement(claim, recomputed)

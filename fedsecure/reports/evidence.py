@@ -24,6 +24,7 @@ SEAL_ALGORITHM = ("AES-256-GCM in authenticated chunks; a fresh data key per fil
 
 
 def now() -> str:
+    """The time, UTC, to the second."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -41,6 +42,7 @@ def generated_by() -> dict[str, str]:
 
 
 def file_sha256(path: Path) -> str | None:
+    """SHA-256 of a file (None when it cannot be read)."""
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:

@@ -1,4 +1,4 @@
-"""Each release as a machine-readable mechanism, and ε recomputed from it by an independent implementation.
+r"""Each release as a machine-readable mechanism, and ε recomputed from it by an independent implementation.
 
 A DP-SGD release of one round is ``steps`` Poisson-subsampled Gaussian mechanisms (noise multiplier σ,
 sampling rate q). :func:`describe` writes a history of releases as Google dp-accounting ``DpEvent``\\ s in the
@@ -27,6 +27,7 @@ Release = tuple[float, float, int]  # (sigma, q, steps)
 
 
 def library_version(dist: str) -> str:
+    """An installed distribution's version, or "absent"."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:

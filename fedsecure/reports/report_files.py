@@ -135,7 +135,8 @@ def coordinator_key_path(run_dir: str | Path, keyring: str | None) -> Path:
 
 def write_run_report(run_dir: str | Path, keyring: str | None) -> ReportFiles | None:
     """The end of a run: its signed compliance report in the run directory. A failure is logged, never raised: the
-    run's results are saved before this, and ``fedsecure report RUN_DIR`` makes the report again."""
+    run's results are saved before this, and ``fedsecure report RUN_DIR`` makes the report again.
+    """
     import logging
 
     from fedsecure.reports.compliance import build_run_report

@@ -15,8 +15,8 @@ from typing import Any
 from fedsecure.reports.charts import line_chart
 
 CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1b1f24;max-width:1100px;margin:24px auto;
-padding:0 20px}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1b1f24;max-width:1100px;
+margin:24px auto;padding:0 20px}
 h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:28px 0 8px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
 .meta{color:#57606a;font-size:13px}.digest{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all}
 .summary{background:#f6f8fa;border:1px solid #d0d7de;border-radius:6px;padding:10px 16px;font-size:16px}
@@ -28,7 +28,8 @@ th,td{border:1px solid #d0d7de;padding:4px 6px;text-align:right;vertical-align:t
 th{background:#f6f8fa}td.l,th.l{text-align:left}td:first-child{white-space:nowrap}
 .charts{display:flex;flex-wrap:wrap;gap:8px}
 .ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}
-.cols{display:flex;gap:16px;flex-wrap:wrap}.col{flex:1 1 320px;border:1px solid #d0d7de;border-radius:6px;padding:8px 12px}
+.cols{display:flex;gap:16px;flex-wrap:wrap}
+.col{flex:1 1 320px;border:1px solid #d0d7de;border-radius:6px;padding:8px 12px}
 .chart{max-width:100%;width:540px;height:auto;margin:6px 0}.chart-title{font-weight:600;font-size:13px}
 .tick,.legend,.axis{font-size:11px;fill:#57606a}.grid{stroke:#eaeef2}.frame{fill:none;stroke:#d0d7de}
 .budget{stroke:#cf222e;stroke-dasharray:6 4;stroke-width:1.5}.budget-label{font-size:11px;fill:#cf222e}
@@ -77,7 +78,8 @@ def _site_rows(report: dict[str, Any]) -> list[list[str]]:
         e = s["epsilon"]
         name = s["site"] if report["kind"] == "run" else f"{s['site']} / {str(s['dataset'] or '?')[:12]}"
         delta_ok = s["delta_below_one_over_n"]
-        check = "n/a" if delta_ok is None else ('<span class="ok">yes</span>' if delta_ok else '<span class="bad">NO</span>')
+        check = ("n/a" if delta_ok is None else
+                 '<span class="ok">yes</span>' if delta_ok else '<span class="bad">NO</span>')
         refused = "; ".join(f"{r['round']}: {r['reason']}" for r in s["refused"]) or "-"
         status = s["status"] or "?"
         if s.get("retired_reason"):
@@ -153,12 +155,14 @@ def render(report: dict[str, Any], *, json_sha256: str, key_id: str | None) -> s
                f"σ_c = {cl['noise_multiplier']}, {cl['accountant']})")
     tm = report["trust_model"]
     att = report["attestation"]
-    att_rows = [[_e(r["round"]), _e(r["site"]), _e(r["tee"]), f'<span class="digest">{_e(str(r["measurement"])[:16])}</span>',
+    att_rows = [[_e(r["round"]), _e(r["site"]), _e(r["tee"]),
+                 f'<span class="digest">{_e(str(r["measurement"])[:16])}</span>',
                  f'<span class="digest">{_e(str(r["code_hash"])[:16])}</span>', _e(r["verified_at"]), _e(r["result"])]
                 for r in att.get("records", [])]
     st = report["storage"]
     ring = st["keyring"]
-    files = [[_e(f["file"]), _e(f.get("cipher", "")), _e(f.get("kek_id", f.get("error", "")))] for f in st["files"][:50]]
+    files = [[_e(f["file"]), _e(f.get("cipher", "")), _e(f.get("kek_id", f.get("error", "")))]
+             for f in st["files"][:50]]
     integ = report["integrity"]
     audit = integ["audit_log"]
     audit_cls = "ok" if audit["verified"] else "bad"
@@ -169,6 +173,9 @@ def render(report: dict[str, Any], *, json_sha256: str, key_id: str | None) -> s
     mechanisms = "".join(f"<details><summary>{_e(m['site'])} {_e(str(m.get('dataset') or '')[:12])}</summary><pre>"
                          f"{_e(json.dumps(m['mechanism'], indent=1))}</pre></details>" for m in report["releases"])
     other = {k: v for k, v in integ.items() if k not in ("audit_log", "ledger_heads", "ledgers")}
+    att_table = _table(["round", "site", "TEE", "measurement", "code hash", "verified at (UTC)", "result"], att_rows,
+                       table_id="attestation-table", left=(1, 2, 6)) if att_rows else ""
+    opendp = _e(json.dumps(report["opendp_registry"], indent=1, ensure_ascii=False))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
@@ -182,7 +189,8 @@ def render(report: dict[str, Any], *, json_sha256: str, key_id: str | None) -> s
 <h2>What is protected: the unit of privacy</h2>
 <div class="cols"><div class="col" id="record-level"><h3>Record-level guarantee (each site)</h3>
 <p><b>{'ON' if rl['enabled'] else '<span class="bad">OFF</span>'}</b>, {_e(rl.get('accountant') or '')} accountant.</p>
-<p>Unit: {_e(report['unit']['record_level'])}</p><p>Neighbouring datasets: {_e(report['unit']['neighbouring'])}</p></div>
+<p>Unit: {_e(report['unit']['record_level'])}</p>
+<p>Neighbouring datasets: {_e(report['unit']['neighbouring'])}</p></div>
 <div class="col" id="client-level"><h3>Client-level guarantee (coordinator)</h3><p><b>{_e(cl_text)}</b></p>
 <p>Unit: {_e(report['unit']['client_level'])}</p><p>A separate guarantee: never added to or merged with the
 record-level ε.</p></div></div>
@@ -194,8 +202,8 @@ record-level ε.</p></div></div>
 <h2>Trust model</h2><h3>Who sees what</h3>{_list(tm['who_sees_what'])}<h3>What is protected</h3>{_list(tm['protected'])}
 <p><b>Noise generator:</b> {_e(tm['noise_generator'])}</p><h3>What is not covered</h3>{_list(tm['not_covered'])}
 <h2>Attestation</h2><p>{_e(att.get('note', ''))}</p>
-<p>Policy: {_e(att.get('policy', 'n/a'))} (SHA-256 <span class="digest">{_e(att.get('policy_sha256') or 'n/a')}</span>)</p>
-{_table(["round", "site", "TEE", "measurement", "code hash", "verified at (UTC)", "result"], att_rows, table_id="attestation-table", left=(1, 2, 6)) if att_rows else ''}
+<p>Policy: {_e(att.get('policy', 'n/a'))} (SHA-256 <span class="digest">{_e(att.get('policy_sha256') or 'n/a')}
+</span>)</p>{att_table}
 <h2>Storage</h2><p>Sealed: <b>{_f(st['sealed'])}</b>. Algorithm: {_e(st['algorithm'])}. What: {_e(st['what'])}.</p>
 <p>Keyring ({_e(ring.get('provider'))}): key ids {_e(', '.join(ring.get('key_ids', [])) or 'n/a')}; current
 {_e(ring.get('current') or 'n/a')}; retired {_e(', '.join(ring.get('retired', [])) or 'none')}; file last changed
@@ -206,6 +214,6 @@ record-level ε.</p></div></div>
 <pre>{_e(json.dumps(other, indent=1))}</pre>
 <h2>Regulatory mapping (informational)</h2><p>{_e(report['regulatory_disclaimer'])}</p>
 {_table(["regulation", "article", "duty", "supported in this report by"], reg, left=(0, 1, 2, 3))}
-<h2>OpenDP deployments registry</h2><pre id="opendp">{_e(json.dumps(report['opendp_registry'], indent=1, ensure_ascii=False))}</pre>
+<h2>OpenDP deployments registry</h2><pre id="opendp">{opendp}</pre>
 </body></html>
 """

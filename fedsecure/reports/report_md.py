@@ -39,7 +39,7 @@ def render(report: dict[str, Any], *, json_sha256: str, key_id: str | None) -> s
     out += ["", "## Unit of privacy", "",
             f"- Record level (each site): {'ON' if rl['enabled'] else 'OFF'}. Unit: {report['unit']['record_level']}",
             f"- Neighbouring datasets: {report['unit']['neighbouring']}",
-            f"- Client level (coordinator, a separate guarantee, never merged): "
+            "- Client level (coordinator, a separate guarantee, never merged): "
             + ("off" if not cl.get("enabled") else f"ε = {cl['epsilon']:.3f} at δ = {cl['delta']:.0e} over "
                f"{cl['rounds']} rounds") + f". Unit: {report['unit']['client_level']}", "",
             "## Privacy spent per site", ""]

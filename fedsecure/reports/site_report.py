@@ -55,8 +55,8 @@ def _dataset(path: Path, ledger: PrivacyLedger, site: str, events: list[dict[str
     budget = totals.epsilon_budget
     return {
         "site": site, "dataset": ledger.dataset, "ledger": str(path), "sealed": ledger.files.sealed,
-        "verified": True, "verification": f"OK: {len(entries)} entries, hash chain intact, every recorded ε "
-                                           "recomputed", "dataset_ledger_head": ledger.head, "ledger_entries": len(entries),
+        "verified": True, "verification": f"OK: {len(entries)} entries, hash chain intact, every recorded ε recomputed",
+        "dataset_ledger_head": ledger.head, "ledger_entries": len(entries),
         "status": "unbounded" if totals.non_private else ("exhausted" if budget is not None and recorded >= budget
                                                           else "active"),
         "retired_reason": None, "records": records, "delta": totals.delta,
@@ -101,7 +101,8 @@ def _failed(path: Path, site: str, error: str) -> dict[str, Any]:
 def build_site_report(state_dir: str | Path, ledgers: list[tuple[Path, PrivacyLedger | str]], *,
                       keyring: Path | None, key_provider: str = "file") -> dict[str, Any]:
     """The report of a site from its state directory and its opened ledgers (a ledger that failed to open is
-    given as its error message)."""
+    given as its error message).
+    """
     state = Path(state_dir).resolve()
     site = state.name
     events = _site_events(state)
