@@ -307,3 +307,21 @@ def test_pdf_is_printed_and_signed(tmp_path):
     pub = run / "keys" / "coordinator-report.pub.pem"
     res = _cli("report", "verify", str(run / "report.json"), "--key", str(pub))
     assert res.exit_code == 0 and "report.pdf" in res.output
+
+
+def test_client_level_guarantee_is_shown_apart_and_never_merged(tmp_path):
+    run = tmp_path / "run"
+    summary = make_run(run)
+    summary["privacy"]["client_level"] = {"enabled": True, "unit": "one site's entire contribution to a round",
+                                          "epsilon": 7.25, "delta": 1e-5, "clip": 1.0, "noise_multiplier": 1.1,
+                                          "rounds": 3, "q": [1.0], "accountant": "prv"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    report = build_run_report(run)
+    assert report["guarantees"]["client_level"]["epsilon"] == 7.25
+    assert all(s["epsilon"]["shown"] < 7.25 for s in report["sites"])  # record-level figures untouched by it
+    out = write_report(report, tmp_path / "out", signing_key=None)
+    html = (out.folder / "report.html").read_text()
+    client = html[html.index('id="client-level"'):html.index('<h2>Privacy spent per site')]
+    assert "ε = 7.250 at δ = 1e-05 over 3 rounds" in client and "never added to or merged" in client
+    record = html[html.index('id="record-level"'):html.index('id="client-level"')]
+    assert "7.25" not in record

@@ -332,11 +332,19 @@ class TopKGaps:
 
     @staticmethod
     def select(flat: np.ndarray, k: int) -> np.ndarray:
-        """The sorted indices of the ``k`` largest magnitudes."""
+        """The sorted indices of the ``k`` largest magnitudes; among equal magnitudes at the cut, the lowest
+        indices. The tie rule is ours, not ``argpartition``'s (whose choice among ties changed between NumPy
+        releases), so the same tensor gives the same bytes everywhere.
+        """
         if k >= flat.size:
             return np.arange(flat.size, dtype=np.int64)
-        idx = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]
-        return np.sort(idx)
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64)
+        mag = np.abs(flat)
+        cut = mag[np.argpartition(mag, flat.size - k)[flat.size - k]]  # the k-th largest magnitude
+        above = np.flatnonzero(mag > cut)
+        at = np.flatnonzero(mag == cut)[: k - above.size]
+        return np.sort(np.concatenate([above, at])).astype(np.int64)
 
     @staticmethod
     def max_bytes(k: int) -> int:
