@@ -188,7 +188,7 @@ def build_run_report(run_dir: str | Path) -> dict[str, Any]:
                        "client_level": client},
         "accounting": {"accountant": privacy.get("accountant"), "library": f"opacus {mech.library_version('opacus')}",
                        "independent": mech.method(privacy.get("accountant") or "prv"),
-                       "tolerance": mech.TOLERANCE,
+                       "tolerance": mech.TOLERANCE, "absolute_tolerance": mech.ABS_TOLERANCE,
                        "rule": "the larger of the site's figure and the recomputed one is shown"},
         "sites": sites,
         "releases": [{"site": s["site"], "mechanism": s["mechanism"]} for s in sites],
@@ -235,7 +235,7 @@ def findings(report: dict[str, Any], seeded: bool | None) -> list[dict[str, str]
         if e["within_tolerance"] is False:
             out.append(ev.finding("warning", f"{s['site']}: the site's ε and the independent recomputation differ by "
                                   f"{100 * (e['relative_difference'] or 0):+.2f}% (tolerance "
-                                  f"{100 * mech.TOLERANCE:.1f}%); the larger is shown."))
+                                  f"{100 * mech.TOLERANCE:.1f}% or {mech.ABS_TOLERANCE:g}); the larger is shown."))
         if s["delta_below_one_over_n"] is False:
             out.append(ev.finding("error", f"{s['site']}: δ = {s['delta']:.1e} is not below 1/N = 1/{s['records']}: "
                                   "the guarantee allows releasing a whole record."))

@@ -133,7 +133,8 @@ def _accounting(report: dict[str, Any]) -> str:
                      _e(e["checked_against"] or "n/a"), _f(site_fig), _f(e["this_run_recomputed"]), diff,
                      ok[e["within_tolerance"]], _eps_cell(e)])
     return (f"<p>Accountant: <b>{_e(a['accountant'])}</b> ({_e(a['library'])}). Recomputed independently from the "
-            f"mechanisms below with {_e(a['independent'])}; tolerance {100 * a['tolerance']:.1f}%; {_e(a['rule'])}.</p>"
+            f"mechanisms below with {_e(a['independent'])}; tolerance {100 * a['tolerance']:.1f}% or "
+            f"{a.get('absolute_tolerance', 0):g} absolute, whichever is larger; {_e(a['rule'])}.</p>"
             + _table(["site", "accountant", "compared", "site's ε", "recomputed ε", "difference", "result", "shown"],
                      rows, table_id="accounting-table"))
 

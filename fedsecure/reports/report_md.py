@@ -66,7 +66,8 @@ def render(report: dict[str, Any], *, json_sha256: str, key_id: str | None) -> s
                                 "∞" if r["epsilon_after"] is None else f"{r['epsilon_after']:.4f}"] for r in s["runs"]])
     a = report["accounting"]
     out += ["## Accounting", "", f"Accountant {a['accountant']} ({a['library']}); recomputed with {a['independent']}; "
-            f"tolerance {100 * a['tolerance']:.1f}%; {a['rule']}.", ""]
+            f"tolerance {100 * a['tolerance']:.1f}% or {a.get('absolute_tolerance', 0):g} absolute, whichever is "
+            f"larger; {a['rule']}.", ""]
     out += _table(["site", "compared", "site's ε", "recomputed", "difference", "within tolerance"],
                   [[s["site"] if report["kind"] == "run" else str(s["dataset"])[:12], s["epsilon"]["checked_against"],
                     _f(s["epsilon"]["lifetime_reported"] if s["epsilon"]["checked_against"] == "lifetime_reported"

@@ -131,7 +131,7 @@ def build_site_report(state_dir: str | Path, ledgers: list[tuple[Path, PrivacyLe
         "accounting": {"accountant": next((r["accountant"] for r in rows if r["accountant"]), None),
                        "library": f"opacus {mech.library_version('opacus')}",
                        "independent": mech.method(next((r["accountant"] for r in rows if r["accountant"]), "prv")),
-                       "tolerance": mech.TOLERANCE,
+                       "tolerance": mech.TOLERANCE, "absolute_tolerance": mech.ABS_TOLERANCE,
                        "rule": "the larger of the ledger's figure and the recomputed one is shown"},
         "sites": rows,
         "releases": [{"site": site, "dataset": r["dataset"], "mechanism": r["mechanism"]} for r in rows],
