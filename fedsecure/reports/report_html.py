@@ -109,10 +109,15 @@ def _charts(report: dict[str, Any]) -> str:
         out.append(line_chart(life, chart_id="chart-lifetime", title="Lifetime ε per dataset across runs",
                               x_label="run (in order of first use)", y_label="ε after the run", hline=budget,
                               hline_label=f"budget {budget:g}" if budget is not None else ""))
-    loss = [(i if isinstance(r, str) else r, v) for i, (r, v) in enumerate(report["series"]["eval_loss"])]
-    out.append(line_chart({"held-out loss": loss}, chart_id="chart-loss", title="What the spend bought: held-out loss",
-                          x_label=x_label if report["kind"] == "run" else "evaluation", y_label="loss",
-                          y_from_zero=False))
+    if report["kind"] == "run":
+        loss = {"held-out loss": [(r, v) for r, v in report["series"]["eval_loss"]]}
+    else:  # "<run>#<round>" labels: one line per run, by round
+        loss = {}
+        for label, v in report["series"]["eval_loss"]:
+            run, _, rnd = str(label).rpartition("#")
+            loss.setdefault(f"run …{run}", []).append((float(rnd) if rnd.isdigit() else 0.0, v))
+    out.append(line_chart(loss, chart_id="chart-loss", title="What the spend bought: held-out loss", x_label="round",
+                          y_label="loss", y_from_zero=False))
     if report["series"]["bytes"]:
         b = report["series"]["bytes"]
         out.append(line_chart({"down": [(r, d) for r, d, _ in b], "up": [(r, u) for r, _, u in b]},
@@ -176,6 +181,10 @@ def render(report: dict[str, Any], *, json_sha256: str, key_id: str | None) -> s
     other = {k: v for k, v in integ.items() if k not in ("audit_log", "ledger_heads", "ledgers")}
     att_table = _table(["round", "site", "TEE", "measurement", "code hash", "verified at (UTC)", "result"], att_rows,
                        table_id="attestation-table", left=(1, 2, 6)) if att_rows else ""
+    att_policy = (f"<p>Policy: {_e(att['policy'])} (SHA-256 <span class=\"digest\">{_e(att.get('policy_sha256'))}"
+                  "</span>)</p>" if att.get("policy") else "")
+    if att.get("node_key_id"):
+        att_policy += f"<p>Node key id: <span class=\"digest\">{_e(att['node_key_id'])}</span></p>"
     opendp = _e(json.dumps(report["opendp_registry"], indent=1, ensure_ascii=False))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -203,8 +212,7 @@ record-level ε.</p></div></div>
 <h2>Trust model</h2><h3>Who sees what</h3>{_list(tm['who_sees_what'])}<h3>What is protected</h3>{_list(tm['protected'])}
 <p><b>Noise generator:</b> {_e(tm['noise_generator'])}</p><h3>What is not covered</h3>{_list(tm['not_covered'])}
 <h2>Attestation</h2><p>{_e(att.get('note', ''))}</p>
-<p>Policy: {_e(att.get('policy', 'n/a'))} (SHA-256 <span class="digest">{_e(att.get('policy_sha256') or 'n/a')}
-</span>)</p>{att_table}
+{att_policy}{att_table}
 <h2>Storage</h2><p>Sealed: <b>{_f(st['sealed'])}</b>. Algorithm: {_e(st['algorithm'])}. What: {_e(st['what'])}.</p>
 <p>Keyring ({_e(ring.get('provider'))}): key ids {_e(', '.join(ring.get('key_ids', [])) or 'n/a')}; current
 {_e(ring.get('current') or 'n/a')}; retired {_e(', '.join(ring.get('retired', [])) or 'none')}; file last changed
