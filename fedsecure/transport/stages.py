@@ -332,9 +332,8 @@ class TopKGaps:
 
     @staticmethod
     def select(flat: np.ndarray, k: int) -> np.ndarray:
-        """The sorted indices of the ``k`` largest magnitudes; among equal magnitudes at the cut, the lowest
-        indices. The tie rule is ours, not ``argpartition``'s (whose choice among ties changed between NumPy
-        releases), so the same tensor gives the same bytes everywhere.
+        """The sorted indices of the ``k`` largest magnitudes; ties at the cut go to the lowest indices (our rule,
+        not ``argpartition``'s, whose choice changed between NumPy releases: same tensor, same bytes).
         """
         if k >= flat.size:
             return np.arange(flat.size, dtype=np.int64)
