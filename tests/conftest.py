@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the audit hook of tests/net.py in this process too (inactive until a test sets FEDSECURE_NET_LOG)
+__import__("runpy").run_path(str(Path(__file__).resolve().parent / "netguard" / "sitecustomize.py"))
 
 from fedsecure.config import SimulationConfig  # noqa: E402
 from fedsecure.data.synth import synthesize  # noqa: E402

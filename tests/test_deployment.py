@@ -24,6 +24,7 @@ from fedsecure.launch.engines import _descendants, _stop
 from fedsecure.launch.simulate import simulate
 
 from .conftest import global_adapter
+from .net import attempts, guarded_env, outbound
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::fedsecure.attestation.verify."
                                                            "SoftwareAttestationWarning")]
@@ -71,11 +72,13 @@ class Deployment:
                     "state_dir": f"state/{name}", "runtime_port": _port(), "privacy": self.site_privacy}
             (root / f"{name}.yaml").write_text(yaml.safe_dump({"site": site}))
         self.procs: dict[str, subprocess.Popen] = {}
+        self.net_log: Path | None = None  # set: every process started records its lookups and connects (tests/net.py)
 
     def start(self, name: str, *argv: str) -> subprocess.Popen:
         out = (self.root / f"{name}.out").open("ab")
+        env = guarded_env(self.net_log) if self.net_log else dict(os.environ)
         proc = subprocess.Popen([FEDSECURE, *argv], cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "COLUMNS": "200"})
+                                start_new_session=True, env={**env, "COLUMNS": "200"})
         out.close()
         self.procs[name] = proc
         return proc
@@ -149,12 +152,17 @@ def _registered(d: Deployment) -> bool:
 
 def test_two_sites_two_rounds_with_tls_and_node_auth_match_the_simulation(tmp_path):
     d = Deployment(tmp_path, private=False)
+    d.net_log = tmp_path / "net.jsonl"
     try:
         _two_sites_match_the_simulation(d)
     finally:
         d.stop_all()
         time.sleep(1)
     assert not _running_with(f"127.0.0.1:{d.port}") and not _running_with(str(tmp_path)), "processes left running"
+    # server, SuperLink, SuperExec, ServerApp, clients, SuperNodes, ClientApps, workers: nothing but loopback (the
+    # configured coordinator address here) was looked up or contacted; no Flower telemetry
+    assert attempts(d.net_log)  # the guard ran in those processes
+    assert outbound(d.net_log) == [], outbound(d.net_log)[:5]
 
 
 def _two_sites_match_the_simulation(d: Deployment) -> None:

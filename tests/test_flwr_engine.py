@@ -29,7 +29,12 @@ def _flower_processes() -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_flwr_run_and_inprocess_give_the_same_global_adapter(site_data, tmp_path):
+def test_flwr_run_and_inprocess_give_the_same_global_adapter(site_data, tmp_path, monkeypatch):
+    from tests.net import guarded_env, outbound
+
+    net = tmp_path / "net.jsonl"  # every process of the run records its lookups and connects here
+    for k, v in guarded_env(net).items():
+        monkeypatch.setenv(k, v)
     before = _flower_processes()
     cfg = small_config(site_data)
     simulate(cfg, run_dir=tmp_path / "inprocess")
@@ -52,3 +57,5 @@ def test_flwr_run_and_inprocess_give_the_same_global_adapter(site_data, tmp_path
     assert max(float(np.abs(b[k] - init[k]).max()) for k in b) > 1e-3
     # everything the engine started has been stopped
     assert _flower_processes() <= before
+    # and nothing but loopback was contacted: no Flower telemetry, no Ray usage statistics, no hub
+    assert outbound(net) == [], outbound(net)[:5]

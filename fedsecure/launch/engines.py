@@ -165,7 +165,7 @@ def run_flwr_engine(cfg: SimulationConfig, run_dir: Path, *, timeout_s: float = 
     rc_file = home / "run-config.toml"
     rc_file.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config(cfg, run_dir).items()),
                        encoding="utf-8")
-    env = flower_env(home)
+    env = ray_env(home)
     log_file = (run_dir / "flwr-superlink.log").open("wb")
     superlink = subprocess.Popen(
         [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -218,11 +218,28 @@ def flower_env(home: Path) -> dict[str, str]:
 
     Flower's processes spawn each other by name (flower-superexec, flwr-simulation, flwr-clientapp):
     this interpreter's bin directory goes first on PATH so they are this installation's. Runtime
-    dependency installation and the update check are off (no network at run time).
+    dependency installation, the update check and every library's telemetry are off (no network at run time).
     """
+    from fedsecure import NO_PHONE_HOME
+
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", **NO_PHONE_HOME}
+
+
+def ray_env(home: Path) -> dict[str, str]:
+    """:func:`flower_env` for the Ray engine, which Ray would otherwise use to look beyond this machine: its usage
+    statistics off, its node address loopback (a one-machine simulation: no route lookup), and a HOME holding an
+    (empty) ``ray_bootstrap_config.yaml``, without which Ray's dashboard probes the cloud metadata services
+    (169.254.169.254, metadata.google.internal) even with usage statistics off (Ray 2.x, ``usage_stats_head.run``).
+    """
+    ray_home = home / "ray-home"
+    ray_home.mkdir(parents=True, exist_ok=True)
+    bootstrap = ray_home / "ray_bootstrap_config.yaml"
+    if not bootstrap.exists():
+        bootstrap.write_text("# fedsecure: present so that Ray does not probe cloud metadata services\n"
+                             "provider: {type: local}\n", encoding="utf-8")
+    return {**flower_env(home), "HOME": str(ray_home), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, *, context: ssl.SSLContext | None = None,
