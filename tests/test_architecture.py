@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training",),  # local steps and DP-SGD
     ("attestation",),  # evidence, policy, round protocol, one module per TEE
     ("transport",),  # the update codec and its session
-    ("reports",),  # documents for people
+    ("reports", "observe"),  # documents for people; the Prometheus endpoint for operators
     ("federation",),  # Flower glue: the only Flower importer
     ("launch",),  # simulation, engines, deployment processes, certificates
     ("cli",),  # wiring of the command line; nothing imports it

@@ -19,6 +19,7 @@ from fedsecure.config.run import (
     DataSettings,
     FederationSettings,
     LoraSettings,
+    MetricsSettings,
     ModelSettings,
     PrivacySettings,
     StorageSettings,
@@ -32,7 +33,8 @@ from fedsecure.config.site import SimulatedSites, SiteAttestation, SiteLimits, S
 
 __all__ = [
     "ACCOUNTANTS", "PRESETS", "PROVIDERS", "AttestationSettings", "ClientDPSettings", "DataSettings",
-    "FederationSettings", "LoraSettings", "ModelSettings", "PrivacySettings", "SimulatedSites", "SimulationConfig",
+    "FederationSettings", "LoraSettings", "MetricsSettings", "ModelSettings", "PrivacySettings", "SimulatedSites",
+    "SimulationConfig",
     "SiteAttestation", "SiteLimits", "SitePolicy", "SiteSettings", "StorageSettings", "TensorRule", "TrainSettings",
     "TransportSettings", "check_accountant", "finite", "flatten", "from_mapping", "load_config", "parse_override",
     "parse_tensor_rules", "read_yaml", "require", "set_dotted", "to_dict", "unflatten",

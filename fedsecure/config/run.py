@@ -282,6 +282,20 @@ class TransportSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The coordinator's Prometheus endpoint: off by default, on loopback unless configured otherwise."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+    def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
+        require(bool(self.host.strip()), f"{prefix}.host", self.host, "must be an address to bind, e.g. 127.0.0.1")
+        require(0 <= self.port <= 65535, f"{prefix}.port", self.port, "must be a TCP port (0 = any free port)")
+
+
+@dataclass(frozen=True)
 class AttestationSettings:
     """TEE attestation of every update (coordinator side): the sites' providers are their own (``site.attestation``)."""
 

@@ -12,6 +12,7 @@ from fedsecure.config.run import (
     AttestationSettings,
     DataSettings,
     FederationSettings,
+    MetricsSettings,
     ModelSettings,
     PrivacySettings,
     StorageSettings,
@@ -35,6 +36,7 @@ class SimulationConfig:
     storage: StorageSettings = field(default_factory=StorageSettings)
     transport: TransportSettings = field(default_factory=TransportSettings)
     attestation: AttestationSettings = field(default_factory=AttestationSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     site: SimulatedSites = field(default_factory=SimulatedSites)  # the simulated sites' own settings
 
     def validate(self) -> SimulationConfig:
@@ -47,6 +49,7 @@ class SimulationConfig:
         self.storage.validate("storage")
         self.transport.validate("transport")
         self.attestation.validate("attestation")
+        self.metrics.validate("metrics")
         self.site.validate("site")
         return self
 

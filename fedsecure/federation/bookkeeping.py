@@ -21,6 +21,7 @@ from fedsecure.federation import keys
 from fedsecure.federation.aggregate import RoundLog
 from fedsecure.federation.checkpoint import Checkpoint, config_digest, refuse_unusable
 from fedsecure.federation.intake import TrainReply
+from fedsecure.observe.metrics import CoordinatorMetrics
 from fedsecure.privacy.client_dp import ClientLevelDP
 from fedsecure.reports import privacy as privacy_report
 from fedsecure.reports import run as run_report
@@ -60,6 +61,11 @@ class Bookkeeping:
         self.retired_names: set[str] = set()  # from a checkpoint: retired before a restart
         self.privacy_sites: dict[str, dict[str, Any]] = {}
         self.history: list[dict[str, Any]] = []
+        self.metrics: CoordinatorMetrics | None = None
+        if cfg.metrics.enabled:
+            self.metrics = CoordinatorMetrics()
+            port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+            log.warning("metrics: Prometheus endpoint on http://%s:%d/metrics", cfg.metrics.host, port)
 
     # ------------------------------------------------------------------ sites
     def name_of(self, node: int) -> str:
@@ -161,6 +167,9 @@ class Bookkeeping:
             summary["stopped"] = stopped
         self.run_dir.append_metrics(summary)
         self.history.append(summary)
+        if self.metrics is not None:
+            self.metrics.observe_round(summary, rl.sites, self.privacy_sites, self.retired_list(), self.audit.head,
+                                       self.audit.count)
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from a checkpoint: retired sites, privacy figures and the history so far."""
@@ -208,4 +217,7 @@ class Bookkeeping:
                    finished={"audit_head": head, "audit_entries": entries, "rounds_completed": rounds_completed,
                              "stopped": stopped, "final_adapter": final_adapter.name}).write(self.run_dir)
         write_run_report(self.run_dir.path, self.cfg.storage.keyring)
+        if self.metrics is not None:
+            self.metrics.audit.info({"head": head, "entries": str(entries)})
+            self.metrics.close()
         return summary

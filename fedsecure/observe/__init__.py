@@ -1,0 +1,1 @@
+"""Observation for operators: the coordinator's Prometheus endpoint (:mod:`fedsecure.observe.metrics`)."""
