@@ -288,11 +288,30 @@ class MetricsSettings:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9464
+    influx_url: str = ""  # optional push after every round: http(s)://host:8086 of an InfluxDB 1.x or 2.x
+    influx_db: str = ""  # 1.x: the database (/write?db=)
+    influx_org: str = ""  # 2.x: org and bucket (/api/v2/write)
+    influx_bucket: str = ""
+    influx_token_env: str = ""  # 2.x: the NAME of the environment variable holding the token (never the token)
+
+    @property
+    def influx_version(self) -> int:
+        """2 when an org and bucket are given, else 1."""
+        return 2 if self.influx_bucket else 1
 
     def validate(self, prefix: str) -> None:
         """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(bool(self.host.strip()), f"{prefix}.host", self.host, "must be an address to bind, e.g. 127.0.0.1")
         require(0 <= self.port <= 65535, f"{prefix}.port", self.port, "must be a TCP port (0 = any free port)")
+        if self.influx_url:
+            require(self.influx_url.startswith(("http://", "https://")), f"{prefix}.influx_url", self.influx_url,
+                    "must be an http:// or https:// URL of an InfluxDB")
+            if self.influx_bucket:
+                require(bool(self.influx_org), f"{prefix}.influx_org", self.influx_org,
+                        "must name the InfluxDB 2.x organisation of influx_bucket")
+            else:
+                require(bool(self.influx_db), f"{prefix}.influx_db", self.influx_db,
+                        "must name an InfluxDB 1.x database (or give influx_org and influx_bucket for 2.x)")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from fedsecure.federation import keys
 from fedsecure.federation.aggregate import RoundLog
 from fedsecure.federation.checkpoint import Checkpoint, config_digest, refuse_unusable
 from fedsecure.federation.intake import TrainReply
+from fedsecure.observe.influx import InfluxPusher, round_lines
 from fedsecure.observe.metrics import CoordinatorMetrics
 from fedsecure.privacy.client_dp import ClientLevelDP
 from fedsecure.reports import privacy as privacy_report
@@ -62,6 +63,7 @@ class Bookkeeping:
         self.privacy_sites: dict[str, dict[str, Any]] = {}
         self.history: list[dict[str, Any]] = []
         self.metrics: CoordinatorMetrics | None = None
+        self.influx = InfluxPusher(cfg.metrics) if cfg.metrics.influx_url else None
         if cfg.metrics.enabled:
             self.metrics = CoordinatorMetrics()
             port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
@@ -170,6 +172,8 @@ class Bookkeeping:
         if self.metrics is not None:
             self.metrics.observe_round(summary, rl.sites, self.privacy_sites, self.retired_list(), self.audit.head,
                                        self.audit.count)
+        if self.influx is not None:
+            self.influx.push(round_lines(self.run_dir.path.name, summary, self.privacy_sites, time.time_ns()))
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from a checkpoint: retired sites, privacy figures and the history so far."""
