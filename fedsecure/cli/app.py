@@ -19,7 +19,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from fedsecure.cli import attest, budget, certs, data, ledger, model, report, run, storage
+from fedsecure.cli import attest, budget, certs, data, doctor, ledger, model, report, run, storage
 
 
 def _literal(text: str | None) -> str | None:
@@ -132,6 +132,7 @@ _command(app, "seal", storage.seal_cmd)
 _command(app, "open", storage.open_cmd)
 _command(app, "inspect", storage.inspect_cmd)
 _command(app, "report", report.report_cmd)
+_command(app, "doctor", doctor.doctor_cmd)
 _group("certs", "Consortium TLS CA, coordinator certificate and site authentication keys.",
        {"init": certs.certs_init, "add-site": certs.certs_add_site})
 _group("attest", "TEE attestation evidence: inspect, verify, this build's code hash.",

@@ -1,0 +1,212 @@
+"""``fedsecure doctor``: a pre-flight check of a site's or the coordinator's deployment, changing nothing.
+
+Each check gives OK, WARN or FAIL with what was found and, where it failed, the fix. A FAIL means the process
+would not start or would run unsafely (unreadable config, a key file others can read, a tampered ledger, an
+expired certificate); a WARN is worth knowing (the coordinator not reachable yet, software attestation, little
+disk). Nothing is created: no keyring, no state folder, no ledger entry.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsecure.errors import FedSecureError
+
+MIN_FREE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the doctor's report."""
+
+    status: str  # OK | WARN | FAIL
+    name: str
+    detail: str
+
+
+def _private(path: Path, what: str) -> Check:
+    if not path.is_file():
+        return Check("FAIL", what, f"{path} is missing. Fix: restore it (see the README's Deployment section).")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        return Check("FAIL", what, f"{path} has mode {oct(mode)}: others can read it. Fix: chmod 600 {path}")
+    return Check("OK", what, f"{path} (mode {oct(mode)})")
+
+
+def _certificate(path: Path, what: str, host: str | None = None) -> Check:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as e:
+        return Check("FAIL", what, f"{path} cannot be read as a PEM certificate ({e}). Fix: `fedsecure certs init`.")
+    now = _dt.datetime.now(_dt.UTC)
+    if cert.not_valid_after_utc <= now:
+        return Check("FAIL", what, f"{path} expired on {cert.not_valid_after_utc:%Y-%m-%d}. Fix: issue a new one.")
+    left = (cert.not_valid_after_utc - now).days
+    if host is not None:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = set(san.get_values_for_type(x509.DNSName)) | {str(i) for i in san.get_values_for_type(
+                x509.IPAddress)}
+        except x509.ExtensionNotFound:
+            names = set()
+        if host not in names and host not in ("0.0.0.0", "::"):
+            return Check("FAIL", what, f"{path} does not name {host} (it names {', '.join(sorted(names))}). Fix: "
+                                       f"`fedsecure certs init --host {host}`.")
+    return Check("WARN" if left < 30 else "OK", what, f"{path}: valid for {left} more days")
+
+
+def _disk(folder: Path) -> Check:
+    probe = folder if folder.exists() else folder.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    status = "OK" if free >= MIN_FREE_BYTES else "WARN"
+    return Check(status, "disk", f"{free / (1 << 30):.1f} GiB free under {probe}")
+
+
+def _reachable(address: str, timeout: float = 3.0) -> Check:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        return Check("WARN", "coordinator", f"{address} does not answer ({e}); fine if the coordinator is not "
+                                            "started yet")
+    return Check("OK", "coordinator", f"{address} accepts connections")
+
+
+def site_checks(config: Path) -> list[Check]:
+    """Every check of a site's deployment (its ``site.yaml``)."""
+    from fedsecure.launch.deploy_config import load_site_config
+
+    try:
+        sc = load_site_config(config)
+    except FedSecureError as e:
+        return [Check("FAIL", "config", str(e))]
+    out = [Check("OK", "config", f"{config}: site {sc.name}, its privacy policy checked against its data")]
+    out.append(_certificate(sc.tls_ca, "consortium CA"))
+    out.append(_private(sc.auth_key, "SuperNode key"))
+    out.append(_keyring(sc.settings))
+    out += _ledgers(sc.settings, sc.state_dir)
+    provider = sc.settings.attestation.provider
+    if provider == "software":
+        out.append(Check("WARN", "attestation", "provider software: development only, it proves nothing about "
+                                                "this machine; a production coordinator will refuse it"))
+    elif provider in ("tdx", "sev-snp"):
+        root = Path(sc.settings.attestation.configfs_root)
+        out.append(Check("OK" if root.is_dir() else "FAIL", "attestation",
+                         f"{provider}: {root} " + ("present" if root.is_dir() else
+                                                   "is missing. Fix: run inside the TEE guest with configfs-tsm")))
+    else:
+        out.append(Check("OK", "attestation", f"provider {provider}"))
+    out.append(_disk(sc.state_dir))
+    out.append(_telemetry())
+    out.append(_reachable(sc.superlink))
+    return out
+
+
+def _keyring(site: Any) -> Check:
+    from fedsecure.crypto.keys import load_keyring
+    from fedsecure.store.keyrings import default_site_keyring_path
+
+    st = site.storage
+    if not st.seal:
+        return Check("WARN", "keyring", "site.storage.seal is off: ledgers and adapters are stored in the clear")
+    default = default_site_keyring_path(str(site.state_dir), str(site.name))
+    if st.key_provider == "file":
+        path = Path(st.keyring) if st.keyring else default
+        if not st.keyring and not path.exists():
+            return Check("WARN", "keyring", f"{path} does not exist yet: the site creates it (0600) at its first "
+                                            "start. Keep a backup: without it the sealed ledgers cannot be opened")
+        check = _private(path, "keyring")
+        if check.status != "OK":
+            return check
+    if st.key_provider == "command":
+        return Check("OK", "keyring", f"from a command ({st.key_command}); not run by the doctor")
+    try:
+        ring = load_keyring(st.key_provider, keyring_path=st.keyring, default_path=default, create_default=False)
+    except FedSecureError as e:
+        return Check("FAIL", "keyring", str(e))
+    return Check("OK", "keyring", f"{st.key_provider}: current key {ring.current if ring else 'n/a'}")
+
+
+def _ledgers(site: Any, state: Path) -> list[Check]:
+    from fedsecure.crypto.keys import load_keyring
+    from fedsecure.privacy.ledger import ledger_files, open_ledger_file
+    from fedsecure.store.keyrings import default_site_keyring_path
+
+    files = ledger_files(state)
+    if not files:
+        return [Check("OK", "ledgers", f"none yet in {state}")]
+    ring = None
+    st = site.storage
+    if st.seal and st.key_provider != "command":
+        try:
+            ring = load_keyring(st.key_provider, keyring_path=st.keyring, create_default=False,
+                                default_path=default_site_keyring_path(str(site.state_dir), str(site.name)))
+        except FedSecureError:
+            return [Check("FAIL", "ledgers", f"{len(files)} ledger(s) in {state} cannot be opened without the keyring")]
+    out = []
+    for f in files:
+        try:
+            led = open_ledger_file(f, ring)
+            out.append(Check("OK", "ledger", f"{f.name}: {len(led.entries)} entries, chain intact, ε recomputed"))
+        except FedSecureError as e:
+            out.append(Check("FAIL", "ledger", str(e)))
+    return out
+
+
+def _telemetry() -> Check:
+    from fedsecure import NO_PHONE_HOME
+
+    wrong = [k for k, v in NO_PHONE_HOME.items() if os.environ.get(k) != v]
+    if wrong:
+        return Check("FAIL", "telemetry", f"{', '.join(wrong)} not set as fedsecure sets them")
+    return Check("OK", "telemetry", "Flower, Ray and Hugging Face telemetry off; no hub downloads")
+
+
+def coordinator_checks(config: Path) -> list[Check]:
+    """Every check of the coordinator's deployment (its ``coordinator.yaml``)."""
+    from fedsecure.launch.deploy_config import load_coordinator_config
+
+    try:
+        cc = load_coordinator_config(config)
+    except FedSecureError as e:
+        return [Check("FAIL", "config", str(e))]
+    out = [Check("OK", "config", f"{config}: {len(cc.sites)} sites, attestation policy loaded")]
+    out.append(_certificate(cc.tls_ca, "consortium CA"))
+    out.append(_certificate(cc.tls_cert, "coordinator certificate", cc.host))
+    out.append(_private(cc.tls_key, "coordinator TLS key"))
+    for name, pub in sorted(cc.sites.items()):
+        out.append(Check("OK" if pub.is_file() else "FAIL", f"site {name}",
+                         f"{pub}" + ("" if pub.is_file() else " is missing. Fix: `fedsecure certs add-site`")))
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in cc.host else socket.AF_INET) as s:
+            s.bind((cc.host, cc.port))
+        out.append(Check("OK", "port", f"{cc.address} is free"))
+    except OSError as e:
+        out.append(Check("WARN", "port", f"{cc.address} cannot be bound ({e.strerror}): a coordinator may be running"))
+    out.append(_disk(cc.run_dir))
+    out.append(_telemetry())
+    return out
+
+
+def run_checks(config: Path) -> list[Check]:
+    """The checks for ``config``: a site's ``site.yaml`` or the coordinator's ``coordinator.yaml``."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        return [Check("FAIL", "config", f"{config} cannot be read: {e}")]
+    if isinstance(doc, dict) and "site" in doc:
+        return site_checks(Path(config))
+    return coordinator_checks(Path(config))
