@@ -41,6 +41,11 @@ def test_doctor_on_a_fresh_consortium_then_on_broken_files(tmp_path):
     res = runner.invoke(app, ["doctor", "-c", str(tmp_path / "site-0.yaml")])
     assert res.exit_code == 1 and "FAIL" in res.output
     os.chmod(key, 0o600)
+    good = key.read_bytes()
+    key.write_bytes(b"not a key")
+    site = _by_name(run_checks(tmp_path / "site-0.yaml"))
+    assert site["SuperNode key"].status == "FAIL" and "not an OpenSSH private key" in site["SuperNode key"].detail
+    key.write_bytes(good)
 
     (tmp_path / "certs" / "coordinator.pem").write_text("not a certificate")
     coord = _by_name(run_checks(tmp_path / "coordinator.yaml"))

@@ -39,6 +39,20 @@ def _private(path: Path, what: str) -> Check:
     return Check("OK", what, f"{path} (mode {oct(mode)})")
 
 
+def _ssh_key(path: Path) -> Check:
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    check = _private(path, "SuperNode key")
+    if check.status != "OK":
+        return check
+    try:
+        load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as e:
+        return Check("FAIL", "SuperNode key", f"{path} is not an OpenSSH private key ({e}). Fix: restore the key "
+                                              "`fedsecure certs add-site` wrote for this site.")
+    return check
+
+
 def _certificate(path: Path, what: str, host: str | None = None) -> Check:
     from cryptography import x509
 
@@ -93,7 +107,7 @@ def site_checks(config: Path) -> list[Check]:
         return [Check("FAIL", "config", str(e))]
     out = [Check("OK", "config", f"{config}: site {sc.name}, its privacy policy checked against its data")]
     out.append(_certificate(sc.tls_ca, "consortium CA"))
-    out.append(_private(sc.auth_key, "SuperNode key"))
+    out.append(_ssh_key(sc.auth_key))
     out.append(_keyring(sc.settings))
     out += _ledgers(sc.settings, sc.state_dir)
     provider = sc.settings.attestation.provider
