@@ -3,7 +3,8 @@
 It records, through an audit hook (PEP 578), every name lookup and every connect attempt the process makes while
 FEDSECURE_NET_LOG names a file, one JSON line each; the test then checks that none of them leaves loopback (see
 tests/net.py). An attempt is recorded before it can fail, so a lookup this machine's closed network would refuse
-still counts.
+still counts. Then any attempt beyond loopback is refused (OSError), so that even on a machine with a network a
+test never lets one out.
 """
 
 import json
@@ -32,6 +33,10 @@ def _record(event: str, args: tuple) -> None:
             f.write(json.dumps(line) + "\n")
     except OSError:
         pass
+    h = line["host"]
+    if not (h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::", "", None)
+            or (isinstance(h, str) and h.startswith(("127.", "/", "\0", "@")))):
+        raise OSError(f"tests/netguard: {event} to {h!r} refused (a test lets nothing leave loopback)")
 
 
 if not getattr(sys, "_fedsecure_netguard", False):
