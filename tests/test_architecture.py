@@ -98,6 +98,17 @@ def test_app_components_stay_thin():
         assert len(p.read_text().splitlines()) < 100
 
 
+def test_only_the_coordinators_records_feed_metrics():
+    """The metrics and InfluxDB settings travel in the run config, which a site also receives: no site code may act
+    on them (a coordinator's run config must not make a site open an endpoint or push figures anywhere)."""
+    users = sorted(str(p.relative_to(PACKAGE)) for p in _library_modules()
+                   if any(n.startswith("fedsecure.observe") for n in _imports(p))
+                   and p.parent.name != "observe")
+    assert users == ["federation/bookkeeping.py"], users
+    for p in (PACKAGE / "federation").glob("site*.py"):
+        assert ".metrics" not in p.read_text(), p
+
+
 def test_no_library_file_is_over_400_lines():
     big = {str(p.relative_to(ROOT)): n for p in _library_modules() if (n := len(p.read_text().splitlines())) > 400}
     assert big == {}

@@ -244,6 +244,15 @@ def test_a_sealed_ledger_without_its_keyring_is_reported_not_shown_as_fine(tmp_p
     assert row["verified"] is False and "keyring" in row["verification"]
 
 
+def test_verifying_an_unsigned_report_says_it_is_not_signed(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    assert _cli("report", str(run), "--no-sign").exit_code == 0
+    assert not (run / "report.dsse.json").exists()
+    res = _cli("report", "verify", str(run / "report.json"), "--key", str(tmp_path / "any.pem"))
+    assert res.exit_code == 2 and "not signed" in res.output and "Fix:" in res.output
+
+
 def test_bad_input_gets_a_clear_error(tmp_path):
     res = _cli("report", str(tmp_path))
     assert res.exit_code == 2 and "summary.json is missing" in res.output and "Fix:" in res.output

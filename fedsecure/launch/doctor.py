@@ -108,8 +108,9 @@ def site_checks(config: Path) -> list[Check]:
     out = [Check("OK", "config", f"{config}: site {sc.name}, its privacy policy checked against its data")]
     out.append(_certificate(sc.tls_ca, "consortium CA"))
     out.append(_ssh_key(sc.auth_key))
-    out.append(_keyring(sc.settings))
-    out += _ledgers(sc.settings, sc.state_dir)
+    keyring, ring = _keyring(sc.settings)
+    out.append(keyring)
+    out += _ledgers(sc.state_dir, ring)
     provider = sc.settings.attestation.provider
     if provider == "software":
         out.append(Check("WARN", "attestation", "provider software: development only, it proves nothing about "
@@ -127,53 +128,47 @@ def site_checks(config: Path) -> list[Check]:
     return out
 
 
-def _keyring(site: Any) -> Check:
+def _keyring(site: Any) -> tuple[Check, Any]:
+    """The keyring check and the keyring itself (None when sealing is off, the file is not there yet, it comes from
+    a command the doctor does not run, or it failed), loaded once for the ledger checks too.
+    """
     from fedsecure.crypto.keys import load_keyring
     from fedsecure.store.keyrings import default_site_keyring_path
 
     st = site.storage
     if not st.seal:
-        return Check("WARN", "keyring", "site.storage.seal is off: ledgers and adapters are stored in the clear")
+        return Check("WARN", "keyring", "site.storage.seal is off: ledgers and adapters are stored in the clear"), None
+    if st.key_provider == "command":
+        return Check("OK", "keyring", f"from a command ({st.key_command}); not run by the doctor"), None
     default = default_site_keyring_path(str(site.state_dir), str(site.name))
     if st.key_provider == "file":
         path = Path(st.keyring) if st.keyring else default
         if not st.keyring and not path.exists():
-            return Check("WARN", "keyring", f"{path} does not exist yet: the site creates it (0600) at its first "
-                                            "start. Keep a backup: without it the sealed ledgers cannot be opened")
+            why = (f"{path} does not exist yet: the site creates it (0600) at its first start. Keep a backup: "
+                   "without it the sealed ledgers cannot be opened")
+            return Check("WARN", "keyring", why), None
         check = _private(path, "keyring")
         if check.status != "OK":
-            return check
-    if st.key_provider == "command":
-        return Check("OK", "keyring", f"from a command ({st.key_command}); not run by the doctor")
+            return check, None
     try:
         ring = load_keyring(st.key_provider, keyring_path=st.keyring, default_path=default, create_default=False)
     except FedSecureError as e:
-        return Check("FAIL", "keyring", str(e))
-    return Check("OK", "keyring", f"{st.key_provider}: current key {ring.current if ring else 'n/a'}")
+        return Check("FAIL", "keyring", str(e)), None
+    return Check("OK", "keyring", f"{st.key_provider}: current key {ring.current if ring else 'n/a'}"), ring
 
 
-def _ledgers(site: Any, state: Path) -> list[Check]:
-    from fedsecure.crypto.keys import load_keyring
+def _ledgers(state: Path, ring: Any) -> list[Check]:
     from fedsecure.privacy.ledger import ledger_files, open_ledger_file
-    from fedsecure.store.keyrings import default_site_keyring_path
 
     files = ledger_files(state)
     if not files:
         return [Check("OK", "ledgers", f"none yet in {state}")]
-    ring = None
-    st = site.storage
-    if st.seal and st.key_provider != "command":
-        try:
-            ring = load_keyring(st.key_provider, keyring_path=st.keyring, create_default=False,
-                                default_path=default_site_keyring_path(str(site.state_dir), str(site.name)))
-        except FedSecureError:
-            return [Check("FAIL", "ledgers", f"{len(files)} ledger(s) in {state} cannot be opened without the keyring")]
     out = []
     for f in files:
         try:
             led = open_ledger_file(f, ring)
             out.append(Check("OK", "ledger", f"{f.name}: {len(led.entries)} entries, chain intact, ε recomputed"))
-        except FedSecureError as e:
+        except FedSecureError as e:  # a sealed ledger without its keyring fails here, naming the keyring
             out.append(Check("FAIL", "ledger", str(e)))
     return out
 

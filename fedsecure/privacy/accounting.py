@@ -91,7 +91,7 @@ def default_delta(num_records: int) -> float:
     return min(1e-5, 1.0 / (10.0 * max(1, num_records)))
 
 
-def _merge(spends: Iterable[Spend]) -> tuple[tuple[float, float, int], ...]:
+def merge_spends(spends: Iterable[Spend]) -> tuple[tuple[float, float, int], ...]:
     # Composition only depends on the multiset of (sigma, q) with their step counts, so equal
     # mechanisms are merged: that keeps PRV fast over hundreds of rounds.
     merged: OrderedDict[tuple[float, float], int] = OrderedDict()
@@ -106,7 +106,7 @@ def epsilon_of(spends: Sequence[Spend], delta: float, accountant: str = "prv") -
     check_accountant(accountant)
     if not 0.0 < delta < 1.0:
         raise ConfigError(f"privacy.delta must be in (0, 1); found {delta}.")
-    return _epsilon(_merge(spends), float(delta), accountant)
+    return _epsilon(merge_spends(spends), float(delta), accountant)
 
 
 @lru_cache(maxsize=4096)
@@ -153,7 +153,7 @@ def calibrate_noise(*, epsilon_budget: float, delta: float, spent: Sequence[Spen
     ``spent`` is what the dataset has already spent. Returns None when even ``SIGMA_MAX`` would
     overshoot (the budget is exhausted). The result never overshoots: the returned σ is checked.
     """
-    return _calibrate(float(epsilon_budget), float(delta), _merge(spent), float(q), int(steps), accountant,
+    return _calibrate(float(epsilon_budget), float(delta), merge_spends(spent), float(q), int(steps), accountant,
                       float(tolerance), float(sigma_min))
 
 

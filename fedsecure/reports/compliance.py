@@ -111,14 +111,15 @@ def _site(name: str, reported: dict[str, Any], trained: list[dict[str, Any]], re
     }
 
 
-def _attestation(run_dir: Path, summary: dict[str, Any], audit_ok: bool) -> dict[str, Any]:
+def _attestation(run_dir: Path, summary: dict[str, Any], audit_ok: bool, events: list[dict[str, Any]]
+                 ) -> dict[str, Any]:
     att = summary.get("attestation") or {}
     if not att.get("enabled"):
         return {"enabled": False, "records": [], "note": "Attestation was off: updates were accepted without "
                 "evidence; nothing proves which code or DP settings a site ran."}
     policy = Path(att.get("policy") or run_dir / "attestation-policy.yaml")
     records = []
-    for e in ev.audit_events(run_dir / "audit.log", _ATTESTATION_EVENTS):
+    for e in (e for e in events if e["event"] in _ATTESTATION_EVENTS):
         records.append({"round": e.get("round"), "site": e.get("site"), "tee": e.get("tee") or e.get("provider"),
                         "measurement": e.get("measurement"), "code_hash": e.get("code_hash"),
                         "dp_config_sha256": e.get("dp_config_sha256"), "verified_at": e.get("time"),
@@ -158,14 +159,15 @@ def build_run_report(run_dir: str | Path) -> dict[str, Any]:
     metrics = _metrics(run / "metrics.jsonl")
     audit = ev.audit_summary(run / "audit.log")
     privacy = summary.get("privacy") or {}
-    site_events = ev.audit_events(run / "audit.log", _SITE_EVENTS)
+    events = ev.audit_events(run / "audit.log", _ATTESTATION_EVENTS | _SITE_EVENTS)  # one read of the log
+    site_events = [e for e in events if e["event"] in _SITE_EVENTS]
     sites = []
     for name, reported in sorted((privacy.get("sites") or {}).items()):
         trained = [m for m in metrics if m.get("site") == name and "steps" in m and m.get("round", 0) > 0]
         refusals = [{**e, "round": e.get("round")} for e in site_events if e.get("site") == name]
         sites.append(_site(name, reported, trained, refusals, privacy.get("accountant", "prv")))
     rounds = summary.get("rounds") or []
-    attestation = _attestation(run, summary, audit["verified"])
+    attestation = _attestation(run, summary, audit["verified"], events)
     seeded = (config.get("site") or {}).get("noise_seed") is not None if config else None
     client = privacy.get("client_level") or {"enabled": False}
     checkpoint = run / "coordinator-state.json"
@@ -216,11 +218,11 @@ def build_run_report(run_dir: str | Path) -> dict[str, Any]:
     return report
 
 
-def findings(report: dict[str, Any], seeded: bool | None) -> list[dict[str, str]]:
-    """What a reader must know before the figures: failures first."""
+def findings(report: dict[str, Any], seeded: bool | None, *, audit_log: bool = True) -> list[dict[str, str]]:
+    """What a reader must know before the figures: failures first (``audit_log=False``: a view without one)."""
     out = []
     audit = report["integrity"]["audit_log"]
-    if not audit["verified"]:
+    if audit_log and not audit["verified"]:
         out.append(ev.finding("error", f"Audit log: {audit['result']}"))
     if not report["guarantees"]["record_level"]["enabled"]:
         out.append(ev.finding("error", "Record-level DP was OFF: the updates of this run are not private."))

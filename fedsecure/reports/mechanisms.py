@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
+
+from fedsecure.privacy.accounting import Spend, merge_spends
 
 #: Relative tolerance between the sites' ε and the independent recomputation, beyond which the report flags it...
 TOLERANCE = 0.005
@@ -36,15 +38,6 @@ def library_version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "absent"
-
-
-def _merge(history: Iterable[Release]) -> tuple[Release, ...]:
-    """Equal (σ, q) merged, in first-seen order: composition depends only on the multiset."""
-    merged: dict[tuple[float, float], int] = {}
-    for sigma, q, steps in history:
-        if steps > 0 and q > 0:
-            merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
-    return tuple((s, q, n) for (s, q), n in merged.items())
 
 
 def describe(history: Sequence[Release]) -> dict[str, Any]:
@@ -93,7 +86,8 @@ def method(accountant: str) -> str:
 
 def recompute(description: Mapping[str, Any], delta: float, accountant: str) -> float:
     """ε of the described releases at ``delta`` by dp-accounting (PLD for ``prv``, RDP for ``rdp``)."""
-    return _recompute(_merge(releases_of(description)), float(delta), "rdp" if accountant == "rdp" else "pld")
+    history = merge_spends(Spend(*r) for r in releases_of(description))
+    return _recompute(history, float(delta), "rdp" if accountant == "rdp" else "pld")
 
 
 @lru_cache(maxsize=4096)
