@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -214,11 +216,26 @@ def test_site_events_describe_every_kind():
     assert site_events.describe("h", {**base, "event": "unknown"}) is None
 
 
-def test_gitignore_keeps_key_material_and_site_state_out(tmp_path):
+def _ignored(root, rel):
+    res = subprocess.run(["git", "check-ignore", "--no-index", "-q", rel], cwd=root, capture_output=True)
+    assert res.returncode in (0, 1), res.stderr
+    return res.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_gitignore_keeps_key_material_and_site_state_out_but_ships_the_deploy_files():
     root = Path(__file__).resolve().parents[1]
-    ignored = (root / ".gitignore").read_text().split()
-    assert {"deploy/", "state/", "*.key"} <= set(ignored)
-    assert os.path.exists(root / ".gitignore")
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    for rel in ["deploy/ca.key", "deploy/ca.pem", "deploy/coordinator.yaml", "deploy/attestation-policy.yaml",
+                "deploy/sites/hospital-a/auth.key", "deploy/sites/hospital-a/site.yaml", "deploy/data/site-0/x.jsonl",
+                "deploy/runs/r1/metrics.jsonl", "state/site-0/ledger.json", "anywhere/site.key", "runs/x"]:
+        assert _ignored(root, rel), f"{rel} would be committed"
+    shipped = [p.relative_to(root).as_posix() for d in ("ansible", "prometheus", "grafana", "container")
+               for p in (root / "deploy" / d).rglob("*") if p.is_file()]
+    assert len(shipped) >= 8
+    for rel in shipped:
+        assert not _ignored(root, rel), f"{rel} is shipped but .gitignore keeps it out of a clone"
 
 
 def test_a_second_stop_signal_does_not_interrupt_the_clean_up_of_the_first():
