@@ -102,9 +102,16 @@ def test_only_the_coordinators_records_feed_metrics():
     """The metrics and InfluxDB settings travel in the run config, which a site also receives: no site code may act
     on them (a coordinator's run config must not make a site open an endpoint or push figures anywhere)."""
     users = sorted(str(p.relative_to(PACKAGE)) for p in _library_modules()
-                   if any(n.startswith("fedsecure.observe") for n in _imports(p))
+                   if any(n.startswith("fedsecure.observe") and n != "fedsecure.observe.hardware" for n in _imports(p))
                    and p.parent.name != "observe")
-    assert users == ["federation/bookkeeping.py"], users
+    # the coordinator's records; the site supervisors (deployment, simulation) that feed a site's own endpoint
+    # from its events file, with the site's own settings (site.yaml), never with a run config's
+    assert users == ["federation/bookkeeping.py", "launch/deploy.py", "launch/simulate.py"], users
+    # the site code reads only its GPUs' energy counter (EnergyMeter), and serves nothing
+    site_uses = {n for p in (PACKAGE / "federation").glob("site*.py") for n in _imports(p)
+                 if n.startswith("fedsecure.observe")}
+    assert site_uses <= {"fedsecure.observe.hardware"}, site_uses
+    assert "serve(" not in (PACKAGE / "federation" / "site.py").read_text()
     for p in (PACKAGE / "federation").glob("site*.py"):
         assert ".metrics" not in p.read_text(), p
 

@@ -25,6 +25,7 @@ from fedsecure.launch.simulate import simulate
 
 from .conftest import global_adapter
 from .net import attempts, guarded_env, outbound
+from .scrape import scrape as _scrape
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::fedsecure.attestation.verify."
                                                            "SoftwareAttestationWarning")]
@@ -66,10 +67,13 @@ class Deployment:
                   "tls_cert": "certs/coordinator.pem", "tls_key": "certs/coordinator.key",
                   "sites": {s: f"certs/sites/{s}/auth.pub" for s in ("site-0", "site-1")}}
         (root / "coordinator.yaml").write_text(yaml.safe_dump({"server": server, **self.federation}))
+        self.site_metrics_port = _port()
         for i, name in enumerate(["site-0", "site-1", "rogue"]):
             site = {"name": name, "superlink": f"127.0.0.1:{self.port}", "tls_ca": "certs/ca.pem",
                     "auth_key": f"certs/sites/{name}/auth.key", "data_dir": f"data/site-{min(i, 1)}",
                     "state_dir": f"state/{name}", "runtime_port": _port(), "privacy": self.site_privacy}
+            if name == "site-0":  # its own endpoint, served by its supervisor
+                site["metrics"] = {"enabled": True, "port": self.site_metrics_port}
             (root / f"{name}.yaml").write_text(yaml.safe_dump({"site": site}))
         self.procs: dict[str, subprocess.Popen] = {}
         self.net_log: Path | None = None  # set: every process started records its lookups and connects (tests/net.py)
@@ -196,6 +200,13 @@ def _two_sites_match_the_simulation(d: Deployment) -> None:
     assert report["findings"][0] == {"severity": "error", "text": "Record-level DP was OFF: the updates of this run "
                                      "are not private."}
     assert (d.root / "run" / "report.dsse.json").is_file()
+    # site-0's own endpoint (its supervisor outlives the run): two rounds trained WITHOUT DP, by its own choice
+    assert f"site site-0: metrics on http://127.0.0.1:{d.site_metrics_port}/metrics" in d.output("site-0")
+    site0 = d.wait_for(lambda: (m := _scrape(d.site_metrics_port)).get(
+        ("fedsecure_site_messages_total", (("outcome", "non-private"), ("site", "site-0")))) == 2 and m, 30)
+    assert site0[("fedsecure_site_last_round_non_private", (("site", "site-0"),))] == 1
+    assert site0[("fedsecure_site_last_trained_round", (("site", "site-0"),))] == 2
+    assert {dict(labels).get("site") for (_, labels) in site0} <= {"site-0", None}
 
     # the same seeds in the in-process simulation give the same global adapter
     fed = {**d.federation, "federation": {**d.federation["federation"], "sites": 2},

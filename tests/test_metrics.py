@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedsecure.config import MetricsSettings
 from fedsecure.errors import ConfigError
@@ -21,6 +20,7 @@ from fedsecure.federation import bookkeeping
 from fedsecure.launch.simulate import simulate
 
 from .conftest import small_config
+from .scrape import scrape as _scrape
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -30,12 +30,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def test_endpoint_figures_equal_the_run_records_round_by_round(site_data, tmp_path, monkeypatch):

@@ -288,6 +288,7 @@ class MetricsSettings:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 9464
+    site_port: int = 9465  # fedsecure simulate: simulated site i serves its own endpoint on site_port + i (0 = free)
     influx_url: str = ""  # optional push after every round: http(s)://host:8086 of an InfluxDB 1.x or 2.x
     influx_db: str = ""  # 1.x: the database (/write?db=)
     influx_org: str = ""  # 2.x: org and bucket (/api/v2/write)
@@ -303,6 +304,8 @@ class MetricsSettings:
         """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(bool(self.host.strip()), f"{prefix}.host", self.host, "must be an address to bind, e.g. 127.0.0.1")
         require(0 <= self.port <= 65535, f"{prefix}.port", self.port, "must be a TCP port (0 = any free port)")
+        require(0 <= self.site_port <= 65535, f"{prefix}.site_port", self.site_port,
+                "must be a TCP port (0 = any free port for each simulated site)")
         if self.influx_url:
             require(self.influx_url.startswith(("http://", "https://")), f"{prefix}.influx_url", self.influx_url,
                     "must be an http:// or https:// URL of an InfluxDB")

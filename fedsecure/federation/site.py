@@ -41,6 +41,7 @@ from fedsecure.federation.site_settings import (
     round_seed,
 )
 from fedsecure.model import adapter_delta, adapter_state, attach_lora, load_model_and_tokenizer, set_adapter_state
+from fedsecure.observe.hardware import EnergyMeter
 from fedsecure.privacy.dpconfig import DPConfig
 from fedsecure.privacy.guard import DPStepPlan, Refusal, SitePrivacyGuard
 from fedsecure.privacy.ledger import PrivacyLedger
@@ -165,13 +166,15 @@ def handle_train(msg: Message, context: Context) -> Message:
             log.warning("%s: differential privacy is OFF (the site's own policy allows it): this update is not "
                         "private", r.name)
             ledger = PrivacyLedger.open(r.state.root, dataset, files=r.state.files)
+            meter = EnergyMeter().start()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 result = train_local(model, data.train, r.cfg.train, pad_id=tokenizer.pad_id, seed=seed)
             delta_state = adapter_delta(adapter_state(model), global_state)
             ledger.append_non_private(run_id=r.run_id, server_round=r.server_round, steps=result.steps,
                                       epsilon_budget=r.site.privacy.epsilon_budget)
-            _event(r, site_events.NON_PRIVATE, records=len(data.train))
+            _event(r, site_events.NON_PRIVATE, records=len(data.train), steps=result.steps, loss=result.loss,
+                   seconds=result.seconds, energy_j=meter.joules())
             privacy = ConfigRecord({keys.STATUS: keys.STATUS_NON_PRIVATE})
             dp_metrics: dict[str, float | int] = {}
             dp_config = DPConfig(enabled=False, records=len(data.train)).to_json()
@@ -199,6 +202,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                     _event(r, site_events.REMNANT, reason=warning)
             context.state.config_records[keys.STATE_PLAN] = ConfigRecord({"sigma": decision.plan.sigma})
             randomness = randomness_for(r.site, r.server_round)
+            meter = EnergyMeter().start()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 result = train_private(model, data.train, r.cfg.train, decision.plan, pad_id=tokenizer.pad_id,
@@ -210,7 +214,8 @@ def handle_train(msg: Message, context: Context) -> Message:
             dp_metrics = _dp_metrics(guard, entry.epsilon_after, decision.plan)
             dp_config = _dp_config(guard, decision.plan, entry.epsilon_after, r.cfg, randomness, len(data.train))
             _event(r, site_events.TRAINED, records=len(data.train), steps=result.steps, loss=result.loss,
-                   sigma=decision.plan.sigma, epsilon=entry.epsilon_after, budget=guard.epsilon_budget)
+                   sigma=decision.plan.sigma, epsilon=entry.epsilon_after, budget=guard.epsilon_budget,
+                   seconds=result.seconds, energy_j=meter.joules())
         update = _encode_update(r, delta_state, seed ^ 0xC0DEC)
         attestation = _attest(attester, dp_config, update, delta_state)
     except FedSecureError as e:

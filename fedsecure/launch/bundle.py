@@ -54,6 +54,10 @@ site:
   state_dir: state                   # privacy ledger, node key, residuals (sealed); keep backups
   runtime_port: {SERVER_PORT + 1 + index}                 # the SuperNode's local port (unique per site on a host)
   dataset_id: null                   # stable ledger key for a dataset that grows (null = content fingerprint)
+  metrics:                           # this site's own Prometheus endpoint (its epsilon only, GPU/CPU figures)
+    enabled: false
+    host: 127.0.0.1                  # no authentication: keep it on loopback or a monitoring network
+    port: {9465 + index}                       # unique per site on a host (the coordinator's is 9464)
   privacy:                           # this site's privacy policy: authoritative
     dp_required: true
     epsilon_budget: 3.0              # budget of each dataset over every run that ever uses it

@@ -255,9 +255,19 @@ def run_site(sc: SiteConfig, emit: Callable[[str], None] = print, stopping: thre
             "--auth-supernode-private-key", str(sc.auth_key),
             "--node-config", str(write_node_config(sc.state_dir / "node-config.toml", node_config)),
             "--port", str(sc.runtime_port)]
+    metrics = None
     try:
-        return _supervise(sc, argv, home, log_path, emit, stopping, retry_s)
+        if sc.metrics.enabled:  # the site's own endpoint, fed from its events (never by the ClientApp)
+            from fedsecure.observe.site_metrics import SiteMetrics
+
+            metrics = SiteMetrics(sc.name)
+            metrics.restore(sc.state_dir / site_events.EVENTS)
+            port = metrics.serve(sc.metrics.host, sc.metrics.port)
+            emit(f"site {sc.name}: metrics on http://{sc.metrics.host}:{port}/metrics")
+        return _supervise(sc, argv, home, log_path, emit, stopping, retry_s, metrics)
     finally:
+        if metrics is not None:
+            metrics.close()
         if worker is not None:
             _stop(worker)
 
@@ -294,16 +304,19 @@ def start_worker(sc: SiteConfig, emit: Callable[[str], None], timeout_s: float =
 
 
 def _supervise(sc: SiteConfig, argv: list[str], home: Path, log_path: Path, emit: Callable[[str], None],
-               stopping: threading.Event, retry_s: float) -> int:
+               stopping: threading.Event, retry_s: float, metrics: Any = None) -> int:
     pause = retry_s
     events = LogFollower(sc.state_dir / site_events.EVENTS)  # what the site does with each message, from now on
 
     def progress() -> None:
         for line in events.lines():
             try:
-                text = site_events.describe(sc.name, json.loads(line))
+                ev = json.loads(line)
+                text = site_events.describe(sc.name, ev)
             except (ValueError, TypeError, AttributeError):
                 continue
+            if metrics is not None:
+                metrics.observe(ev)
             if text:
                 emit(text)
 

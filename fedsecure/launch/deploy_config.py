@@ -9,13 +9,13 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fedsecure.config import SimulationConfig, SiteSettings, from_mapping
+from fedsecure.config import MetricsSettings, SimulationConfig, SiteSettings, from_mapping
 from fedsecure.errors import ConfigError
 
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -176,6 +176,7 @@ class SiteConfig:
     settings: SiteSettings
     source: Path
     warm_worker: bool = True
+    metrics: MetricsSettings = field(default_factory=lambda: MetricsSettings(port=SITE_METRICS_PORT))
 
     @property
     def name(self) -> str:
@@ -202,7 +203,24 @@ class SiteConfig:
 _MOVED = {"epsilon": "site.privacy.epsilon_budget", "delta": "site.privacy.delta",
           "attestation_provider": "site.attestation.provider", "keyring": "site.storage.keyring"}
 _SITE_KEYS = {"name", "superlink", "tls_ca", "auth_key", "data_dir", "state_dir", "runtime_port", "dataset_id",
-              "model_dir", "threads", "warm_worker", "privacy", "limits", "storage", "attestation"}
+              "model_dir", "threads", "warm_worker", "privacy", "limits", "storage", "attestation", "metrics"}
+SITE_METRICS_PORT = 9465  # the coordinator's default is 9464: both fit on one host
+
+
+def _site_metrics(raw: Any) -> MetricsSettings:
+    """``site.metrics``: the site's own Prometheus endpoint (its supervisor serves it; off by default)."""
+    if raw is None:
+        return MetricsSettings(port=SITE_METRICS_PORT)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"site.metrics: {raw!r} must be a mapping. Fix: e.g. metrics: {{enabled: true, port: "
+                          f"{SITE_METRICS_PORT}}}")
+    extra = sorted(set(raw) - {"enabled", "host", "port"})
+    if extra:
+        raise ConfigError(f"site.metrics.{extra[0]}: unknown key. A site's endpoint takes enabled, host and port; "
+                          "a site that runs InfluxDB reads it with Telegraf's inputs.prometheus.")
+    m = from_mapping(MetricsSettings, {"port": SITE_METRICS_PORT, **raw}, "site.metrics.")
+    m.validate("site.metrics")
+    return m
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -266,7 +284,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
     return SiteConfig(superlink=superlink, tls_ca=_path(base, sec.get("tls_ca"), "site.tls_ca"),
                       auth_key=_path(base, sec.get("auth_key"), "site.auth_key"),
                       runtime_port=_port(sec.get("runtime_port", 9094), "site.runtime_port"), settings=settings,
-                      source=src, warm_worker=_bool(sec.get("warm_worker", True), "site.warm_worker"))
+                      source=src, warm_worker=_bool(sec.get("warm_worker", True), "site.warm_worker"),
+                      metrics=_site_metrics(sec.get("metrics")))
 
 
 def _bool(value: Any, key: str) -> bool:

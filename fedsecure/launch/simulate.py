@@ -147,6 +147,7 @@ def simulate(cfg: SimulationConfig, run_dir: str | Path | None = None,
         (announce or print)(f"warning: {warning}")
     stop = threading.Event()
     watcher = engines.watch_rounds(run.metrics_path, observer, stop) if observer else None
+    sites = serve_site_metrics(cfg, run.path, stop, announce or print) if cfg.metrics.enabled else None
     try:
         if cfg.federation.engine == "ray":
             engines.run_flwr_engine(cfg, run.path, emit=announce)
@@ -156,4 +157,48 @@ def simulate(cfg: SimulationConfig, run_dir: str | Path | None = None,
         stop.set()
         if watcher is not None:
             watcher.join(timeout=5)
+        if sites is not None:
+            sites.join(timeout=5)
     return run.read_summary()
+
+
+def serve_site_metrics(cfg: SimulationConfig, run_dir: Path, stop: Any, emit: Callable[[str], None],
+                       every_s: float = 0.2) -> Any:
+    """The simulated sites' own endpoints (``metrics.site_port + i``), as each site's supervisor serves them in a
+    deployment: fed from the site's events file until ``stop`` is set; returns the thread that feeds them.
+    """
+    import json
+    import threading
+
+    from fedsecure.data.dataset import site_dir
+    from fedsecure.federation.site_events import EVENTS
+    from fedsecure.launch.engines import LogFollower
+    from fedsecure.observe.site_metrics import SiteMetrics
+
+    feeds = []
+    for i in range(cfg.federation.sites):
+        site = cfg.site.for_site(f"site-{i}", site_dir(str(cfg.data.dir), i), run_dir)
+        events = Path(str(site.state_dir)) / EVENTS
+        metrics = SiteMetrics(site.name)
+        metrics.restore(events)
+        port = metrics.serve(cfg.metrics.host, cfg.metrics.site_port + i if cfg.metrics.site_port else 0)
+        emit(f"metrics: {site.name}'s own endpoint on http://{cfg.metrics.host}:{port}/metrics")
+        feeds.append((metrics, LogFollower(events, from_end=True)))
+
+    def feed() -> None:
+        while True:
+            last = stop.wait(every_s)
+            for metrics, follower in feeds:
+                for line in follower.lines():
+                    try:
+                        metrics.observe(json.loads(line))
+                    except (ValueError, TypeError, AttributeError):
+                        continue
+            if last:
+                break
+        for metrics, _ in feeds:
+            metrics.close()
+
+    thread = threading.Thread(target=feed, name="site-metrics", daemon=True)
+    thread.start()
+    return thread

@@ -6,6 +6,8 @@ figure is the one the coordinator writes to ``metrics.jsonl`` and ``privacy.json
 compares them); the alert rules in ``deploy/prometheus/alerts.yml`` are written against these names.
 
 Each instance has its own registry, so two runs in one process (tests, the in-process engine) never mix figures.
+A site's own endpoint is :mod:`fedsecure.observe.site_metrics`; GPU and CPU series on both are
+:mod:`fedsecure.observe.hardware`.
 """
 
 from __future__ import annotations
@@ -14,17 +16,47 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector, start_http_server
+
+from fedsecure.observe.hardware import HardwareCollector, Nvml
 
 PREFIX = "fedsecure"
 ROUND_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, math.inf)
 
 
-class CoordinatorMetrics:
+class Endpoint:
+    """A registry of its own (two runs in one process never mix figures) with this process's CPU and memory, the
+    host's GPUs (dcgm-exporter names) and CPU utilisation, served over HTTP by :meth:`serve`.
+    """
+
+    def __init__(self, nvml: Nvml | None = None) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.registry.register(HardwareCollector(nvml))
+        self._server: Any = None
+        self.port: int | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; returns the port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        self.port = int(server.server_address[1])
+        return self.port
+
+    def close(self) -> None:
+        """Stop serving (idempotent)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class CoordinatorMetrics(Endpoint):
     """The figures of one run, updated at the end of every round and served over HTTP."""
 
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+    def __init__(self, nvml: Nvml | None = None) -> None:
+        super().__init__(nvml)
+        r = self.registry
         self.round = Gauge(f"{PREFIX}_round", "Last round completed (0 = the initial evaluation)", registry=r)
         self.rounds = Counter(f"{PREFIX}_rounds_completed", "Rounds completed by this coordinator process",
                               registry=r)
@@ -48,25 +80,7 @@ class CoordinatorMetrics:
                               registry=r)
         self.audit = Info(f"{PREFIX}_audit_log", "The audit log's head and length", registry=r)
         self.ledger = Info(f"{PREFIX}_ledger", "A site's ledger head as it reported it", ["site"], registry=r)
-        self._server: Any = None
-        self.port: int | None = None
 
-    # ------------------------------------------------------------------ serving
-    def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` (0 = a free port) in a daemon thread; returns the port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        self.port = int(server.server_address[1])
-        return self.port
-
-    def close(self) -> None:
-        """Stop serving (idempotent)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    # ------------------------------------------------------------------ updating
     def observe_round(self, summary: Mapping[str, Any], sites: Mapping[str, Mapping[str, Any]],
                       privacy: Mapping[str, Mapping[str, Any]], retired: list[str], audit_head: str,
                       audit_entries: int) -> None:
