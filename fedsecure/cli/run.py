@@ -76,6 +76,8 @@ def server_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="Coordinator config (see configs/coordinator.yaml)."),
     run_dir: Path | None = typer.Option(None, help="Run directory of this run [server.run_dir]; a new one starts a "
                                                    "new run, the same one resumes an unfinished run."),
+    host: str | None = typer.Option(None, help="Address the SuperLink binds [server.host]: 0.0.0.0 in a container "
+                                              "(deploy/container/compose.yaml)."),
     set_: list[str] = typer.Option([], "--set", help="Override a federation key: --set federation.rounds=5."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step."),
 ) -> None:
@@ -88,6 +90,7 @@ def server_cmd(
     import threading
 
     from fedsecure.config import parse_override
+    from fedsecure.errors import ConfigError
     from fedsecure.launch.deploy import Server, install_signal_handlers
     from fedsecure.launch.deploy_config import load_coordinator_config
 
@@ -95,6 +98,10 @@ def server_cmd(
     dc = load_coordinator_config(config, dict(parse_override(s) for s in set_))
     if run_dir is not None:
         dc = dataclasses.replace(dc, run_dir=run_dir.expanduser().resolve())
+    if host is not None:
+        if not host.strip():
+            raise ConfigError("--host: must be an address to bind, e.g. 0.0.0.0 or 127.0.0.1")
+        dc = dataclasses.replace(dc, host=host.strip())
     srv = Server(dc, emit=lambda m: console.print(m, highlight=False, soft_wrap=True, markup=False))
     stopping = threading.Event()
     install_signal_handlers(stopping)
