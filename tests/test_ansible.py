@@ -53,7 +53,8 @@ def test_role_installs_a_site_into_a_temporary_root(tmp_path):
              "fedsecure_ca_src": str(tmp_path / "certs" / "ca.pem"),
              "fedsecure_auth_key_src": str(tmp_path / "certs" / "sites" / "site-3" / "auth.key"),
              "fedsecure_keyring_src": str(tmp_path / "site-3.keyring.json"),
-             "fedsecure_bin": str(Path(sys.executable).with_name("fedsecure"))}
+             "fedsecure_bin": str(Path(sys.executable).with_name("fedsecure")),
+             "fedsecure_metrics": {"enabled": True, "host": "127.0.0.1", "port": 9511}}
     res = _play(tmp_path, extra)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     etc, state = root / "etc" / "fedsecure", root / "var" / "lib" / "fedsecure"
@@ -64,6 +65,7 @@ def test_role_installs_a_site_into_a_temporary_root(tmp_path):
 
     sc = load_site_config(etc / "site.yaml")
     assert sc.name == "site-3" and sc.settings.privacy.epsilon_budget == 3.0 and sc.superlink == "127.0.0.1:9"
+    assert (sc.metrics.enabled, sc.metrics.host, sc.metrics.port) == (True, "127.0.0.1", 9511)
     unit = (root / "etc" / "systemd" / "system" / "fedsecure-site.service").read_text()
     assert "ExecStartPre=" in unit and " doctor -c " in unit and "ProtectSystem=strict" in unit
     assert "FLWR_TELEMETRY_ENABLED=0" in unit
