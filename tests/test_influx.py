@@ -132,3 +132,47 @@ def test_a_real_influxdb_reads_back_exactly_what_was_pushed(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+class _Slow(_Capture):
+    delay_s = 1.5
+
+    def do_POST(self):  # noqa: N802 - the http.server API
+        time.sleep(_Slow.delay_s)
+        super().do_POST()
+
+
+def test_a_slow_influxdb_never_delays_a_round_and_gets_every_round_at_the_end():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    _Capture.seen.clear()
+    try:
+        p = InfluxPusher(MetricsSettings(influx_url=f"http://127.0.0.1:{srv.server_address[1]}", influx_db="fl"))
+        t0 = time.monotonic()
+        for i in range(3):
+            p.submit([f"m f={i}.0 {i}"])
+        assert time.monotonic() - t0 < 0.5  # three rounds queued at once, each push takes 1.5 s
+        assert p.close(timeout_s=20) is True
+        assert [b for _, _, b in _Capture.seen] == [b"m f=0.0 0\n", b"m f=1.0 1\n", b"m f=2.0 2\n"]
+        assert (p.sent, p.failures, p.dropped) == (3, 0, 0)
+    finally:
+        srv.shutdown()
+
+
+def test_a_full_queue_drops_the_oldest_round_and_close_is_bounded():
+    # a server that takes 3 s per write: the queue cannot drain while six rounds arrive at once
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    port = srv.server_address[1]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    _Slow.delay_s = 3.0
+    try:
+        p = InfluxPusher(MetricsSettings(influx_url=f"http://127.0.0.1:{port}", influx_db="fl"), queue_rounds=2)
+        for i in range(6):
+            p.submit([f"m f={i}.0 {i}"])
+        assert p.dropped >= 3  # at most 2 wait (one more may be in flight)
+        t0 = time.monotonic()
+        assert p.close(timeout_s=1) is False
+        assert time.monotonic() - t0 < 3
+    finally:
+        _Slow.delay_s = 1.5
+        srv.shutdown()

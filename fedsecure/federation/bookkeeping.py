@@ -173,7 +173,7 @@ class Bookkeeping:
             self.metrics.observe_round(summary, rl.sites, self.privacy_sites, self.retired_list(), self.audit.head,
                                        self.audit.count)
         if self.influx is not None:
-            self.influx.push(round_lines(self.run_dir.path.name, summary, self.privacy_sites, time.time_ns()))
+            self.influx.submit(round_lines(self.run_dir.path.name, summary, self.privacy_sites, time.time_ns()))
 
     def restore(self, checkpoint: Checkpoint) -> None:
         """Continue from a checkpoint: retired sites, privacy figures and the history so far."""
@@ -224,4 +224,6 @@ class Bookkeeping:
         if self.metrics is not None:
             self.metrics.audit.info({"head": head, "entries": str(entries)})
             self.metrics.close()
+        if self.influx is not None:
+            self.influx.close()
         return summary

@@ -6,6 +6,10 @@ Optional (``metrics.influx_url``): InfluxDB 1.x ``/write?db=`` (``metrics.influx
 ``metrics.influx_token_env``, never from a config file). Escaping follows the line-protocol reference; a test has a
 real InfluxDB read back site names full of spaces, commas, equals signs, quotes and backslashes. A failed push is
 logged and counted, never raised: figures are a convenience, the run's records are in the run directory.
+
+Pushes run on a writer thread (:meth:`InfluxPusher.submit`): a slow or unreachable InfluxDB never delays a round.
+At most ``queue_rounds`` rounds wait; beyond that the oldest is dropped and counted. :meth:`InfluxPusher.close`
+at the end of the run gives the writer a bounded time to send what is left.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -85,7 +91,7 @@ def round_lines(run: str, summary: Mapping[str, Any], privacy: Mapping[str, Mapp
 class InfluxPusher:
     """Posts lines to the configured InfluxDB; counts failures."""
 
-    def __init__(self, settings: MetricsSettings, timeout_s: float = 5.0) -> None:
+    def __init__(self, settings: MetricsSettings, timeout_s: float = 5.0, queue_rounds: int = 64) -> None:
         base = settings.influx_url.rstrip("/")
         self.headers = {"Content-Type": "text/plain; charset=utf-8"}
         if settings.influx_version == 2:
@@ -98,7 +104,50 @@ class InfluxPusher:
         else:
             self.url = f"{base}/write?{urllib.parse.urlencode({'db': settings.influx_db, 'precision': 'ns'})}"
         self.timeout_s = timeout_s
-        self.failures = 0
+        self.failures = self.dropped = self.sent = 0
+        self._queue: queue.Queue[list[str] | None] = queue.Queue(maxsize=queue_rounds)
+        self._writer: threading.Thread | None = None
+
+    def submit(self, lines: Sequence[str]) -> None:
+        """Queue one round's lines for the writer thread; returns at once (the oldest round is dropped, and
+        counted, when ``queue_rounds`` are already waiting).
+        """
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name="influx-writer", daemon=True)
+            self._writer.start()
+        while True:
+            try:
+                self._queue.put_nowait(list(lines))
+                return
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                    self.dropped += 1
+                    log.warning("metrics: InfluxDB is behind by %d rounds; the oldest was dropped",
+                                self._queue.maxsize)
+                except queue.Empty:
+                    pass
+
+    def _write(self) -> None:
+        while (lines := self._queue.get()) is not None:
+            if self.push(lines):
+                self.sent += 1
+
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Let the writer send what is queued, for at most ``timeout_s``; True when everything was handed over."""
+        if self._writer is None:
+            return True
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            pass
+        self._writer.join(timeout_s)
+        done = not self._writer.is_alive()
+        if not done:
+            log.warning("metrics: InfluxDB did not take the last figures within %.0f s; they are dropped (the run's "
+                        "records are in its run directory)", timeout_s)
+        self._writer = None
+        return done
 
     def push(self, lines: Sequence[str]) -> bool:
         """Write ``lines``; False (logged, counted) when the server refuses or cannot be reached."""
