@@ -87,3 +87,28 @@ def test_energy_counts_the_gpus_cuda_lets_this_process_use(monkeypatch, env, exp
     # each read of a GPU's counter advances it by 1.5 J in the fake: one more read per visible GPU
     assert meter.joules() == (pytest.approx(1.5 * len(expected)) if expected else None)
     assert fake.inits == 1  # NVML is initialised once per process, not per read
+
+
+@pytest.mark.gpu
+def test_real_nvml_reads_a_working_gpu_and_its_energy_while_it_computes():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here: scripts/gpu_checks.sh runs this on a GPU machine")
+    nvml = Nvml()
+    assert nvml.lib() is not None, nvml.why
+    fams = _families(nvml)
+    for name in ("DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_GPU_UTIL"):
+        assert fams.get(name), f"{name} missing on {fams['DCGM_FI_DEV_GPU_TEMP'][0].labels['modelName']}"
+    assert all(5 < s.value < 110 for s in fams["DCGM_FI_DEV_GPU_TEMP"])
+    assert all(s.value > 0 for s in fams["DCGM_FI_DEV_POWER_USAGE"])
+    meter = EnergyMeter(nvml).start()
+    x = torch.randn(8192, 8192, device="cuda")
+    for _ in range(200):
+        x = torch.nn.functional.normalize(x @ x, dim=1)
+    torch.cuda.synchronize()
+    joules = meter.joules()
+    if joules is not None:  # boards without the energy counter report None, never 0
+        assert joules > 0
+    used = _families(nvml)["DCGM_FI_DEV_FB_USED"]
+    assert max(s.value for s in used) >= 256  # MiB: the 256 MiB matrix (and its products) is resident
