@@ -75,3 +75,30 @@ def model_export(
     with quiet_hugging_face():
         saved = export_preset(preset, out, seed)
     console.print(str(saved), highlight=False)
+
+
+@friendly
+def model_pretrain(
+    out: Path = typer.Option(..., help="Folder for deepseek-v3-tiny-clinical.safetensors and .json (its manifest)."),
+    steps: int = typer.Option(600, help="Optimizer steps (full-parameter AdamW, batch 32)."),
+    records: int = typer.Option(9600, help="Public-corpus notes to train on (480 more are held out)."),
+    seed: int = typer.Option(0, help="Initialisation and sampling seed."),
+) -> None:
+    """Rebuild the shipped pretrained base: deepseek-v3-tiny trained, non-privately, on the public corpus only
+    (teaching notes from institutions that are never a site). Prints the file and its SHA-256.
+    """
+    from fedsecure.training.pretrain import PretrainSettings, pretrain, save_pretrained
+
+    if steps < 1 or records < 32:
+        raise FedSecureError(f"--steps must be at least 1 and --records at least 32; got {steps}, {records}")
+    settings = PretrainSettings(steps=steps, records=records, seed=seed)
+    with quiet_hugging_face():
+        model, summary = pretrain(settings, progress=lambda s, loss: console.print(
+            f"step {s}/{steps}: train loss {loss:.4f}", highlight=False))
+        path = save_pretrained(model, out, summary)
+    import json
+
+    manifest = json.loads(path.with_suffix(".json").read_text())
+    console.print(f"held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f} in "
+                  f"{summary['seconds']:.0f} s", highlight=False)
+    console.print(f"{path}  sha256 {manifest['sha256']}", highlight=False, soft_wrap=True)

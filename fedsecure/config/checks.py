@@ -7,7 +7,7 @@ from typing import Any
 
 from fedsecure.errors import ConfigError
 
-PRESETS = ("deepseek-v3-tiny", "deepseek-v2-tiny", "r1-distill-qwen-tiny")
+PRESETS = ("deepseek-v3-tiny-clinical", "deepseek-v3-tiny", "deepseek-v2-tiny", "r1-distill-qwen-tiny")
 #: Privacy accountants a site may use: PRV (tightest sound bound) and RDP. The Gaussian/CLT accountant is refused.
 ACCOUNTANTS = ("prv", "rdp")
 #: Attestation evidence providers a site may use (``fedsecure.attestation.providers``).

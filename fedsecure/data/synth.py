@@ -8,6 +8,7 @@ byte-for-byte reproducible. No real patient data is involved or imitated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -115,6 +116,18 @@ _STYLES = [
 ]
 
 
+#: The public corpus (:func:`public_corpus`): teaching material from institutions that are never a site, every
+#: specialty equally often, signed as teaching cases. It is written in the common clinical note formats (SOAP, HPI)
+#: that a hospital's notes share with any textbook, but no site's hospital, sign-off, specialty mix or record is in
+#: it, so each site's own character is left to learn (tests check the two never meet). It is what the shipped
+#: pretrained base learned from.
+PUBLIC_INSTITUTIONS = ["Open Case Library", "Commons Teaching Hospital", "Public Grand Rounds",
+                       "Textbook Case Series"]
+_PUBLIC_SIGN = ["Teaching case {i}", "Open file {i}", "Case series entry {i}", "Grand rounds {i}"]
+_PUBLIC_STYLES = [{**style, "sign": sign} for style, sign in zip(_STYLES, _PUBLIC_SIGN, strict=True)]
+PUBLIC_SEED = 0x5EED_C0DE
+
+
 @dataclass(frozen=True)
 class SiteProfile:
     """The house character of one synthetic hospital."""
@@ -153,11 +166,11 @@ def _fill(template: str, rng: random.Random) -> str:
     return template.format(n=rng.randint(10, 180), d=rng.randint(1, 9), p=rng.randint(20, 99), c=rng.randint(1, 6))
 
 
-def make_note(profile: SiteProfile, rng: random.Random) -> tuple[str, str]:
+def make_note(profile: SiteProfile, rng: random.Random, styles: list[dict] | None = None) -> tuple[str, str]:
     """One note for ``profile``; returns (text, specialty)."""
     specialty = rng.choices(list(profile.specialty_mix), weights=list(profile.specialty_mix.values()))[0]
     s = SPECIALTIES[specialty]
-    style = _STYLES[profile.style]
+    style = (styles or _STYLES)[profile.style]
     age = rng.randint(*profile.age_range)
     sex = rng.choice(["female", "male"])
     n_find = max(1, min(5, round(rng.gauss(profile.mean_findings, 0.7))))
@@ -223,6 +236,36 @@ def corpus(*, sites: int = 8, records_per_site: int = 400, seed: int = 12345) ->
         for _ in range(records_per_site):
             texts.append(make_note(profile, rng)[0])
     return texts
+
+
+def public_profiles() -> list[SiteProfile]:
+    """The public corpus's institutions: uniform specialty mix, all ages."""
+    uniform = {n: 1 / len(SPECIALTIES) for n in SPECIALTIES}
+    return [SiteProfile(name=name, specialty_mix=uniform, style=i % len(_PUBLIC_STYLES), mean_findings=2.5,
+                        age_range=(0, 90)) for i, name in enumerate(PUBLIC_INSTITUTIONS)]
+
+
+def public_corpus(records: int = 9600, seed: int = PUBLIC_SEED) -> list[str]:
+    """Public teaching notes (never a site's hospital, style or record): the pretraining corpus of the shipped
+    base (``fedsecure model pretrain``). Reproducible from ``seed``.
+    """
+    rng = random.Random(seed)
+    profiles = public_profiles()
+    notes = []
+    for i in range(records):  # teaching material comes in every format: each note's drawn afresh
+        profile = dataclasses.replace(profiles[i % len(profiles)], style=rng.randrange(len(_PUBLIC_STYLES)))
+        notes.append(make_note(profile, rng, _PUBLIC_STYLES)[0])
+    return notes
+
+
+def site_styles() -> list[dict]:
+    """The house styles synthetic sites write in (tests hold the public corpus apart from them)."""
+    return [dict(s) for s in _STYLES]
+
+
+def public_styles() -> list[dict]:
+    """The house styles of the public corpus."""
+    return [dict(s) for s in _PUBLIC_STYLES]
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

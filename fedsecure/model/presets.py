@@ -7,7 +7,9 @@ and the coordinator build bit-identical base weights), and local directories are
 
 from __future__ import annotations
 
+import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,20 @@ from fedsecure.config import PRESETS, ModelSettings
 from fedsecure.data.tokenizer import BUNDLED_VOCAB_SIZE, TextTokenizer, bundled_tokenizer, local_tokenizer
 from fedsecure.errors import ModelError
 
+#: pretrained preset -> (architecture preset, asset file, SHA-256 of the asset). Built by `fedsecure model pretrain`
+#: (fedsecure.training.pretrain) from the public corpus only; a file with another digest is refused.
+PRETRAINED: dict[str, tuple[str, str, str]] = {
+    "deepseek-v3-tiny-clinical": ("deepseek-v3-tiny", "deepseek-v3-tiny-clinical.safetensors",
+                                  "1c42a45670b2380b73c041d2d4adf736d51debdf55e8fbd61e4a8ebd5f9f58e2"),
+}
+
 #: model_type values (config.json) that fedsecure knows how to adapt.
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 
 
 def preset_config(name: str) -> Any:
     """The transformers config of a tiny preset (about 150k parameters each)."""
+    name = PRETRAINED[name][0] if name in PRETRAINED else name
     common = dict(vocab_size=BUNDLED_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   max_position_embeddings=512, tie_word_embeddings=False,
@@ -56,13 +66,36 @@ def preset_config(name: str) -> Any:
 
 
 def build_base_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """Random-initialised tiny preset; the same ``seed`` gives bit-identical weights everywhere."""
+    """Random-initialised tiny preset (the same ``seed`` gives bit-identical weights everywhere), or the shipped
+    pretrained one (``seed`` unused).
+    """
+    if name in PRETRAINED:
+        return load_pretrained(name)
     from transformers import AutoModelForCausalLM
 
     config = preset_config(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def load_pretrained(name: str, path: str | Path | None = None) -> torch.nn.Module:
+    """The shipped pretrained base ``name`` (or the file at ``path``), after checking its pinned SHA-256."""
+    from safetensors.torch import load_file
+
+    arch, asset, pinned = PRETRAINED[name]
+    file = Path(path) if path is not None else Path(str(resources.files("fedsecure") / "assets" / asset))
+    if not file.is_file():
+        raise ModelError(f"model.preset {name}: {file} is missing (a damaged install). Fix: reinstall fedsecure, or "
+                         f"rebuild it with `fedsecure model pretrain --out {file.parent}`.")
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    if digest != pinned:
+        raise ModelError(f"model.preset {name}: {file} has SHA-256 {digest[:16]}..., not the pinned {pinned[:16]}... "
+                         "(altered or from another build): every site must start from the same base. Fix: reinstall "
+                         "fedsecure.")
+    model = build_base_model(arch, 0)
+    model.load_state_dict(load_file(str(file)), strict=True)
     return model.eval()
 
 
