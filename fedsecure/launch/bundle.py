@@ -94,7 +94,7 @@ server:
   round_timeout_s: 3600              # a site that has not answered by then is dropped from the round
   join_timeout_s: 600                # at start, wait this long for every listed site
 model:
-  preset: deepseek-v3-tiny
+  preset: deepseek-v3-tiny-clinical   # the shipped pretrained base
 privacy:                             # requests: each site's own policy can only be tightened
   epsilon_budget: null               # null = each site's own budget
 attestation:
