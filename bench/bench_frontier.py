@@ -29,7 +29,7 @@ CODECS = {
     "dithered B1/A3 (default)": {},
     "dithered B2/A6 (slow link)": {"transport.uplink_dither": 2.0, "transport.policy": ["*lora_A*=d6/1.0"]},
     "dithered B3/A8": {"transport.uplink_dither": 3.0, "transport.policy": ["*lora_A*=d8/1.0"]},
-    "dithered B2/A6, down d1": {"transport.uplink_dither": 2.0, "transport.policy": ["*lora_A*=d6/1.0"],
+    "dithered B2/A6 + down d1": {"transport.uplink_dither": 2.0, "transport.policy": ["*lora_A*=d6/1.0"],
                                 "transport.downlink_dither": 1.0},
 }
 COLOURS = {8: "#1f77b4", 4: "#2ca02c", 2: "#ff7f0e", 1: "#d62728"}
@@ -103,14 +103,21 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ranks", default=",".join(map(str, RANKS)))
+    ap.add_argument("--codecs", default=",".join(CODECS), help="codec labels, comma-separated (a subset of CODECS)")
+    ap.add_argument("--extra-r8", default="", help="codec labels tried at r = 8 only (comma-separated)")
     ap.add_argument("--svg", default=str(ROOT / "docs" / "frontier.svg"))
     args = ap.parse_args()
+    chosen = {"fp32 (codec off)", *[c for c in args.codecs.split(",") if c]}
+    extra_r8 = {c for c in args.extra_r8.split(",") if c}
+    unknown = (chosen | extra_r8) - set(CODECS)
+    if unknown:
+        raise SystemExit(f"unknown codec label(s) {sorted(unknown)}; known: {list(CODECS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     points: list[dict] = []
     ref = None
     for r in (int(x) for x in args.ranks.split(",")):
         for codec, overrides in CODECS.items():
-            if r != 8 and codec == "fp32 (codec off)":
+            if codec not in chosen | (extra_r8 if r == 8 else set()) or (r != 8 and codec == "fp32 (codec off)"):
                 continue
             o = {"model.lora.r": r, "model.lora.alpha": 2 * r, **overrides}
             res = [run(o, s, args.rounds) for s in seeds]

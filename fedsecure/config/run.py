@@ -33,7 +33,7 @@ class LoraSettings:
 class ModelSettings:
     """Which base model: a built-in tiny ``preset`` or a local Hugging Face ``path``."""
 
-    preset: str | None = "deepseek-v3-tiny"
+    preset: str | None = "deepseek-v3-tiny-clinical"  # the shipped pretrained base
     path: str | None = None
     seed: int = 0  # initialisation seed of a preset's random base weights
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -75,8 +75,8 @@ class TrainSettings:
     """Local training at each site, per round."""
 
     local_steps: int = 16
-    batch_size: int = 32
-    learning_rate: float = 1e-2
+    batch_size: int = 64
+    learning_rate: float = 5e-3
     weight_decay: float = 0.0
 
     def validate(self, prefix: str) -> None:

@@ -95,9 +95,6 @@ server:
   join_timeout_s: 600                # at start, wait this long for every listed site
 model:
   preset: deepseek-v3-tiny-clinical   # the shipped pretrained base
-train:                               # the private defaults (bench/bench_private_defaults.py)
-  learning_rate: 0.005
-  batch_size: 64                     # expected batch under DP: q = 64 / each site's records
 privacy:                             # requests: each site's own policy can only be tightened
   epsilon_budget: null               # null = each site's own budget
 attestation:
