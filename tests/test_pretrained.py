@@ -102,3 +102,29 @@ def test_model_pretrain_command_writes_the_weights_and_names_the_digest(tmp_path
     assert json.loads(path.with_suffix(".json").read_text())["sha256"] == digest
     res = CliRunner().invoke(app, ["model", "pretrain", "--out", str(tmp_path), "--steps", "0"])
     assert res.exit_code != 0 and "--steps must be at least 1" in res.output
+
+
+def test_a_flower_app_bundle_finds_the_base_in_the_installation_that_launched_it(tmp_path, monkeypatch):
+    """A Flower app bundle (FAB) carries only source and text files: the apps it runs must find the binary base in
+    the installation that started Flower's processes, and still check its digest."""
+    from fedsecure.launch.engines import flower_env
+    from fedsecure.model import presets
+
+    env = flower_env(tmp_path / "home")
+    assert (Path(env[presets.ASSETS_ENV]) / ASSET.name).is_file()
+    monkeypatch.setattr(presets, "installed_assets", lambda: tmp_path / "fab" / "fedsecure" / "assets")
+    monkeypatch.setenv(presets.ASSETS_ENV, env[presets.ASSETS_ENV])
+    got = load_pretrained(NAME).state_dict()
+    assert all(torch.equal(v, got[k]) for k, v in load_pretrained(NAME, ASSET).state_dict().items())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(ASSET, elsewhere / ASSET.name)
+    data = bytearray((elsewhere / ASSET.name).read_bytes())
+    data[-5] ^= 1
+    (elsewhere / ASSET.name).write_bytes(bytes(data))
+    monkeypatch.setenv(presets.ASSETS_ENV, str(elsewhere))
+    with pytest.raises(ModelError, match="not the pinned"):
+        load_pretrained(NAME)
+    monkeypatch.delenv(presets.ASSETS_ENV)
+    with pytest.raises(ModelError, match="is missing"):
+        load_pretrained(NAME)

@@ -221,10 +221,14 @@ def flower_env(home: Path) -> dict[str, str]:
     dependency installation, the update check and every library's telemetry are off (no network at run time).
     """
     from fedsecure import NO_PHONE_HOME
+    from fedsecure.model.presets import ASSETS_ENV, installed_assets
 
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # a Flower app bundle carries only source and text files: the apps it runs find the shipped binary assets
+    # (the pretrained base, checked against its pinned digest) in this installation
     return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", **NO_PHONE_HOME}
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", ASSETS_ENV: str(installed_assets()),
+            **NO_PHONE_HOME}
 
 
 def ray_env(home: Path) -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,16 @@ PRETRAINED: dict[str, tuple[str, str, str]] = {
     "deepseek-v3-tiny-clinical": ("deepseek-v3-tiny", "deepseek-v3-tiny-clinical.safetensors",
                                   "1c42a45670b2380b73c041d2d4adf736d51debdf55e8fbd61e4a8ebd5f9f58e2"),
 }
+
+#: Where a Flower app (run from a bundle that carries no binary file) finds the shipped assets: set by the process
+#: that starts Flower's processes (fedsecure.launch.engines.flower_env) to its own installation's folder.
+ASSETS_ENV = "FEDSECURE_ASSETS"
+
+
+def installed_assets() -> Path:
+    """This installation's ``fedsecure/assets`` folder."""
+    return Path(str(resources.files("fedsecure") / "assets"))
+
 
 #: model_type values (config.json) that fedsecure knows how to adapt.
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
@@ -85,7 +96,12 @@ def load_pretrained(name: str, path: str | Path | None = None) -> torch.nn.Modul
     from safetensors.torch import load_file
 
     arch, asset, pinned = PRETRAINED[name]
-    file = Path(path) if path is not None else Path(str(resources.files("fedsecure") / "assets" / asset))
+    if path is not None:
+        file = Path(path)
+    else:  # this installation's, or (inside a Flower app bundle, which carries no binary file) the launcher's
+        file = installed_assets() / asset
+        if not file.is_file() and os.environ.get(ASSETS_ENV):
+            file = Path(os.environ[ASSETS_ENV]) / asset
     if not file.is_file():
         raise ModelError(f"model.preset {name}: {file} is missing (a damaged install). Fix: reinstall fedsecure, or "
                          f"rebuild it with `fedsecure model pretrain --out {file.parent}`.")
