@@ -126,3 +126,13 @@ def test_site_yaml_metrics_section(tmp_path):
         load_site_config(_site_yaml(tmp_path / "d", influx_url="http://x:8086"))
     with pytest.raises(ConfigError, match=r"site.metrics.port"):
         load_site_config(_site_yaml(tmp_path / "e", enabled=True, port=70000))
+
+
+def test_the_endpoint_knows_every_kind_of_event_a_site_writes():
+    """observe sits below federation, so it names the event kinds itself: they must stay the site's own."""
+    from fedsecure.federation import site_events
+    from fedsecure.observe.site_metrics import OUTCOMES
+
+    kinds = {site_events.TRAINED, site_events.REFUSED, site_events.EXHAUSTED, site_events.NON_PRIVATE,
+             site_events.EVALUATED, site_events.FAILED, site_events.REMNANT}
+    assert set(OUTCOMES) == kinds

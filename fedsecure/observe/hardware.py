@@ -138,10 +138,12 @@ class Nvml:
 
     def energy_mj(self) -> float | None:
         """Energy the visible GPUs used since boot (mJ), or None where any of them cannot say."""
-        readings = self.readings(self.visible())
-        if not readings or any(r.energy_mj is None for r in readings):
+        lib, visible = self.lib(), self.visible()
+        if lib is None or not visible:
             return None
-        return float(sum(r.energy_mj for r in readings if r.energy_mj is not None))
+        counters = [self._read("nvmlDeviceGetTotalEnergyConsumption", lib.nvmlDeviceGetHandleByIndex(i))
+                    for i in visible]  # only the counter: this runs around every round's training
+        return None if any(c is None for c in counters) else float(sum(counters))
 
 
 _PROCESS_NVML = Nvml()
