@@ -181,27 +181,29 @@ _KAT_POLICIES = {
                                        CodecPolicy.parse_overrides(["*lora_A*=4/1.0", "*spiky*=32/0.01"]), 0, False),
     "top20-dithered": lambda: CodecPolicy(TensorRule(8, 0.2, 1.0), (), 3),
 }
-# (SHA-256 of the payload, of the decoded arrays), recorded from the format-2 codec. A change here is a
-# change of the wire format (or of the values both ends reconstruct). The zstd rows also pin the
-# zstandard library's output: after an upgrade of it, only those payload digests may move. The top-k rows
-# were re-recorded on 2026-12-06 when the choice among equal magnitudes at the cut became the codec's own
+# (SHA-256 of the payload, of the decoded arrays), recorded from the format-3 codec (2026-12-07: the
+# version byte, and dithered tensors range-coded given the dither where that is smaller; every decoded
+# digest is the format-2 one). A change here is a change of the wire format (or of the values both ends
+# reconstruct). The "dithered" row range-codes two tensors, so it also pins constriction's coder. The zstd
+# rows also pin the zstandard library's output: after an upgrade of it, only those payload digests may move.
+# The top-k rows were re-recorded on 2026-12-06 when the choice among equal magnitudes at the cut became the codec's own
 # rule (lowest indices) instead of NumPy's argpartition, whose choice changed between NumPy releases.
 _KAT = {
-    "int8": ("dce89d961f506f70631908fe12b324dd8dc76564b5034785e4ad010eae0a1c94",
+    "int8": ("0e0b1710fa2905fafbce93964a631ba4b2e37188308985e128c3c28d9daac041",
              "99031feceb40685c5737322f0824cbe3de66946a7ad6fbb3dbace2ed31a49a7d"),
-    "int4-raw": ("7156a2ed5afbcc927acbf32f912003917f839d39af7f0ad381de5a614119d10c",
+    "int4-raw": ("07de44fba3c6b83fdff32f37e7c494b1d52710b3d7d7597b53baad4bf2f47aa7",
                  "8f43a3434f36c9c0e5fd8ea1f8e67ab691b4e9d3bd1cd0a368bf940ab11eb3a5"),
-    "float32": ("eb7fb4f9f3bc36cb842ff77da3a8527f4c256a2374819a6173ef8d0df06a87d1",
+    "float32": ("08c165d0c88f764c39f50cc78ff32934f08e74d4d4c66b72a4196ae3319c59b7",
                 "7df958c2d8e76f395b4ece006c7492ed5c9ad19629cd9744c2dbee8e4aba21b8"),
-    "dithered": ("afb926038fa4be0eccf34ce157fb738ac63c6ed4c7c7d73217e5f1fac107258e",
+    "dithered": ("899e0e3019ecc744c54258f634038256524d5b037c68b71d9d1c702e1be12733",
                  "c27b3bf6fdde46c9b4251844c920195421b19d85958725992fe6855beb3d3b03"),
-    "dithered-nearest-raw": ("0cb9467993f72c2dcdd22d80e7660a5b4e6257a01ef406a2c02e9a5b3c33f055",
+    "dithered-nearest-raw": ("2b942a0b852964f77feb3a30285ac6cbb8f2000f14e6d1d036a549b3bcfda225",
                              "b9de9cdd1ce13befa15dcddac6861ae755ebca718325a5bff500d78074884e49"),
-    "top5-int4": ("94f069320b5e84d7739f7a30b128fdcc385655dde37893a8e9b7ff7a49f3ddea",
+    "top5-int4": ("dd4582da872ea89121f0147d8a33ff9decbe11940bfcd05fca3c34b56daff6e2",
                   "1b8d4088051e775dc5d20064bf33765791b27beeac0969525462c2d3285949a7"),
-    "nearest-raw": ("30d6de4f01f2678a5640604b5aad0dc3d443f5fa4c64d54303e2e2a0abf551f3",
+    "nearest-raw": ("7cf6781be3a5b89a6c5e006b5c7d008419be55ff1cc1f1f8802912303dcabeb8",
                     "d85430e352158ba60e9e378fa08e3bb7707d142dce5a4fabff00d9600c9b7bc5"),
-    "top20-dithered": ("951c0161ec2be0faaf5c81a13538c5114e5d0a00038f1353b2120940dbe02112",
+    "top20-dithered": ("765d8e1d3558416c26d2198b897dad155a5f188de502911ff2950c654410f43d",
                        "75eb26af87d62dbb1ec743cc91252e8521da78e23ac42cbc5803b124cd6da3c2"),
 }
 

@@ -1,8 +1,8 @@
-"""The update codec, format 2: delta -> (error feedback) -> top-k -> quantization -> zstd.
+"""The update codec, format 3: delta -> (error feedback) -> top-k -> quantization -> entropy coding -> zstd.
 
 Wire format::
 
-    b"FSUPD" | u8 version=2 | u8 flags | frame
+    b"FSUPD" | u8 version=3 | u8 flags | frame
 
 ``flags`` bit 0: the frame is one zstd frame (else raw); bit 1: dithered tensors were quantized
 without dither (round to nearest). The frame holds a table, then one section per tensor in the
@@ -14,7 +14,9 @@ adapter's (sorted) order::
 
 The adapter digest is SHA-256 over every expected tensor's name, shape and dtype: the payload
 names the adapter it encodes without spelling out names (which cost more than the values of a
-small LoRA update). ``enc`` is 0 float32 | 1 int8 | 2 int4 | 3 dithered. A dense section's size
+small LoRA update). ``enc`` is 0 float32 | 1 int8 | 2 int4 | 3 dithered, packed | 4 dithered, range-coded
+given the dither where that is smaller (:mod:`fedsecure.transport.entropy`; what a dithered rule sends,
+new in format 3). A dense section's size
 follows from its encoding (and, dithered, from its code range K). A section is, when sparse, ``u32 e`` then
 the ``k`` gaps between sorted kept indices as bytes (255 = escape) then ``e`` little-endian u32
 escaped gaps; then the values: float32; or (int8/int4) one float32 scale per block of 64 values
@@ -54,6 +56,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import fedsecure.transport.entropy  # noqa: F401 - registers encoding 4, what dithered rules send
 from fedsecure.config.run import TensorRule, parse_tensor_rules
 from fedsecure.errors import UpdateRejected
 from fedsecure.transport.stages import (
@@ -78,7 +81,7 @@ __all__ = [
 ]
 
 MAGIC = b"FSUPD"
-VERSION = 2
+VERSION = 3
 _FLAG_ZSTD, _FLAG_NO_DITHER = 1, 2
 _SPARSE = 0x80
 _SPARSE_ENTRY = struct.Struct("<II")

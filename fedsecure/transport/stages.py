@@ -287,7 +287,7 @@ class Dithered(Stage):
     (raised so that ``|q| <= KMAX``); the dither is the payload's stream, consumed in table order.
     """
 
-    code, name, dithered = 3, "dq", True
+    code, name, dithered = 3, "dq-packed", True
 
     def min_bytes(self, k: int) -> int:
         """The header alone (an all-zero tensor: step 0, no codes)."""
