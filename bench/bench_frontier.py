@@ -27,6 +27,7 @@ RANKS = [8, 4, 2, 1]
 CODECS = {
     "fp32 (codec off)": {"transport.enabled": False},
     "dithered B1/A3 (default)": {},
+    "dithered B1.5/A4": {"transport.uplink_dither": 1.5, "transport.policy": ["*lora_A*=d4/1.0"]},
     "dithered B2/A6 (slow link)": {"transport.uplink_dither": 2.0, "transport.policy": ["*lora_A*=d6/1.0"]},
     "dithered B3/A8": {"transport.uplink_dither": 3.0, "transport.policy": ["*lora_A*=d8/1.0"]},
     "dithered B2/A6 + down d1": {"transport.uplink_dither": 2.0, "transport.policy": ["*lora_A*=d6/1.0"],
