@@ -184,6 +184,22 @@ def test_verify_accepts_the_untouched_report_and_rejects_a_changed_byte(tmp_path
     assert _cli("report", "verify", str(run / "report.json"), "--key", str(pub)).exit_code == 2
 
 
+def test_the_opendp_registry_entry_is_a_signed_yaml_file_equal_to_the_report(tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    make_run(run)
+    assert _cli("report", str(run)).exit_code == 0
+    entry = yaml.safe_load((run / "opendp-registry.yaml").read_text())
+    assert entry == json.loads((run / "report.json").read_text())["opendp_registry"]
+    assert entry  # the fields are filled, not an empty mapping
+    pub = run / "keys" / "coordinator-report.pub.pem"
+    res = _cli("report", "verify", str(run / "report.json"), "--key", str(pub))
+    assert res.exit_code == 0 and "opendp-registry.yaml" in res.output
+    (run / "opendp-registry.yaml").write_text((run / "opendp-registry.yaml").read_text().replace("1", "2", 1))
+    assert _cli("report", "verify", str(run / "report.json"), "--key", str(pub)).exit_code == 2
+
+
 def test_the_report_key_is_private_and_never_in_the_report(tmp_path):
     run = tmp_path / "run"
     make_run(run)

@@ -1,9 +1,10 @@
 """Writing a compliance report to disk, signing it, printing it to PDF, and verifying it.
 
 ``report.json`` (the document, JSON), ``report.md`` and ``report.html`` (rendered from the JSON, naming its
-SHA-256), ``report.pdf`` where Chromium is installed and asked for, and ``report.dsse.json``: an in-toto Statement
-whose subjects are those files, in a DSSE envelope signed with the report key (Ed25519, created 0600 on first
-use). Each file is written atomically; an existing report is replaced only once the new one is complete.
+SHA-256), ``opendp-registry.yaml`` (the report's entry for the OpenDP deployments registry), ``report.pdf``
+where Chromium is installed and asked for, and ``report.dsse.json``: an in-toto Statement whose subjects
+are those files, in a DSSE envelope signed with the report key (Ed25519, created 0600 on first use).
+Each file is written atomically; an existing report is replaced only once the new one is complete.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedsecure.reports import compliance_text as text
 from fedsecure.reports import report_html, report_md
 
 JSON, MD, HTML, PDF, SIGNATURE = "report.json", "report.md", "report.html", "report.pdf", "report.dsse.json"
+REGISTRY = "opendp-registry.yaml"
 COORDINATOR_KEY = "coordinator-report.key.pem"
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 #: Flags for a headless Chromium on a machine without network or GPU (no background requests, no sandbox as root).
@@ -110,7 +112,8 @@ def write_report(report: dict[str, Any], folder: str | Path, *, signing_key: Pat
     files = [atomic_write(out / JSON, data, mode=0o644),
              atomic_write(out / MD, report_md.render(report, json_sha256=digest, key_id=key_id).encode(), mode=0o644),
              atomic_write(out / HTML, report_html.render(report, json_sha256=digest, key_id=key_id).encode(),
-                          mode=0o644)]
+                          mode=0o644),
+             atomic_write(out / REGISTRY, _registry_yaml(report, digest), mode=0o644)]
     if pdf:
         print_pdf(out / HTML, out / PDF)
         files.append(out / PDF)
@@ -125,6 +128,15 @@ def write_report(report: dict[str, Any], folder: str | Path, *, signing_key: Pat
     else:
         (out / SIGNATURE).unlink(missing_ok=True)
     return ReportFiles(out, tuple(files), digest, key_id, public)
+
+
+def _registry_yaml(report: dict[str, Any], json_sha256: str) -> bytes:
+    """The report's OpenDP deployments-registry fields as YAML (what a submission to the registry asks for)."""
+    import yaml
+
+    head = (f"# OpenDP deployments registry (https://registry.opendp.org): the fields this deployment can fill,\n"
+            f"# from {JSON} (SHA-256 {json_sha256}) of {report['title']!r}. Informational: review before submitting.\n")
+    return (head + yaml.safe_dump(_clean(report["opendp_registry"]), sort_keys=False, allow_unicode=True)).encode()
 
 
 def coordinator_key_path(run_dir: str | Path, keyring: str | None) -> Path:
