@@ -18,8 +18,10 @@ def budget_plan(
     rounds: int = typer.Option(3, help="Federated rounds the site will train in."),
     local_steps: int = typer.Option(16, help="DP-SGD steps per round."),
     accountant: str = typer.Option("prv", help="prv (default) or rdp."),
+    suggest: bool = typer.Option(False, "--suggest", help="Rank expected batch x local steps for this budget and "
+                                 "plan the one with the most signal per noise at the least compute."),
 ) -> None:
-    """Print the σ a site will use for this plan and ε after each round."""
+    """Print the σ a site will use for this plan and ε after each round (--suggest: choose batch and steps)."""
     import math
 
     from fedsecure.privacy.accounting import Spend, calibrate_noise, check_accountant, default_delta, epsilon_of
@@ -40,6 +42,8 @@ def budget_plan(
     bad = check_delta(d, records, "--delta")
     if bad is not None:
         raise FedSecureError(bad)
+    if suggest:
+        batch_size, local_steps = _suggest(epsilon_budget, d, records, rounds, batch_size, local_steps)
     q = min(1.0, batch_size / records)
     sigma = calibrate_noise(epsilon_budget=epsilon_budget, delta=d, spent=[], q=q, steps=rounds * local_steps,
                             accountant=accountant)
@@ -58,3 +62,31 @@ def budget_plan(
         eps_r = epsilon_of([Spend(sigma, q, r * local_steps)], d, accountant)
         table.add_row(str(r), str(r * local_steps), f"{eps_r:.4f}")
     console.print(table)
+
+
+def _suggest(epsilon_budget: float, delta: float, records: int, rounds: int, batch: int, steps: int
+             ) -> tuple[int, int]:
+    """Print the ranked plans (fedsecure.privacy.plan) and return the suggested (batch, local steps)."""
+    from fedsecure.privacy.plan import candidates, score, suggest
+
+    plans = candidates(epsilon_budget=epsilon_budget, delta=delta, records=records, rounds=rounds)
+    chosen = suggest(plans)
+    best = plans[0].score
+    table = Table(title=f"plans for ε = {epsilon_budget} over {rounds} rounds, {records} records (RDP, ranked by "
+                        "signal-to-noise score sqrt(steps) x batch / σ)")
+    for col in ("batch", "steps/round", "σ", "score (best = 1)", "examples/round", ""):
+        table.add_column(col, justify="right")
+    shown = plans[:8] + [p for p in plans[8:] if p == chosen or (p.batch, p.local_steps) == (batch, steps)]
+    for p in shown:
+        mark = "suggested" if p == chosen else ("yours" if (p.batch, p.local_steps) == (batch, steps) else "")
+        table.add_row(str(p.batch), str(p.local_steps), f"{p.sigma:.3f}", f"{p.score / best:.3f}",
+                      f"{p.examples_per_round():,}", mark)
+    console.print(table)
+    mine = next((p for p in plans if (p.batch, p.local_steps) == (batch, steps)), None)
+    if mine is not None and mine != chosen:
+        rel = score(batch, rounds * steps, mine.sigma) / best
+        console.print(f"yours (batch {batch}, {steps} steps) scores {rel:.3f} of the best", highlight=False)
+    console.print(f"suggested: --batch-size {chosen.batch} --local-steps {chosen.local_steps} (the least compute "
+                  "within 5% of the best score; the score ranks plans, tune the learning rate by measurement: "
+                  "bench/bench_private_defaults.py)", highlight=False, soft_wrap=True)
+    return chosen.batch, chosen.local_steps
