@@ -63,3 +63,7 @@ class ReplyRejected(FedSecureError):
 
 class ReportError(FedSecureError):
     """A report cannot be made from what was given (no run there, unreadable summary, no ledgers)."""
+
+
+class SecAggError(FedSecureError):
+    """A secure-aggregation message or round was refused: names the site, the phase and the reason."""

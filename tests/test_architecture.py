@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training",),  # local steps and DP-SGD
     ("attestation",),  # evidence, policy, round protocol, one module per TEE
     ("transport",),  # the update codec and its session
+    ("secagg",),  # secure aggregation: the protocol, its sites' and coordinator's sides (no Flower)
     ("reports", "observe"),  # documents for people; the Prometheus endpoint for operators
     ("federation",),  # Flower glue: the only Flower importer
     ("launch",),  # simulation, engines, deployment processes, certificates
