@@ -27,6 +27,13 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     return handler(msg, context)
 
 
+def handle_query(msg: Message, context: Context) -> Message:
+    """The site's secure-aggregation handler (imported only when this process does the work itself)."""
+    from fedsecure.federation.secagg_site import handle_query as handler
+
+    return handler(msg, context)
+
+
 def _warn_fallback(e: Exception) -> None:
     import logging
 
@@ -48,7 +55,7 @@ def _run(kind: str, msg: Message, context: Context) -> Message:
             return forward(kind, msg, context, path)
         except (ConnectionError, FileNotFoundError) as e:  # worker gone: do the work here (slower, same result)
             _warn_fallback(e)
-    return handle_train(msg, context) if kind == "train" else handle_evaluate(msg, context)
+    return {"train": handle_train, "evaluate": handle_evaluate, "query": handle_query}[kind](msg, context)
 
 
 @app.train()
@@ -61,3 +68,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Flower's evaluate entry point: forward to the site's worker, or evaluate here."""
     return _run("evaluate", msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Flower's query entry point: one phase of secure aggregation, forwarded to the site's worker or done here."""
+    return _run("query", msg, context)

@@ -249,3 +249,19 @@ def test_round_spec_refuses_a_minority_threshold():
         RoundSpec("r", 1, (1, 2, 3, 4), 2, 10, 16)
     with pytest.raises(SecAggError, match="distinct, sorted"):
         RoundSpec("r", 1, (2, 1, 3), 2, 10, 16)
+
+
+def test_a_session_saved_between_messages_goes_on_where_it_stopped():
+    spec, keys, roster, sites, agg = _setup(n=3, t=2)
+    xs = _inputs(spec)
+
+    def again(i: int) -> SiteSecAgg:  # every message: restore, act, save (what the ClientApp does)
+        sites[i] = SiteSecAgg.from_bytes(sites[i].to_bytes(), keys[i], roster)
+        return sites[i]
+
+    adverts = agg.adverts({i: again(i).advertise() for i in sites})
+    routed = agg.route({i: again(i).share(adverts) for i in sites})
+    u3 = agg.masked({i: again(i).masked_input(routed[i], xs[i]) for i in sites})
+    sigs = agg.signatures({i: again(i).consistency(u3) for i in u3})
+    total = agg.unmask({i: again(i).unmask(sigs) for i in u3})
+    np.testing.assert_array_equal(total, sum(xs.values()))

@@ -57,6 +57,11 @@ def update_digest_payload(payload: bytes) -> bytes:
     return hashlib.sha256(b"payload\0" + payload).digest()
 
 
+#: What a statement signs in place of the update when it travels by secure aggregation (masked, in later messages
+#: that the node key signs itself): the coordinator never sees the update to hash it.
+SECAGG_UPDATE_DIGEST = hashlib.sha256(b"secagg\0the update travels masked, signed per phase by the node key").digest()
+
+
 def update_digest_state(state: Mapping[str, np.ndarray]) -> bytes:
     """Digest of an adapter delta sent as plain arrays (float32, name-sorted, with shapes)."""
     h = hashlib.sha256(b"arrays\0")

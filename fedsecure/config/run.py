@@ -90,6 +90,22 @@ class TrainSettings:
 
 
 @dataclass(frozen=True)
+class SecureAggregationSettings:
+    """Secure aggregation (fedsecure.secagg): the coordinator learns only the weighted sum of the updates."""
+
+    enabled: bool = False
+    dropouts: int = 1  # sites that may drop out of a round's protocol; threshold = sampled - dropouts (a majority)
+    levels: int = 4  # codes per side of zero: each value quantized with step = its update bound / levels
+    roster: str | None = None  # site name -> node public key (YAML); None in `fedsecure simulate` = generated
+
+    def validate(self, prefix: str) -> None:
+        """Raise ConfigError naming the key, value and fix of the first invalid field."""
+        require(0 <= self.dropouts <= 1000, f"{prefix}.dropouts", self.dropouts, "must be in [0, 1000]")
+        require(1 <= self.levels <= 127, f"{prefix}.levels", self.levels,
+                 "must be in [1, 127] (4 sends each value about as finely as the default dithered codec)")
+
+
+@dataclass(frozen=True)
 class FederationSettings:
     """How many sites, and which engine runs them in simulation."""
 
@@ -102,6 +118,7 @@ class FederationSettings:
     join_timeout_s: float = 600.0  # at start, wait this long for all `sites` to connect (then go on with min_sites)
     max_site_records: int = 10_000_000  # a reply claiming more training records (its FedAvg weight) is rejected
     max_update_norm: float | None = None  # optional L2 cap on one site's update (the per-value bound always applies)
+    secure_aggregation: SecureAggregationSettings = field(default_factory=SecureAggregationSettings)
 
     def validate(self, prefix: str) -> None:
         """Raise ConfigError naming the key, value and fix of the first invalid field."""
@@ -120,6 +137,7 @@ class FederationSettings:
         if self.max_update_norm is not None:
             require(finite(self.max_update_norm) and self.max_update_norm > 0, f"{prefix}.max_update_norm",
                      self.max_update_norm, "must be a finite number > 0, or null for no cap")
+        self.secure_aggregation.validate(f"{prefix}.secure_aggregation")
 
 
 @dataclass(frozen=True)

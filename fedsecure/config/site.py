@@ -101,6 +101,7 @@ class SiteSettings:
     simulated: bool = False  # set only by fedsecure's simulation engines
     noise_seed: int | None = None  # simulated sites only: reproducible tests; a deployed site refuses it
     worker_socket: str | None = None  # the site's warm worker (set by fedsecure client)
+    secagg_roster: str | None = None  # secure aggregation: YAML of site name -> node public key (the site's own)
     privacy: SitePolicy = field(default_factory=SitePolicy)
     limits: SiteLimits = field(default_factory=SiteLimits)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -157,10 +158,12 @@ class SimulatedSites:
         self.storage.validate(f"{prefix}.storage")
         self.attestation.validate(f"{prefix}.attestation")
 
-    def for_site(self, name: str, data_dir: str | Path, run_dir: str | Path) -> SiteSettings:
-        """The settings of simulated site ``name``."""
+    def for_site(self, name: str, data_dir: str | Path, run_dir: str | Path, roster: str | None = None
+                 ) -> SiteSettings:
+        """The settings of simulated site ``name`` (``roster``: the secure-aggregation roster simulate wrote)."""
         root = Path(self.state_dir) if self.state_dir else Path(run_dir) / "sites"
         return SiteSettings(name=name, data_dir=str(data_dir), state_dir=str(root / name), threads=self.threads,
-                            simulated=True, noise_seed=self.noise_seed, privacy=self.privacy, limits=self.limits,
+                            simulated=True, secagg_roster=roster, noise_seed=self.noise_seed, privacy=self.privacy,
+                            limits=self.limits,
                             storage=self.storage, attestation=self.attestation).validate()
 

@@ -23,7 +23,7 @@ from fedsecure.attestation.policy import load_policy
 from fedsecure.attestation.protocol import AttestationGate
 from fedsecure.audit import AuditLog
 from fedsecure.config import SimulationConfig
-from fedsecure.errors import ConfigError, ReplyRejected
+from fedsecure.errors import ConfigError, ReplyRejected, SecAggError
 from fedsecure.federation import keys
 from fedsecure.federation.aggregate import RoundLog, Update, sample_sites, weighted_mean
 from fedsecure.federation.bookkeeping import Bookkeeping, site_name
@@ -37,6 +37,7 @@ from fedsecure.federation.intake import (
     parse_train_reply,
 )
 from fedsecure.federation.records import to_array_record
+from fedsecure.federation.secagg_round import Participant, SecureRound
 from fedsecure.model import apply_delta, initial_adapter
 from fedsecure.privacy.client_dp import ClientLevelDP
 from fedsecure.store.rundir import RunDir
@@ -68,6 +69,9 @@ class Coordinator:
         else:
             log.warning("attestation is off: updates are accepted without evidence of the code and DP settings "
                         "that produced them")
+        self.secure: SecureRound | None = None
+        if cfg.federation.secure_aggregation.enabled:
+            self.secure = SecureRound(cfg, self.gate.node_keys if self.gate is not None else None)
 
     # ------------------------------------------------------------------ messages
     def _messages(self, nodes: list[int], kind: str, state: dict[str, np.ndarray], server_round: int,
@@ -168,8 +172,10 @@ class Coordinator:
             msgs = self._messages(nodes, MessageType.TRAIN, state, server_round, challenge=True)
             expected = expected_manifest({k: v.shape for k, v in state.items()})
             updates: list[Update] = []
+            node_of: dict[str, int] = {}
             for reply in self._exchange(grid, msgs, rl):
                 name = self.books.site_of(reply)
+                node_of[name] = reply.metadata.src_node_id
                 if reply.has_error():
                     self._failed(reply.metadata.src_node_id, name, reply.error.reason, rl)
                     log.warning("round %d: %s failed: %s", server_round, name, reply.error.reason)
@@ -194,11 +200,26 @@ class Coordinator:
                 self.books.record(rl, None, time.perf_counter() - t_round, stopped=stopped)
                 break
             total = len(list(grid.get_node_ids()))
-            state = apply_delta(state, self._aggregate(updates, sampled=len(msgs), total=total))
-            self.run_dir.save_global_adapter(server_round, state, meta)
             ordered = sorted(updates, key=lambda u: u.site)
+            if self.secure is None:
+                state = apply_delta(state, self._aggregate(updates, sampled=len(msgs), total=total))
+            else:
+                try:
+                    mean, names = self.secure.run(grid, f"{self.run_dir.path.name}/{grid.run.run_id}", server_round,
+                                                  [Participant(node_of[u.site], u.site, u.weight) for u in ordered],
+                                                  state, rl)
+                except SecAggError as e:
+                    stopped = f"secure aggregation refused in round {server_round}"
+                    self.audit.append("secagg.refused", round=server_round, reason=str(e))
+                    log.error("round %d: %s; ending the run, results saved", server_round, e)
+                    self.books.record(rl, None, time.perf_counter() - t_round, stopped=stopped)
+                    break
+                state = apply_delta(state, mean)
+                ordered = [u for u in ordered if u.site in names]
+            self.run_dir.save_global_adapter(server_round, state, meta)
             self.audit.append("round.aggregated", round=server_round, sites=[u.site for u in ordered],
-                              weights={u.site: u.weight for u in ordered})
+                              weights={u.site: u.weight for u in ordered},
+                              **({"secure_aggregation": True} if self.secure is not None else {}))
             loss = self._evaluate(grid, server_round, state, rl)
             self.books.record(rl, loss, time.perf_counter() - t_round)
             self._checkpoint(server_round, initial_loss)
@@ -241,8 +262,11 @@ class Coordinator:
                 if self.gate.policy.on_failure == "retire-site":
                     self.books.retire(node, name, server_round, rl, "site.retired", rejected)
                 return None
-        delta, bytes_up = decode_update(tr, expected, self.cfg.transport.max_update_bytes)
-        check_update(delta, self.cfg, server_round, state)
+        if self.secure is not None:  # the update comes later, masked: only its weight counts here
+            delta, bytes_up = {}, 0
+        else:
+            delta, bytes_up = decode_update(tr, expected, self.cfg.transport.max_update_bytes)
+            check_update(delta, self.cfg, server_round, state)
         entry = rl.site(name)
         entry.update(train_loss=tr.train_loss, records=tr.records, steps=tr.steps,
                      train_seconds=round(tr.seconds, 4), bytes_down=self.bytes_down.get(node, 0), bytes_up=bytes_up,

@@ -24,7 +24,12 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsecure.attestation.protocol import AttestationGate, update_digest_payload, update_digest_state
+from fedsecure.attestation.protocol import (
+    SECAGG_UPDATE_DIGEST,
+    AttestationGate,
+    update_digest_payload,
+    update_digest_state,
+)
 from fedsecure.config import ACCOUNTANTS, SimulationConfig
 from fedsecure.errors import AttestationError, ReplyRejected, UpdateRejected
 from fedsecure.federation import keys
@@ -179,7 +184,11 @@ def _parse_train(content: RecordDict, cfg: SimulationConfig) -> TrainReply:
     expected = set(base)
     if counts:
         update_keys = {keys.UPDATE, keys.ARRAYS} & set(content.keys())
-        if len(update_keys) != 1:
+        if cfg.federation.secure_aggregation.enabled:
+            if update_keys:
+                raise ReplyRejected("malformed reply: under secure aggregation a trained reply carries no update "
+                                    "(it travels masked in the round's secure-aggregation messages)")
+        elif len(update_keys) != 1:
             raise ReplyRejected("malformed reply: a trained reply carries exactly one update (encoded or arrays)")
         expected |= update_keys
         if keys.ATTESTATION in content:
@@ -251,6 +260,16 @@ def parse_eval_reply(content: RecordDict, cfg: SimulationConfig) -> EvalReply:
         raise ReplyRejected(f"malformed reply ({type(e).__name__}: {str(e)[:200]})") from None
 
 
+def adam_bound(cfg: SimulationConfig, global_state: Mapping[str, np.ndarray]) -> float:
+    """How far ``train.local_steps`` AdamW steps can move any value of the adapter, whatever the gradients and the
+    DP noise (see :func:`update_bound`): ``lr M + steps lr wd (P + lr M)``.
+    """
+    t = cfg.train
+    p = max((float(np.max(np.abs(v))) for v in global_state.values() if v.size), default=0.0)
+    move = t.learning_rate * adam_movement(t.local_steps)
+    return move + t.local_steps * t.learning_rate * t.weight_decay * (p + move)
+
+
 def update_bound(cfg: SimulationConfig, server_round: int, global_state: Mapping[str, np.ndarray],
                  name: str) -> float:
     """The largest absolute value an honest site's decoded update can hold in tensor ``name``.
@@ -264,10 +283,7 @@ def update_bound(cfg: SimulationConfig, server_round: int, global_state: Mapping
     carry what earlier rounds of this run left out (up to ``server_round`` x that). A 1% margin covers float
     rounding. ``federation.max_update_norm`` (an L2 cap on the whole update) is checked separately.
     """
-    t = cfg.train
-    p = max((float(np.max(np.abs(v))) for v in global_state.values() if v.size), default=0.0)
-    move = t.learning_rate * adam_movement(t.local_steps)
-    bound = move + t.local_steps * t.learning_rate * t.weight_decay * (p + move)
+    bound = adam_bound(cfg, global_state)
     ts = cfg.transport
     if ts.enabled:
         policy = uplink_policy(ts)
@@ -324,8 +340,11 @@ def attest_reply(gate: AttestationGate, tr: TrainReply, node: int, name: str, se
     DP numbers the reply reports, and its FedAvg weight, must be the ones the site attested.
     """
     try:
-        digest = update_digest_payload(tr.payload) if tr.payload is not None else \
-            update_digest_state(from_array_record(tr.arrays))  # type: ignore[arg-type]
+        if tr.payload is None and tr.arrays is None:  # secure aggregation: the update travels masked
+            digest = SECAGG_UPDATE_DIGEST
+        else:
+            digest = update_digest_payload(tr.payload) if tr.payload is not None else \
+                update_digest_state(from_array_record(tr.arrays))  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError):
         digest = b""  # malformed update: the signature check fails, and so would decoding
     reported: dict[str, float] = {"records": float(tr.records)}

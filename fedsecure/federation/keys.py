@@ -68,3 +68,11 @@ SIMULATED_SITES = "simulated-sites.yaml"
 # context.state keys (stay on the node)
 STATE_PLAN = "fedsecure.privacy-plan"
 STATE_VIEW = "fedsecure.adapter-view"  # the global adapter as this site last reconstructed it
+
+# secure aggregation (MessageType.QUERY): ConfigRecord CONFIG holds the phase and its body, both ways
+SECAGG_PHASE = "fedsecure.secagg.phase"  # advertise | share | masked | consistency | unmask
+SECAGG_BODY = "fedsecure.secagg.body"  # bytes: canonical JSON of the phase's data
+SECAGG_VECTOR = "fedsecure.secagg.vector"  # bytes: the site's masked vector (phase "masked", up)
+STATE_SECAGG = "fedsecure.secagg-session"  # the site's session between the round's messages (secret; node only)
+STATE_SECAGG_DELTA = "fedsecure.secagg-delta"  # the trained update waiting for the round's protocol (node only)
+STATE_SECAGG_ROUND = "fedsecure.secagg-round"  # run and round of that update

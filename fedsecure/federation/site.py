@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 
 from fedsecure.attestation.protocol import (
     NONCE_BYTES,
+    SECAGG_UPDATE_DIGEST,
     site_statement,
     update_digest_payload,
     update_digest_state,
@@ -33,6 +34,7 @@ from fedsecure.data.tokenizer import TextTokenizer
 from fedsecure.errors import DataError, FedSecureError
 from fedsecure.federation import keys, site_events
 from fedsecure.federation.records import from_array_record, to_array_record
+from fedsecure.federation.secagg_site import keep_update
 from fedsecure.federation.site_settings import (
     SiteRound,
     model_settings,
@@ -216,8 +218,11 @@ def handle_train(msg: Message, context: Context) -> Message:
             _event(r, site_events.TRAINED, records=len(data.train), steps=result.steps, loss=result.loss,
                    sigma=decision.plan.sigma, epsilon=entry.epsilon_after, budget=guard.epsilon_budget,
                    seconds=result.seconds, energy_j=meter.joules())
-        update = _encode_update(r, delta_state, seed ^ 0xC0DEC)
-        attestation = _attest(attester, dp_config, update, delta_state)
+        masked = r.cfg.federation.secure_aggregation.enabled
+        if masked:  # the update leaves only masked, in the round's secure-aggregation messages
+            keep_update(context, r.run_id, r.server_round, delta_state)
+        update = None if masked else _encode_update(r, delta_state, seed ^ 0xC0DEC)
+        attestation = _attest(attester, dp_config, update, delta_state, masked)
     except FedSecureError as e:
         if r is not None:
             _event(r, site_events.FAILED, reason=str(e))
@@ -225,10 +230,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({keys.NUM_EXAMPLES: result.examples, keys.TRAIN_LOSS: result.loss,
                             keys.STEPS: result.steps, keys.SECONDS: result.seconds, **dp_metrics})
     content = RecordDict({keys.METRICS: metrics, keys.SITE: _site_record(r), keys.PRIVACY: privacy})
-    if update is None:
-        content[keys.ARRAYS] = to_array_record(delta_state)
-    else:
+    if update is not None:
         content[keys.UPDATE] = ConfigRecord({keys.PAYLOAD: update})
+    elif not masked:
+        content[keys.ARRAYS] = to_array_record(delta_state)
     if attestation is not None:
         content[keys.ATTESTATION] = attestation
     return Message(content, reply_to=msg)
@@ -280,14 +285,18 @@ def _attester(msg: Message, site: SiteSettings, name: str):
     return nonce, provider, load_or_create_ed25519(state / "attestation" / "node-key.pem")
 
 
-def _attest(attester, dp_config: str, update: bytes | None, delta_state) -> ConfigRecord | None:
+def _attest(attester, dp_config: str, update: bytes | None, delta_state, masked: bool = False
+            ) -> ConfigRecord | None:
     """Answer the challenge: evidence bound to the nonce, our node key, DP settings and code; the node key
-    signs the update.
+    signs the update (under secure aggregation, a fixed digest: the masked vector is signed when it is sent).
     """
     if attester is None:
         return None
     nonce, provider, node_key = attester
-    digest = update_digest_state(delta_state) if update is None else update_digest_payload(update)
+    if masked:
+        digest = SECAGG_UPDATE_DIGEST
+    else:
+        digest = update_digest_state(delta_state) if update is None else update_digest_payload(update)
     return ConfigRecord(site_statement(provider, node_key, nonce, dp_config, digest))
 
 

@@ -75,7 +75,9 @@ def _rd(data: bytes) -> RecordDict:
 
 # ---------------------------------------------------------------------------- ClientApp side
 def forward(kind: str, msg: Message, context: Context, path: str) -> Message:
-    """Run handler ``kind`` ("train" or "evaluate") in the worker; returns the reply and updates ``context``."""
+    """Run handler ``kind`` ("train", "evaluate" or "query") in the worker; returns the reply and updates
+    ``context``.
+    """
     header = {"v": VERSION, "kind": kind, "run_id": context.run_id, "node_id": context.node_id,
               "node_config": dict(context.node_config), "run_config": dict(context.run_config),
               "message_type": msg.metadata.message_type, "group_id": msg.metadata.group_id}
@@ -120,9 +122,10 @@ def _handle(conn: socket.socket, handlers: dict[str, Any], lock: Any) -> None:
 
 def serve(path: Path) -> None:
     """Serve the site's train and evaluate handlers on the Unix socket ``path`` until killed."""
+    from fedsecure.federation.secagg_site import handle_query
     from fedsecure.federation.site import handle_evaluate, handle_train  # the heavy imports, once
 
-    _serve(path, {"train": handle_train, "evaluate": handle_evaluate})
+    _serve(path, {"train": handle_train, "evaluate": handle_evaluate, "query": handle_query})
 
 
 def _serve(path: Path, handlers: dict[str, Any], max_requests: int | None = None,

@@ -89,8 +89,10 @@ def node_configs(cfg: SimulationConfig, run_dir: str | Path) -> list[dict[str, A
     n = cfg.federation.sites
     if not cfg.data.dir:
         raise FedSecureError("data.dir is not set. Fix: run through `fedsecure simulate`, which prepares the data.")
+    sa = cfg.federation.secure_aggregation
+    roster = sa.roster if sa.enabled else None  # simulate wrote it: every simulated site holds a copy
     return [{keys.PARTITION_ID: i, keys.NUM_PARTITIONS: n,
-             **cfg.site.for_site(f"site-{i}", site_dir(cfg.data.dir, i), Path(run_dir).resolve()).to_flat()}
+             **cfg.site.for_site(f"site-{i}", site_dir(cfg.data.dir, i), Path(run_dir).resolve(), roster).to_flat()}
             for i in range(n)]
 
 

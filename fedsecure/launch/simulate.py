@@ -70,11 +70,32 @@ def prepare(cfg: SimulationConfig, run_dir: str | Path | None = None) -> tuple[S
         synthesize(data_dir, sites=cfg.federation.sites, records_per_site=cfg.data.records_per_site,
                    eval_fraction=cfg.data.eval_fraction, seed=cfg.seed)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(data_dir)))
+    sa = cfg.federation.secure_aggregation
+    if sa.enabled and not sa.roster:
+        roster = simulation_roster(cfg, run.path)
+        cfg = dataclasses.replace(cfg, federation=dataclasses.replace(
+            cfg.federation, secure_aggregation=dataclasses.replace(sa, roster=str(roster))))
     if cfg.attestation.enabled and not cfg.attestation.policy:
         policy_path = run.write_file("attestation-policy.yaml", simulation_policy(cfg).to_yaml())
         cfg = dataclasses.replace(cfg, attestation=dataclasses.replace(cfg.attestation, policy=str(policy_path)))
     run.write_config(cfg.to_dict())
     return cfg, run
+
+
+def simulation_roster(cfg: SimulationConfig, run_dir: Path) -> Path:
+    """The secure-aggregation roster of the simulated sites: each one's node key (made now in its state
+    directory, where its attestation uses it), written to ``<run-dir>/secagg-roster.yaml``.
+    """
+    from fedsecure.attestation.providers import load_or_create_ed25519
+    from fedsecure.data.dataset import site_dir
+    from fedsecure.secagg.roster import write_roster
+
+    node_keys = {}
+    for i in range(cfg.federation.sites):
+        site = cfg.site.for_site(f"site-{i}", site_dir(str(cfg.data.dir), i), run_dir)
+        key = load_or_create_ed25519(Path(str(site.state_dir)) / "attestation" / "node-key.pem")
+        node_keys[f"site-{i}"] = key.public_key()
+    return write_roster(run_dir / "secagg-roster.yaml", node_keys)
 
 
 def simulation_policy(cfg: SimulationConfig) -> Policy:

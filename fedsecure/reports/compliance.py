@@ -147,6 +147,12 @@ def _storage(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
             "files": ev.sealed_files(adapters)}
 
 
+def _secure_aggregation(config: dict[str, Any] | None) -> bool:
+    """Whether the run's config turned secure aggregation on."""
+    sa = ((config or {}).get("federation") or {}).get("secure_aggregation") or {}
+    return bool(sa.get("enabled")) if isinstance(sa, dict) else False
+
+
 def build_run_report(run_dir: str | Path) -> dict[str, Any]:
     """The compliance report of the run in ``run_dir`` (a dict; see docs/report-schema.md).
 
@@ -196,7 +202,7 @@ def build_run_report(run_dir: str | Path) -> dict[str, Any]:
         "releases": [{"site": s["site"], "mechanism": s["mechanism"]} for s in sites],
         "series": {"eval_loss": [[h["round"], h.get("eval_loss")] for h in rounds],
                    "bytes": [[h["round"], h.get("bytes_down", 0), h.get("bytes_up", 0)] for h in rounds]},
-        "trust_model": text.trust_model(secure_aggregation=False, seeded=seeded,
+        "trust_model": text.trust_model(secure_aggregation=_secure_aggregation(config), seeded=seeded,
                                         client_dp=bool(client.get("enabled")),
                                         attested=bool(attestation.get("enabled"))),
         "attestation": attestation,

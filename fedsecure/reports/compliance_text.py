@@ -37,7 +37,11 @@ def trust_model(*, secure_aggregation: bool, seeded: bool | None, client_dp: boo
     """Who sees what, what is protected and what is not, in sentences."""
     sees = [
         "Each site sees only its own records; no record leaves its hospital.",
-        ("The coordinator sees only the sum of the sites' updates (secure aggregation)." if secure_aggregation else
+        ("The coordinator sees only the weighted sum of the sites' quantized updates in each round (secure "
+         "aggregation: each site's vector travels under pairwise masks, and unmasking needs the threshold, a "
+         "majority, of the round's sites). This holds unless the coordinator colludes with that many sites; "
+         "the record-level guarantee does not depend on it, because the noise is added at each site."
+         if secure_aggregation else
          "The coordinator sees each site's clipped and noised update (no secure aggregation in this run); "
          "the record-level guarantee holds against it because the noise is added at the site."),
         "Every site receives the aggregated adapter after each round; it is covered by the same guarantee "

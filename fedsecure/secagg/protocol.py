@@ -201,3 +201,8 @@ def self_seed(b: bytes, spec: RoundSpec, site: int) -> bytes:
 def u3_body(spec: RoundSpec, u3: list[int]) -> bytes:
     """What each site signs in the consistency phase."""
     return CONSISTENCY + spec.digest() + b"".join(s.to_bytes(2, "big") for s in sorted(u3))
+
+
+def vector_message(spec: RoundSpec, vector: bytes) -> bytes:
+    """What a site's node key signs with its masked vector (binds it to the round and the attested key)."""
+    return b"fedsecure-secagg-vector-v1\0" + spec.digest() + hashlib.sha256(vector).digest()

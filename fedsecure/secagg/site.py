@@ -62,6 +62,37 @@ class SiteSecAgg:
         self.own: tuple[bytes, bytes] | None = None  # this site's shares of its own s_sk and b
         self.u3: list[int] | None = None
 
+    # ------------------------------------------------------------------ between messages
+    def to_bytes(self) -> bytes:
+        """The session's state (secret: private keys, ``b``, received shares), for the site's own memory between
+        the round's messages (Flower's node state, which never leaves the node).
+        """
+        def sk(k: X25519PrivateKey) -> str:
+            return k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex()
+
+        return dumps({"site": self.site, "spec": {**self.spec.__dict__, "sites": list(self.spec.sites)},
+                      "c_sk": sk(self.c_sk), "s_sk": sk(self.s_sk), "b": self.b.hex(), "phase": self.phase,
+                      "adverts": {str(k): [a.c_pk.hex(), a.s_pk.hex(), a.b_commit.hex()]
+                                  for k, a in self.adverts.items()},
+                      "received": {str(k): v.hex() for k, v in self.received.items()},
+                      "own": [x.hex() for x in self.own] if self.own else None, "u3": self.u3})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, node_key: Ed25519PrivateKey, roster: dict[int, Ed25519PublicKey]) -> SiteSecAgg:
+        """A session saved by :meth:`to_bytes` (the node key and roster are the site's own, given again)."""
+        doc = loads(data, "saved secure-aggregation session", {"site", "spec", "c_sk", "s_sk", "b", "phase",
+                                                                  "adverts", "received", "own", "u3"})
+        spec = RoundSpec(**{**doc["spec"], "sites": tuple(doc["spec"]["sites"])})
+        self = cls(doc["site"], spec, node_key, roster)
+        self.c_sk = X25519PrivateKey.from_private_bytes(bytes.fromhex(doc["c_sk"]))
+        self.s_sk = X25519PrivateKey.from_private_bytes(bytes.fromhex(doc["s_sk"]))
+        self.b, self.phase = bytes.fromhex(doc["b"]), int(doc["phase"])
+        self.adverts = {int(k): Advert(int(k), *(bytes.fromhex(x) for x in v)) for k, v in doc["adverts"].items()}
+        self.received = {int(k): bytes.fromhex(v) for k, v in doc["received"].items()}
+        self.own = tuple(bytes.fromhex(x) for x in doc["own"]) if doc["own"] else None  # type: ignore[assignment]
+        self.u3 = doc["u3"]
+        return self
+
     def _step(self, expected: int, name: str) -> None:
         if self.phase != expected:
             raise SecAggError(f"site {self.site}: {name} out of order (phase {self.phase}); the round is refused")
