@@ -55,8 +55,16 @@ class SecureRound:
     def run(self, grid: Grid, run_id: str, server_round: int, sites: list[Participant],
             state: dict[str, np.ndarray], rl: RoundLog) -> tuple[dict[str, np.ndarray], list[str]]:
         """(the mean update, the sites in it) of the sites that finish the protocol; raises SecAggError when the
-        round is refused.
+        round is refused (naming why each missing site is missing).
         """
+        try:
+            return self._run(grid, run_id, server_round, sites, state, rl)
+        except SecAggError as e:
+            why = "; ".join(f"{k}: {v}" for k, v in sorted(rl.failures.items()))
+            raise SecAggError(f"{e}{' [' + why + ']' if why else ''}") from None
+
+    def _run(self, grid: Grid, run_id: str, server_round: int, sites: list[Participant],
+             state: dict[str, np.ndarray], rl: RoundLog) -> tuple[dict[str, np.ndarray], list[str]]:
         sa = self.cfg.federation.secure_aggregation
         ok = []
         for p in sorted(sites, key=lambda p: p.name):

@@ -1,0 +1,130 @@
+"""Secure aggregation inside the federation: simulate with federation.secure_aggregation on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import fedsecure.federation.secagg_round as secagg_round
+import fedsecure.federation.secagg_site as secagg_site
+from fedsecure.errors import ConfigError, SecAggError
+from fedsecure.launch.simulate import simulate
+from fedsecure.secagg.quantize import mean as true_mean
+
+from .conftest import global_adapter, small_config
+
+
+def _cfg(tmp_path, sites=3, dropouts=1, **sections):  # noqa: ANN001, ANN202
+    return small_config(federation={"sites": sites, "rounds": 1,
+                                    "secure_aggregation": {"enabled": True, "dropouts": dropouts}}, **sections)
+
+
+def _audit(run) -> list[dict]:  # noqa: ANN001
+    return [json.loads(x) for x in (run / "audit.log").read_text().splitlines()]
+
+
+def test_the_coordinators_sum_is_exactly_fedavg_of_the_quantized_updates(tmp_path, monkeypatch):
+    sent, got = {}, {}
+    quantize = secagg_site.quantize
+
+    def spy_quantize(delta, steps, levels, seed, weight):  # noqa: ANN001, ANN202
+        x = quantize(delta, steps, levels, seed, weight)
+        sent[seed] = (weight, x.copy(), steps)
+        return x
+
+    def spy_mean(total, seeds, weights, steps, shapes):  # noqa: ANN001, ANN202
+        got.update(total=total.copy(), seeds=dict(seeds), weights=dict(weights))
+        out = true_mean(total, seeds, weights, steps, shapes)
+        got["mean"] = out
+        return out
+
+    monkeypatch.setattr(secagg_site, "quantize", spy_quantize)
+    monkeypatch.setattr(secagg_round, "mean", spy_mean)
+    run = tmp_path / "run"
+    simulate(_cfg(tmp_path), run_dir=run, announce=lambda *_: None)
+    assert len(sent) == 3 and sorted(got["seeds"]) == ["site-0", "site-1", "site-2"]
+    # the integer sum the coordinator unmasked is the sum of what the sites quantized, exactly
+    np.testing.assert_array_equal(got["total"], sum(x for _, x, _ in sent.values()))
+    # and the update it applied is FedAvg of each site's dequantized values
+    from fedsecure.transport.stages import dither_stream
+
+    steps = next(iter(sent.values()))[2]
+    per_site = []
+    for seed, (w, x, _) in sent.items():
+        u = dither_stream(seed, x.size).astype(np.float64)
+        per_site.append((w, x / w - u))
+    fedavg = sum(w * v for w, v in per_site) / sum(w for w, _ in per_site)
+    flat = np.concatenate([got["mean"][k].reshape(-1) for k in sorted(got["mean"])])
+    scale = np.concatenate([np.full(got["mean"][k].size, steps[k]) for k in sorted(got["mean"])])
+    np.testing.assert_allclose(flat, (fedavg * scale).astype(np.float32), rtol=1e-6, atol=1e-9)
+    before, after = global_adapter(run, 0), global_adapter(run, 1)
+    for k in after:
+        np.testing.assert_allclose(after[k] - before[k], got["mean"][k], atol=1e-6)
+    agg = [e for e in _audit(run) if e["event"] == "round.aggregated"]
+    assert agg[0]["secure_aggregation"] is True and agg[0]["sites"] == ["site-0", "site-1", "site-2"]
+    assert "only the weighted sum" in (run / "report.md").read_text()
+
+
+def _fail(monkeypatch, site: str, phase: str) -> None:
+    real = secagg_site._phase
+
+    def phase_fails(msg, context, r, session, head, ph, body, node_key):  # noqa: ANN001, ANN202
+        if r.name == site and ph == phase:
+            raise SecAggError(f"{site} lost its network in phase {ph}")
+        return real(msg, context, r, session, head, ph, body, node_key)
+
+    monkeypatch.setattr(secagg_site, "_phase", phase_fails)
+
+
+@pytest.mark.parametrize(("phase", "in_sum"), [("masked", False), ("consistency", True)])
+def test_a_site_that_drops_mid_protocol_is_recovered_and_named(tmp_path, monkeypatch, phase, in_sum):
+    _fail(monkeypatch, "site-1", phase)
+    run = tmp_path / "run"
+    summary = simulate(_cfg(tmp_path), run_dir=run, announce=lambda *_: None)
+    assert summary.get("stopped") is None
+    agg = [e for e in _audit(run) if e["event"] == "round.aggregated"][0]
+    # dropped before its masked vector: left out (its masks removed); after: in the sum (its seed recovered)
+    assert ("site-1" in agg["sites"]) is in_sum and {"site-0", "site-2"} <= set(agg["sites"])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    failure = json.dumps(rows)
+    assert "site-1 lost its network" in failure
+
+
+def test_beyond_the_tolerance_the_round_is_refused_and_nothing_is_aggregated(tmp_path, monkeypatch):
+    _fail(monkeypatch, "site-1", "masked")
+    run = tmp_path / "run"
+    summary = simulate(_cfg(tmp_path, dropouts=0), run_dir=run, announce=lambda *_: None)
+    assert "secure aggregation refused" in str(summary.get("stopped"))
+    events = _audit(run)
+    refused = [e for e in events if e["event"] == "secagg.refused"]
+    assert "3 needed" in refused[0]["reason"] and "site-1 lost its network" in refused[0]["reason"]
+    assert not any(e["event"] == "round.aggregated" for e in events)
+    assert not (run / "adapters" / "global-round-0001.safetensors").exists() and \
+        not any(p.name.startswith("global-round-0001") for p in (run / "adapters").iterdir())
+    # the sites' spend is on record all the same (ledger before release: nothing was under-reported)
+    privacy = json.loads((run / "privacy.json").read_text())
+    assert all(s["epsilon_spent"] > 0 and s["rounds_trained"] == [1] for s in privacy["sites"].values())
+
+
+def test_a_roster_key_that_is_not_the_sites_node_key_excludes_that_site_by_name(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedsecure.secagg.roster import write_roster
+
+    roster = write_roster(tmp_path / "roster.yaml", {f"site-{i}": Ed25519PrivateKey.generate().public_key()
+                                                     for i in range(3)})
+    run = tmp_path / "run"
+    cfg = small_config(federation={"sites": 3, "rounds": 1, "secure_aggregation": {
+        "enabled": True, "dropouts": 1, "roster": str(roster)}})
+    summary = simulate(cfg, run_dir=run, announce=lambda *_: None)
+    # no site's node key is the roster's: every one is excluded, by name and reason, and the round refused
+    assert "secure aggregation refused" in str(summary.get("stopped"))
+    rows = json.dumps([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()])
+    assert "its roster key is not the node key its attestation evidence binds" in rows
+
+
+def test_secure_aggregation_with_client_level_dp_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="secure_aggregation and privacy.client_dp are both on.*Fix"):
+        small_config(federation={"secure_aggregation": {"enabled": True}}, privacy={"client_dp": {"enabled": True}})
