@@ -219,6 +219,38 @@ def _two_sites_match_the_simulation(d: Deployment) -> None:
         np.testing.assert_allclose(deployed[name], simulated[name], rtol=1e-5, atol=1e-7)
 
 
+def test_two_sites_with_secure_aggregation_on_the_real_superlink(tmp_path):
+    d = Deployment(tmp_path, rounds=2)
+    # each site prints its node key; the consortium writes the roster every party reads its own copy of
+    lines = [subprocess.run([FEDSECURE, "attest", "node-key", "--config", f"{n}.yaml"], cwd=tmp_path, check=True,
+                            capture_output=True, text=True).stdout.strip() for n in ("site-0", "site-1")]
+    subprocess.run([FEDSECURE, "attest", "roster", "--out", "roster.yaml", *lines], cwd=tmp_path, check=True,
+                   capture_output=True)
+    coord = yaml.safe_load((tmp_path / "coordinator.yaml").read_text())
+    coord["federation"]["secure_aggregation"] = {"enabled": True, "dropouts": 0, "roster": "roster.yaml"}
+    (tmp_path / "coordinator.yaml").write_text(yaml.safe_dump(coord))
+    for name in ("site-0", "site-1"):
+        doc = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
+        doc["site"]["secagg_roster"] = "roster.yaml"
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+    try:
+        server = d.server()
+        d.wait_for(lambda: _registered(d), 120)
+        d.site("site-0")
+        d.site("site-1")
+        assert server.wait(timeout=600) == 0, d.output("server")[-3000:]
+    finally:
+        d.stop_all()
+    summary = json.loads((d.root / "run" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary.get("stopped") is None
+    assert all(h["sites_ok"] == 2 for h in summary["rounds"][1:])
+    audit = [json.loads(x) for x in (d.root / "run" / "audit.log").read_text().splitlines()]
+    agg = [e for e in audit if e["event"] == "round.aggregated"]
+    assert [e["sites"] for e in agg] == [["site-0", "site-1"]] * 2 and all(e["secure_aggregation"] for e in agg)
+    assert summary["rounds"][-1]["eval_loss"] < summary["rounds"][0]["eval_loss"]
+    assert "Attestation: 4/4 statements verified (software)" in d.output("server")
+
+
 def test_site_killed_during_round_1_is_dropped_and_rejoins(tmp_path):
     d = Deployment(tmp_path, rounds=3, round_timeout_s=40.0)
     try:

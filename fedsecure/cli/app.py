@@ -137,7 +137,7 @@ _group("certs", "Consortium TLS CA, coordinator certificate and site authenticat
        {"init": certs.certs_init, "add-site": certs.certs_add_site})
 _group("attest", "TEE attestation evidence: inspect, verify, this build's code hash.",
        {"inspect": attest.attest_inspect, "verify": attest.attest_verify, "code-hash": attest.attest_code_hash,
-        "dev-policy": attest.attest_dev_policy})
+        "dev-policy": attest.attest_dev_policy, "node-key": attest.attest_node_key, "roster": attest.attest_roster})
 _group("audit", "The coordinator's hash-chained audit log.", {"verify": attest.audit_verify})
 _group("keys", "Key-encryption keys for sealed storage: init, show, rotate.",
        {"init": storage.keys_init, "show": storage.keys_show, "rotate": storage.keys_rotate})

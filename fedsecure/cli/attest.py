@@ -86,6 +86,45 @@ def attest_verify(
 
 
 @friendly
+def attest_node_key(config: Path = typer.Option(..., "--config", help="The site's site.yaml.")) -> None:
+    """Print the site's node public key (made in its state directory if it has none yet): its roster line."""
+    from fedsecure.attestation.providers import load_or_create_ed25519
+    from fedsecure.launch.deploy_config import load_site_config
+    from fedsecure.secagg.protocol import raw
+
+    site = load_site_config(config)
+    key = load_or_create_ed25519(site.state_dir / "attestation" / "node-key.pem")
+    typer.echo(f"{site.name}={raw(key.public_key()).hex()}")
+
+
+@friendly
+def attest_roster(out: Path = typer.Option(..., "--out", help="Roster file to write (YAML)."),
+                  sites: list[str] = typer.Argument(..., help="NAME=HEX, one per site: what `fedsecure attest "
+                                                    "node-key` printed at each site."),
+                  force: bool = typer.Option(False, help="Overwrite an existing file.")) -> None:
+    """Write the consortium's secure-aggregation roster (site name -> node public key) from the sites' lines."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from fedsecure.errors import ConfigError, KeyMaterialError
+    from fedsecure.secagg.roster import write_roster
+
+    if out.exists() and not force:
+        raise KeyMaterialError(f"{out} already exists. Fix: pass --force to replace it")
+    keys = {}
+    for item in sites:
+        name, _, hexkey = item.partition("=")
+        try:
+            keys[name] = Ed25519PublicKey.from_public_bytes(bytes.fromhex(hexkey))
+        except ValueError:
+            raise ConfigError(f"{item!r} is not NAME=HEX with a 32-byte Ed25519 public key. Fix: paste the line "
+                              "`fedsecure attest node-key --config site.yaml` printed at that site") from None
+        if not name:
+            raise ConfigError(f"{item!r} has no site name before '='")
+    write_roster(out, keys)
+    typer.echo(f"wrote {out} ({len(keys)} sites); give every site and the coordinator a copy")
+
+
+@friendly
 def attest_code_hash() -> None:
     """Print this build's code hash (what a policy's 'code' list approves)."""
     from fedsecure.attestation.evidence import code_hash

@@ -73,7 +73,8 @@ def _port(value: Any, key: str) -> int:
 
 
 #: run-config keys that name files or folders (resolved against the coordinator config's folder)
-_RUN_PATHS = ("attestation.policy", "model.path", "data.dir", "storage.keyring", "runs_dir")
+_RUN_PATHS = ("attestation.policy", "model.path", "data.dir", "storage.keyring", "runs_dir",
+              "federation.secure_aggregation.roster")
 
 
 def _resolve_paths(doc: dict[str, Any], base: Path) -> None:
@@ -203,7 +204,8 @@ class SiteConfig:
 _MOVED = {"epsilon": "site.privacy.epsilon_budget", "delta": "site.privacy.delta",
           "attestation_provider": "site.attestation.provider", "keyring": "site.storage.keyring"}
 _SITE_KEYS = {"name", "superlink", "tls_ca", "auth_key", "data_dir", "state_dir", "runtime_port", "dataset_id",
-              "model_dir", "threads", "warm_worker", "privacy", "limits", "storage", "attestation", "metrics"}
+              "model_dir", "threads", "warm_worker", "privacy", "limits", "storage", "attestation", "metrics",
+              "secagg_roster"}
 SITE_METRICS_PORT = 9465  # the coordinator's default is 9464: both fit on one host
 
 
@@ -275,6 +277,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if sec.get("model_dir") is not None:
         model_dir = str(_path(base, sec["model_dir"], "site.model_dir", fix="point it at this site's copy of the "
                               "model (a Hugging Face model directory)"))
+    if sec.get("secagg_roster") is not None:
+        rest["secagg_roster"] = str(_path(base, sec["secagg_roster"], "site.secagg_roster", fix="put the "
+                                          "consortium's secure-aggregation roster there (site name -> node key)"))
     state_dir = _path(base, sec.get("state_dir"), "site.state_dir", must_exist=False)
     settings = from_mapping(SiteSettings, {**rest, "name": name, "data_dir": str(data_dir),
                                            "state_dir": str(state_dir), "model_dir": model_dir}, "site.").validate()
