@@ -1,7 +1,13 @@
-"""What secure aggregation costs a site and the coordinator: bytes and time per round, protocol alone.
+"""What secure aggregation costs a site and the coordinator: bytes and time per round.
 
     .venv/bin/python bench/bench_secagg.py [--sites 3,10] [--length 15232,1000000] [--repeats 3]
+    .venv/bin/python bench/bench_secagg.py --federation [--seeds 0,1,2]
 
+``--federation``: the demo federation (configs/simulation.yaml: 3 sites, 3 rounds, DP at eps = 3) with secure
+aggregation off (the baseline: the dithered codec) and on, per noise seed, in the same run: uplink bytes per site
+and round, round time (rounds 2-3, the model already loaded) and the final held-out loss, as ratios.
+
+Without it:
 For each consortium size and vector length (15,232 = the demo adapter's values), runs the five phases of
 fedsecure.secagg in one process with every site answering, and prints per site: the bytes it sends in each
 phase (and all together) against the same vector sent as int64 (what Flower 1.42's SecAgg+ uploads), and the
@@ -63,12 +69,52 @@ def one_round(n: int, length: int, bits: int) -> dict[str, float]:
     return out
 
 
+def federation(seeds: list[int]) -> None:
+    """Secure aggregation off vs on in the demo federation, per seed (see the module docstring)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from fedsecure.config import load_config
+    from fedsecure.launch.simulate import simulate
+
+    root = Path(__file__).resolve().parents[1]
+    res: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+    for seed in seeds:
+        for on in (False, True):
+            cfg = load_config(root / "configs" / "simulation.yaml", {"site.noise_seed": seed,
+                                                                     "federation.secure_aggregation.enabled": on})
+            with tempfile.TemporaryDirectory() as tmp:
+                summary = simulate(cfg, run_dir=Path(tmp) / "run", announce=lambda *_: None)
+                rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+            up = statistics.mean(m["bytes_up"] for m in rows if m["site"] != "federation" and m["round"] >= 1
+                                 and "bytes_up" in m)
+            secs = statistics.median(m["seconds"] for m in rows if m["site"] == "federation" and m["round"] >= 2)
+            res[on].append((up, secs, summary["final_eval_loss"]))
+            print(f"  seed {seed}, secure aggregation {'on' if on else 'off'}: {up:,.0f} B up per site-round, "
+                  f"{secs:.2f} s per round, final loss {summary['final_eval_loss']:.4f}", flush=True)
+    off, on = ({k: statistics.mean(x[i] for x in v) for i, k in enumerate(("up", "s", "loss"))}
+               for v in (res[False], res[True]))
+    print(f"# bench_secagg --federation: demo (3 sites, 3 rounds, DP eps = 3), noise seeds {seeds}, means")
+    print("| | uplink B per site-round | round time | final held-out loss |")
+    print("|---|---|---|---|")
+    print(f"| dithered codec (off, baseline) | {off['up']:,.0f} | {off['s']:.2f} s | {off['loss']:.4f} |")
+    print(f"| secure aggregation on | {on['up']:,.0f} | {on['s']:.2f} s | {on['loss']:.4f} |")
+    print(f"| ratio on / off | {on['up'] / off['up']:.2f} | {on['s'] / off['s']:.2f} | "
+          f"{100 * (on['loss'] / off['loss'] - 1):+.2f}% |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--federation", action="store_true")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--sites", default="3,10")
     ap.add_argument("--length", default="15232,1000000")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.federation:
+        federation([int(x) for x in args.seeds.split(",")])
+        return
     print("# bench_secagg: the five phases in one process, every site answering; per site (site 1's bytes)")
     print("| sites | values | modulus bits | bytes sent by a site (all phases) | of which masked vector | "
           "as int64 | x fewer than int64 | site time | coordinator time | one AES-CTR mask (baseline) | "
