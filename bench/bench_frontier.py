@@ -1,12 +1,15 @@
 """The bytes-vs-loss frontier: what is trained (LoRA rank, alpha = 2r) x how it travels (codec settings), DP on.
 
-    .venv/bin/python bench/bench_frontier.py [--seeds 0,1,2] [--rounds 3] [--svg docs/frontier.svg]
+    .venv/bin/python bench/bench_frontier.py [--seeds 0,1,2] [--rounds 3] [--svg docs/frontier.svg] [--cache F]
 
 Every point is the seeded demo federation (configs/simulation.yaml: the shipped pretrained base, 3 sites, DP at
 eps = 3) for each DP noise seed: its mean uplink and downlink bytes per site and round, and its final held-out loss.
 The reference is the tuned default (r = 8) sending fp32 arrays (codec off), per seed: paired, same data and noise.
-Prints a table (every point, frontier points marked), the smallest uplink whose mean loss is within 1% of the
-reference, as a ratio to the reference's fp32 update (and the downlink likewise), and writes the plot as SVG.
+``--cache F`` keeps each finished point (JSON lines) and reuses it when the sweep is run again with the same
+seeds and rounds: a long sweep that is interrupted goes on where it stopped (the runs are seeded, so a point
+is the same whenever it runs). Prints a table (every point, frontier points marked), the smallest uplink
+whose mean loss is within 1% of the reference, as a ratio to the reference's fp32 update (and the downlink
+likewise), and writes the plot as SVG.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def main() -> None:
     ap.add_argument("--codecs", default=",".join(CODECS), help="codec labels, comma-separated (a subset of CODECS)")
     ap.add_argument("--extra-r8", default="", help="codec labels tried at r = 8 only (comma-separated)")
     ap.add_argument("--svg", default=str(ROOT / "docs" / "frontier.svg"))
+    ap.add_argument("--cache", default="", help="JSON-lines file of finished points (read and appended)")
     args = ap.parse_args()
     chosen = {"fp32 (codec off)", *[c for c in args.codecs.split(",") if c]}
     extra_r8 = {c for c in args.extra_r8.split(",") if c}
@@ -114,17 +118,30 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown codec label(s) {sorted(unknown)}; known: {list(CODECS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    cache = Path(args.cache) if args.cache else None
+    done = {}
+    if cache is not None and cache.exists():
+        for line in cache.read_text().splitlines():
+            p = json.loads(line)
+            if p.get("seeds") == seeds and p.get("rounds") == args.rounds:
+                done[(p["r"], p["codec"])] = p
     points: list[dict] = []
     ref = None
     for r in (int(x) for x in args.ranks.split(",")):
         for codec, overrides in CODECS.items():
             if codec not in chosen | (extra_r8 if r == 8 else set()) or (r != 8 and codec == "fp32 (codec off)"):
                 continue
-            o = {"model.lora.r": r, "model.lora.alpha": 2 * r, **overrides}
-            res = [run(o, s, args.rounds) for s in seeds]
-            p = {"r": r, "codec": codec, "losses": [x[0] for x in res], "loss": statistics.mean(x[0] for x in res),
-                 "up": statistics.mean(x[1] for x in res), "down": statistics.mean(x[2] for x in res),
-                 "fp32": res[0][3]}
+            p = done.get((r, codec))
+            if p is None:
+                o = {"model.lora.r": r, "model.lora.alpha": 2 * r, **overrides}
+                res = [run(o, s, args.rounds) for s in seeds]
+                p = {"r": r, "codec": codec, "losses": [x[0] for x in res],
+                     "loss": statistics.mean(x[0] for x in res), "up": statistics.mean(x[1] for x in res),
+                     "down": statistics.mean(x[2] for x in res), "fp32": res[0][3], "seeds": seeds,
+                     "rounds": args.rounds}
+                if cache is not None:
+                    with cache.open("a") as f:
+                        f.write(json.dumps(p) + "\n")
             points.append(p)
             if r == 8 and codec.startswith("fp32"):
                 ref = p
