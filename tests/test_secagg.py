@@ -238,6 +238,13 @@ def test_the_modulus_holds_the_largest_sum_and_packing_is_exact():
         data = masking.pack(v, b)
         assert len(data) == masking.packed_size(1001, b) < 8 * 1001
         np.testing.assert_array_equal(masking.unpack(data, 1001, b, "v"), v)
+    # the layout: value i at stream bits i*b.., LSB first
+    for b, n in ((5, 1), (13, 63), (14, 64), (31, 65), (62, 130)):
+        v = rng.integers(0, 1 << b, n, dtype=np.uint64)
+        bitmat = ((v[:, None] >> np.arange(b, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+        assert masking.pack(v, b) == np.packbits(bitmat.reshape(-1), bitorder="little").tobytes()
+    with pytest.raises(SecAggError, match="bits set past its last value"):
+        masking.unpack(b"\xff\xff", 3, 5, "v")  # 15 bits of values, the 16th set
     x = rng.integers(-(1 << 22), 1 << 22, 100)
     np.testing.assert_array_equal(masking.from_ring(masking.to_ring(x, 24), 24), x)
     with pytest.raises(SecAggError, match="does not fit the 24-bit modulus"):

@@ -75,11 +75,23 @@ def packed_size(n: int, bits: int) -> int:
 
 
 def pack(values: np.ndarray, bits: int) -> bytes:
-    """``values`` (each below ``2^bits``) in ``bits`` bits each, little-endian."""
-    v = np.asarray(values, np.uint64)
-    shifts = np.arange(bits, dtype=np.uint64)
-    bitmat = ((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bitmat.reshape(-1), bitorder="little").tobytes()
+    """``values`` (each below ``2^bits``) in ``bits`` bits each, little-endian: value ``i`` holds stream bits
+    ``[i bits, (i + 1) bits)``. Every 64 values fill exactly ``bits`` 64-bit words, so the work is 64 vector
+    operations over the blocks, whatever the length.
+    """
+    v = np.asarray(values, np.uint64).reshape(-1)
+    n = v.size
+    blocks = -(-n // 64)
+    padded = np.zeros(blocks * 64, np.uint64)
+    padded[:n] = v
+    padded = padded.reshape(blocks, 64)
+    words = np.zeros((blocks, bits + 1), np.uint64)
+    for j in range(64):
+        w, s = divmod(j * bits, 64)
+        words[:, w] |= padded[:, j] << np.uint64(s)
+        if s + bits > 64:
+            words[:, w + 1] |= padded[:, j] >> np.uint64(64 - s)
+    return words[:, :bits].astype("<u8").tobytes()[: packed_size(n, bits)]
 
 
 def unpack(data: bytes, n: int, bits: int, what: str) -> np.ndarray:
@@ -87,8 +99,20 @@ def unpack(data: bytes, n: int, bits: int, what: str) -> np.ndarray:
     if len(data) != packed_size(n, bits):
         raise SecAggError(f"{what}: masked vector of {len(data)} bytes, expected {packed_size(n, bits)} "
                           f"({n} values of {bits} bits)")
-    flat = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[: n * bits]
-    if np.any(np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[n * bits:]):
+    blocks = -(-n // 64)
+    raw = np.zeros(blocks * bits * 8, np.uint8)
+    raw[: len(data)] = np.frombuffer(data, np.uint8)
+    spare = n * bits % 8
+    if spare and int(raw[len(data) - 1]) >> spare:
         raise SecAggError(f"{what}: masked vector has bits set past its last value")
-    bitmat = flat.reshape(n, bits).astype(np.uint64)
-    return (bitmat << np.arange(bits, dtype=np.uint64)).sum(axis=1, dtype=np.uint64)
+    words = np.zeros((blocks, bits + 1), np.uint64)
+    words[:, :bits] = raw.view("<u8").reshape(blocks, bits)
+    mask = np.uint64((1 << bits) - 1)
+    out = np.empty((blocks, 64), np.uint64)
+    for j in range(64):
+        w, s = divmod(j * bits, 64)
+        col = words[:, w] >> np.uint64(s)
+        if s + bits > 64:
+            col |= words[:, w + 1] << np.uint64(64 - s)
+        out[:, j] = col & mask
+    return out.reshape(-1)[:n]
