@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RANKS = [8, 4, 2, 1]
 CODECS = {
     "fp32 (codec off)": {"transport.enabled": False},
+    "dithered B0.75/A2": {"transport.uplink_dither": 0.75, "transport.policy": ["*lora_A*=d2/1.0"]},
     "dithered B1/A3 (default)": {},
     "dithered B1.5/A4": {"transport.uplink_dither": 1.5, "transport.policy": ["*lora_A*=d4/1.0"]},
     "dithered B2/A6 (slow link)": {"transport.uplink_dither": 2.0, "transport.policy": ["*lora_A*=d6/1.0"]},
