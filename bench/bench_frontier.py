@@ -97,7 +97,8 @@ def svg(points: list[dict], front: set[int], ref_loss: float, width: int = 640, 
     for p in points:
         out.append(f'<circle cx="{px(math.log10(p["up"])):.1f}" cy="{py(p["loss"]):.1f}" r="4" '
                    f'fill="{COLOURS[p["r"]]}"><title>r={p["r"]}, {p["codec"]}</title></circle>')
-    for k, (r, colour) in enumerate(COLOURS.items()):
+    ranks = sorted({p["r"] for p in points}, reverse=True)
+    for k, (r, colour) in enumerate((r, COLOURS[r]) for r in ranks):
         out.append(f'<circle cx="{width - pad - 60}" cy="{pad + 14 * k}" r="4" fill="{colour}"/>'
                    f'<text x="{width - pad - 50}" y="{pad + 14 * k + 4}">LoRA r = {r}</text>')
     return "\n".join(out + ["</svg>"]) + "\n"
