@@ -128,3 +128,18 @@ def test_a_roster_key_that_is_not_the_sites_node_key_excludes_that_site_by_name(
 def test_secure_aggregation_with_client_level_dp_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="secure_aggregation and privacy.client_dp are both on.*Fix"):
         small_config(federation={"secure_aggregation": {"enabled": True}}, privacy={"client_dp": {"enabled": True}})
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_plain_run(tmp_path):
+    from fedsecure.privacy.policy import check_limits
+
+    strict = small_config(site={"privacy": {"require_secure_aggregation": True}})
+    refusal = check_limits(strict.site.privacy, strict.site.limits, strict)
+    assert refusal is not None and refusal.key == "federation.secure_aggregation.enabled"
+    assert "site.privacy.require_secure_aggregation" in refusal.reason and "Fix:" in refusal.reason
+    with pytest.raises(ConfigError, match="require_secure_aggregation"):  # simulate checks before any work
+        simulate(strict, run_dir=tmp_path / "plain", announce=lambda *_: None)
+    run = tmp_path / "masked"
+    summary = simulate(_cfg(tmp_path, sites=2, dropouts=0, site={"privacy": {"require_secure_aggregation": True}}),
+                       run_dir=run, announce=lambda *_: None)
+    assert summary.get("stopped") is None and summary["rounds_completed"] == 1

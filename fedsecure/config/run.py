@@ -97,12 +97,15 @@ class SecureAggregationSettings:
     dropouts: int = 1  # sites that may drop out of a round's protocol; threshold = sampled - dropouts (a majority)
     levels: int = 4  # codes per side of zero: each value quantized with step = its update bound / levels
     roster: str | None = None  # site name -> node public key (YAML); None in `fedsecure simulate` = generated
+    phase_timeout_s: float = 300.0  # each phase's wait for the sites' replies (no training happens in a phase)
 
     def validate(self, prefix: str) -> None:
         """Raise ConfigError naming the key, value and fix of the first invalid field."""
         require(0 <= self.dropouts <= 1000, f"{prefix}.dropouts", self.dropouts, "must be in [0, 1000]")
         require(1 <= self.levels <= 127, f"{prefix}.levels", self.levels,
                  "must be in [1, 127] (4 sends each value about as finely as the default dithered codec)")
+        require(finite(self.phase_timeout_s) and self.phase_timeout_s > 0, f"{prefix}.phase_timeout_s",
+                 self.phase_timeout_s, "must be a finite number > 0 seconds")
 
 
 @dataclass(frozen=True)

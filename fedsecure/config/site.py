@@ -31,6 +31,7 @@ class SitePolicy:
     accountants: tuple[str, ...] = ACCOUNTANTS  # accountants the site accepts
     max_steps_per_round: int = 1000  # DP-SGD steps one message may ask for
     max_batch_size: int = 1024  # expected records sampled per step
+    require_secure_aggregation: bool = False  # true: this site's update leaves only masked (secure aggregation)
 
     def validate(self, prefix: str) -> None:
         """Raise ConfigError naming the key, value and fix of the first invalid field."""

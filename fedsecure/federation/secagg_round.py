@@ -89,7 +89,7 @@ class SecureRound:
         agg = Aggregation(spec, {points[p.name]: self.roster[p.name] for p in ok})
         head = {"spec": {**spec.__dict__, "sites": [[points[p.name], p.name] for p in ok]}, "levels": sa.levels,
                 "steps": {k: float(v) for k, v in steps.items()}, "weights": weights}
-        ask = _Exchange(grid, self.cfg.federation.round_timeout_s, server_round, by_point, rl)
+        ask = _Exchange(grid, sa.phase_timeout_s, server_round, by_point, rl)
 
         adverts = agg.adverts({i: r[0] for i, r in ask("advertise", {i: head for i in by_point}).items()})
         body = {"adverts": {str(k): v.decode() for k, v in adverts.items()}}

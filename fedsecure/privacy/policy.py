@@ -76,6 +76,11 @@ def check_limits(policy: SitePolicy, limits: SiteLimits, cfg: SimulationConfig) 
     site loads or allocates anything for the message.
     """
     train = cfg.train
+    if policy.require_secure_aggregation and not cfg.federation.secure_aggregation.enabled:
+        return _looser("federation.secure_aggregation.enabled", "false (each update sent to the coordinator as it "
+                       "is)", "only masked updates", "site.privacy.require_secure_aggregation",
+                       "the coordinator runs with federation.secure_aggregation.enabled: true and the consortium's "
+                       "roster (docs/secure-aggregation.md)")
     if train.local_steps > policy.max_steps_per_round:
         return _looser("train.local_steps", train.local_steps, f"at most {policy.max_steps_per_round}",
                        "site.privacy.max_steps_per_round",
