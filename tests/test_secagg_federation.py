@@ -143,3 +143,21 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_plain_run(tmp_path):
     summary = simulate(_cfg(tmp_path, sites=2, dropouts=0, site={"privacy": {"require_secure_aggregation": True}}),
                        run_dir=run, announce=lambda *_: None)
     assert summary.get("stopped") is None and summary["rounds_completed"] == 1
+
+
+@pytest.mark.parametrize("phase", ["advertise", "share", "masked", "consistency", "unmask"])
+def test_a_malformed_coordinator_message_gets_an_error_reply_not_a_crash(tmp_path, monkeypatch, phase):
+    real = secagg_round._Exchange.__call__
+
+    def garble(self, ph, bodies):  # noqa: ANN001, ANN202 - a coordinator that sends nonsense in one phase
+        if ph == phase:
+            bodies = {i: {"spec": 7, "adverts": [1], "shares": "x", "u3": {"a": 1}, "sigs": None, "levels": "?",
+                          "steps": 0, "weights": []} for i in bodies}
+        return real(self, ph, bodies)
+
+    monkeypatch.setattr(secagg_round._Exchange, "__call__", garble)
+    run = tmp_path / "run"
+    summary = simulate(_cfg(tmp_path, sites=3, dropouts=1), run_dir=run, announce=lambda *_: None)
+    assert "secure aggregation refused" in str(summary.get("stopped"))
+    reason = [e for e in _audit(run) if e["event"] == "secagg.refused"][0]["reason"]
+    assert f"secure aggregation ({phase})" in reason and ("malformed" in reason or "fields" in reason), reason

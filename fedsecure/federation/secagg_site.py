@@ -120,6 +120,9 @@ def handle_query(msg: Message, context: Context) -> Message:
         return reply
     except FedSecureError as e:
         return _error_reply(msg, context, f"secure aggregation ({phase})", e)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a malformed message: refuse it, never crash
+        return _error_reply(msg, context, f"secure aggregation ({phase})",
+                            SecAggError(f"malformed {phase!r} message ({type(e).__name__}: {str(e)[:120]})"))
 
 
 def _roster_of(r: SiteRound, head: dict[str, Any]) -> dict[int, Any]:
