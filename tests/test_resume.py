@@ -93,3 +93,35 @@ def test_coordinator_waits_for_sites_then_goes_on_with_fewer(tmp_path, site_data
     coord.books.wait_for_sites(TwoNodes())
     last = coord.audit.entries()[-1]
     assert last["event"] == "run.sites-connected" and (last["connected"], last["expected"]) == (2, 3)
+
+
+@pytest.mark.slow
+def test_a_coordinator_killed_mid_secure_aggregation_resumes_and_completes(tmp_path, site_data, monkeypatch):
+    from fedsecure.secagg.coordinator import Aggregation
+
+    cfg = small_config(site_data, federation={"rounds": 3, "secure_aggregation": {"enabled": True, "dropouts": 0}},
+                       train={"local_steps": 2})
+    real = Aggregation.unmask
+    calls = []
+
+    def crash_in_round_2(self, replies):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) == 2:  # round 2's unmasking: the sites have revealed their shares
+            raise Crash("coordinator killed while unmasking round 2")
+        return real(self, replies)
+
+    monkeypatch.setattr(Aggregation, "unmask", crash_in_round_2)
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        simulate(cfg, run_dir=run)
+    assert json.loads((run / checkpoint.CHECKPOINT).read_text())["round"] == 1
+    monkeypatch.setattr(Aggregation, "unmask", real)
+    prepared = SimulationConfig.from_mapping(yaml.safe_load((run / "config.yaml").read_text()))
+    engines.run_inprocess_engine(prepared, run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert [h["round"] for h in summary["rounds"]] == [0, 1, 2, 3] and summary["rounds_completed"] == 3
+    audit = [json.loads(x) for x in (run / "audit.log").read_text().splitlines()]
+    agg = [e for e in audit if e["event"] == "round.aggregated"]
+    assert [e["round"] for e in agg] == [1, 2, 3] and all(e["secure_aggregation"] for e in agg)
+    site = summary["privacy"]["sites"]["site-0"]
+    assert site["rounds_trained"] == [1, 2, 3] and site["ledger_entries"] == 4  # the crashed attempt's spend kept
