@@ -76,3 +76,41 @@ def test_doctor_finds_a_tampered_ledger(tmp_path):
     f.write_bytes(bytes(data))
     site = _by_name(run_checks(tmp_path / "site-0.yaml"))
     assert site["ledger"].status == "FAIL"
+
+
+def test_doctor_checks_the_secure_aggregation_roster(tmp_path):
+    import yaml
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedsecure.secagg.roster import write_roster
+
+    Deployment(tmp_path)
+    site = _by_name(run_checks(tmp_path / "site-0.yaml"))
+    assert site["secure aggregation"].status == "OK" and "no roster" in site["secure aggregation"].detail
+    lines = []
+    for name in ("site-0", "site-1"):
+        res = runner.invoke(app, ["attest", "node-key", "--config", str(tmp_path / f"{name}.yaml")])
+        assert res.exit_code == 0, res.output
+        lines.append(res.output.strip())
+    res = runner.invoke(app, ["attest", "roster", "--out", str(tmp_path / "roster.yaml"), *lines])
+    assert res.exit_code == 0, res.output
+    doc = yaml.safe_load((tmp_path / "site-0.yaml").read_text())
+    doc["site"]["secagg_roster"] = "roster.yaml"
+    (tmp_path / "site-0.yaml").write_text(yaml.safe_dump(doc))
+    site = _by_name(run_checks(tmp_path / "site-0.yaml"))
+    assert site["secure aggregation"].status == "OK" and "node key matches" in site["secure aggregation"].detail
+    other = write_roster(tmp_path / "wrong.yaml", {"site-0": Ed25519PrivateKey.generate().public_key()})
+    doc["site"]["secagg_roster"] = str(other)
+    (tmp_path / "site-0.yaml").write_text(yaml.safe_dump(doc))
+    site = _by_name(run_checks(tmp_path / "site-0.yaml"))
+    assert site["secure aggregation"].status == "FAIL" and "would exclude it" in site["secure aggregation"].detail
+    assert runner.invoke(app, ["attest", "roster", "--out", str(tmp_path / "bad.yaml"), "site-0=zz"]).exit_code == 2
+
+    coord = yaml.safe_load((tmp_path / "coordinator.yaml").read_text())
+    coord["federation"]["secure_aggregation"] = {"enabled": True, "roster": "wrong.yaml"}
+    (tmp_path / "coordinator.yaml").write_text(yaml.safe_dump(coord))
+    checks = _by_name(run_checks(tmp_path / "coordinator.yaml"))
+    assert checks["secure aggregation"].status == "FAIL" and "site-1" in checks["secure aggregation"].detail
+    coord["federation"]["secure_aggregation"]["roster"] = "roster.yaml"
+    (tmp_path / "coordinator.yaml").write_text(yaml.safe_dump(coord))
+    assert _by_name(run_checks(tmp_path / "coordinator.yaml"))["secure aggregation"].status == "OK"

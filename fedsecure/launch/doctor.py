@@ -122,10 +122,44 @@ def site_checks(config: Path) -> list[Check]:
                                                    "is missing. Fix: run inside the TEE guest with configfs-tsm")))
     else:
         out.append(Check("OK", "attestation", f"provider {provider}"))
+    out.append(_secagg_site(sc))
     out.append(_disk(sc.state_dir))
     out.append(_telemetry())
     out.append(_reachable(sc.superlink))
     return out
+
+
+def _secagg_site(sc: Any) -> Check:
+    """The site's secure-aggregation roster: readable, naming this site with this site's own node key."""
+    from fedsecure.attestation.keys import raw_public
+    from fedsecure.secagg.protocol import raw
+    from fedsecure.secagg.roster import load_roster
+
+    roster_path = sc.settings.secagg_roster
+    if not roster_path:
+        if sc.settings.privacy.require_secure_aggregation:
+            return Check("FAIL", "secure aggregation", "site.privacy.require_secure_aggregation is on but site.yaml "
+                                                       "names no secagg_roster: this site can train in no run. Fix: "
+                                                       "add the consortium's roster (fedsecure attest roster)")
+        return Check("OK", "secure aggregation", "no roster: this site can take part only in runs without it")
+    try:
+        roster = load_roster(roster_path)
+    except FedSecureError as e:
+        return Check("FAIL", "secure aggregation", str(e))
+    if sc.name not in roster:
+        return Check("FAIL", "secure aggregation", f"{roster_path} does not name this site ({sc.name}). Fix: send "
+                                                   "`fedsecure attest node-key` output to the consortium")
+    node_key = sc.state_dir / "attestation" / "node-key.pem"
+    if not node_key.is_file():
+        return Check("WARN", "secure aggregation", f"{node_key} does not exist yet. Fix: `fedsecure attest node-key "
+                                                   "--config site.yaml` makes it and prints this site's roster line")
+    from fedsecure.attestation.keys import load_or_create_ed25519
+
+    if raw_public(load_or_create_ed25519(node_key)) != raw(roster[sc.name]):
+        return Check("FAIL", "secure aggregation", f"the roster's key for {sc.name} is not this site's node key "
+                                                   f"({node_key}): the coordinator and every peer would exclude it. "
+                                                   "Fix: send `fedsecure attest node-key` output to the consortium")
+    return Check("OK", "secure aggregation", f"{roster_path}: {len(roster)} sites, this site's node key matches")
 
 
 def _keyring(site: Any) -> tuple[Check, Any]:
@@ -203,9 +237,30 @@ def coordinator_checks(config: Path) -> list[Check]:
         out.append(Check("OK", "port", f"{cc.address} is free"))
     except OSError as e:
         out.append(Check("WARN", "port", f"{cc.address} cannot be bound ({e.strerror}): a coordinator may be running"))
+    sa = cc.federation.federation.secure_aggregation
+    if sa.enabled:
+        out.append(_secagg_coordinator(sa.roster, sorted(cc.sites)))
     out.append(_disk(cc.run_dir))
     out.append(_telemetry())
     return out
+
+
+def _secagg_coordinator(roster_path: str | None, sites: list[str]) -> Check:
+    """The coordinator's roster names every registered site."""
+    from fedsecure.secagg.roster import load_roster
+
+    if not roster_path:
+        return Check("FAIL", "secure aggregation", "federation.secure_aggregation is on without a roster. Fix: set "
+                                                   "federation.secure_aggregation.roster (fedsecure attest roster)")
+    try:
+        roster = load_roster(roster_path)
+    except FedSecureError as e:
+        return Check("FAIL", "secure aggregation", str(e))
+    missing = [s for s in sites if s not in roster]
+    if missing:
+        return Check("FAIL", "secure aggregation", f"{roster_path} does not name {missing}: they would be left out "
+                                                   "of every round. Fix: add their `fedsecure attest node-key` lines")
+    return Check("OK", "secure aggregation", f"{roster_path}: every registered site named")
 
 
 def run_checks(config: Path) -> list[Check]:
