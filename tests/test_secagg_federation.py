@@ -161,3 +161,12 @@ def test_a_malformed_coordinator_message_gets_an_error_reply_not_a_crash(tmp_pat
     assert "secure aggregation refused" in str(summary.get("stopped"))
     reason = [e for e in _audit(run) if e["event"] == "secagg.refused"][0]["reason"]
     assert f"secure aggregation ({phase})" in reason and ("malformed" in reason or "fields" in reason), reason
+
+
+def test_a_site_refuses_a_round_smaller_than_its_minimum(tmp_path):
+    run = tmp_path / "run"
+    summary = simulate(_cfg(tmp_path, sites=2, dropouts=0, site={"privacy": {"secagg_min_sites": 3}}),
+                       run_dir=run, announce=lambda *_: None)
+    assert "secure aggregation refused" in str(summary.get("stopped"))
+    reason = [e for e in _audit(run) if e["event"] == "secagg.refused"][0]["reason"]
+    assert "fewer than this site's site.privacy.secagg_min_sites = 3" in reason

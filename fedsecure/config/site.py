@@ -32,6 +32,7 @@ class SitePolicy:
     max_steps_per_round: int = 1000  # DP-SGD steps one message may ask for
     max_batch_size: int = 1024  # expected records sampled per step
     require_secure_aggregation: bool = False  # true: this site's update leaves only masked (secure aggregation)
+    secagg_min_sites: int = 2  # the fewest sites a secure-aggregation round may sum (with 2, each learns the other)
 
     def validate(self, prefix: str) -> None:
         """Raise ConfigError naming the key, value and fix of the first invalid field."""
@@ -53,6 +54,8 @@ class SitePolicy:
                  "must be in [1, 100000]")
         require(1 <= self.max_batch_size <= 1_000_000, f"{prefix}.max_batch_size", self.max_batch_size,
                  "must be in [1, 1000000]")
+        require(2 <= self.secagg_min_sites <= 1000, f"{prefix}.secagg_min_sites", self.secagg_min_sites,
+                 "must be in [2, 1000]")
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,11 @@ def _announced(r: SiteRound, context: Context, doc: dict[str, Any]) -> tuple[Rou
     names = [str(n) for _, n in pairs]
     if len(set(names)) != len(names) or r.name not in names:
         raise SecAggError(f"{r.name}: the round's sites {names} repeat a name or omit this site")
+    least = r.site.privacy.secagg_min_sites
+    if len(names) < least:
+        raise SecAggError(f"{r.name}: the round sums {len(names)} sites, fewer than this site's "
+                          f"site.privacy.secagg_min_sites = {least} (in a small sum, the others' updates reveal this "
+                          "site's). Fix: a round with more sites, or a lower minimum in the site's own policy")
     strangers = sorted(set(names) - set(roster))
     if strangers:
         raise SecAggError(f"{r.name}: sites {strangers} are not in this site's roster; it does not aggregate with "
