@@ -125,9 +125,60 @@ def test_a_roster_key_that_is_not_the_sites_node_key_excludes_that_site_by_name(
     assert "its roster key is not the node key its attestation evidence binds" in rows
 
 
-def test_secure_aggregation_with_client_level_dp_is_refused_with_the_fix():
-    with pytest.raises(ConfigError, match="secure_aggregation and privacy.client_dp are both on.*Fix"):
-        small_config(federation={"secure_aggregation": {"enabled": True}}, privacy={"client_dp": {"enabled": True}})
+def _client_dp(tmp_path, **kw):  # noqa: ANN001, ANN202
+    return _cfg(tmp_path, privacy={"client_dp": {"enabled": True, "clip": 0.5, "noise_multiplier": 0.9}}, **kw)
+
+
+def test_client_level_dp_under_secure_aggregation_adds_the_noise_at_the_sites(tmp_path, monkeypatch):
+    from fedsecure.privacy import distributed
+
+    sent, got = [], {}
+    encode, decode = secagg_site.ddg.encode, secagg_round.ddg.decode
+
+    def spy_encode(delta, params, rng=None):  # noqa: ANN001, ANN202
+        x = encode(delta, params, rng)
+        sent.append((x.copy(), params))
+        return x
+
+    def spy_decode(total, params, denominator, shapes):  # noqa: ANN001, ANN202
+        got.update(total=total.copy(), params=params, denominator=denominator)
+        got["mean"] = decode(total, params, denominator, shapes)
+        return got["mean"]
+
+    monkeypatch.setattr(secagg_site.ddg, "encode", spy_encode)
+    monkeypatch.setattr(secagg_round.ddg, "decode", spy_decode)
+    run = tmp_path / "run"
+    simulate(_client_dp(tmp_path), run_dir=run, announce=lambda *_: None)
+    # every site noised its own vector with the announced parameters; the coordinator unmasked their exact sum
+    assert len(sent) == 3 and all(p == got["params"] for _, p in sent)
+    np.testing.assert_array_equal(got["total"], sum(x for x, _ in sent))
+    params = got["params"]
+    assert params.clip == 0.5 and got["denominator"] == 3
+    # threshold 2 of 3: each site's share is the central variance over 2, so any released sum has at least it
+    assert params.sigma == pytest.approx(0.9 * params.l2 / np.sqrt(2))
+    before, after = global_adapter(run, 0), global_adapter(run, 1)
+    for k in after:
+        np.testing.assert_allclose(after[k] - before[k], got["mean"][k], atol=1e-6)
+    cl = json.loads((run / "summary.json").read_text())["privacy"]["client_level"]
+    assert [r["sites_in_sum"] for r in cl["per_round"]] == [3]
+    assert cl["per_round"][0]["rho"] == pytest.approx(params.rho(3))
+    assert cl["epsilon"] == max(distributed.epsilon([params.rho(3)], 1e-5),
+                                distributed.independent_epsilon([params.rho(3)], 1e-5)) > 0
+    assert "noise is added at the sites" in (run / "report.md").read_text()
+    # the releases are in the checkpoint, for a resumed run to go on counting from
+    doc = json.loads((run / "coordinator-state.json").read_text())
+    assert doc["client_dp_distributed"] == cl["per_round"]
+
+
+def test_a_site_that_drops_before_masking_takes_its_noise_along_and_the_epsilon_says_so(tmp_path, monkeypatch):
+    _fail(monkeypatch, "site-1", "masked")
+    run = tmp_path / "run"
+    simulate(_client_dp(tmp_path), run_dir=run, announce=lambda *_: None)
+    cl = json.loads((run / "summary.json").read_text())["privacy"]["client_level"]
+    r = cl["per_round"][0]
+    assert r["sites_in_sum"] == 2 and r["sites_asked"] == 3
+    # two sites' noise in the sum: the threshold's, so ρ is the central Gaussian's, larger than with all three
+    assert r["rho"] == pytest.approx(1 / (2 * 0.9**2), rel=1e-6)
 
 
 def test_a_site_that_requires_secure_aggregation_refuses_a_plain_run(tmp_path):

@@ -145,7 +145,9 @@ class FederationSettings:
 
 @dataclass(frozen=True)
 class ClientDPSettings:
-    """Optional client-level DP at the coordinator: clip each site's update, noise the sum."""
+    """Optional client-level DP: clip each site's update, noise the sum. At the coordinator; or, under secure
+    aggregation, at the sites (each adds its share of a distributed discrete Gaussian, ``noise_seed`` unused).
+    """
 
     enabled: bool = False
     clip: float = 1.0  # S: L2 bound on one site's adapter delta

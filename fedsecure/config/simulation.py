@@ -20,7 +20,6 @@ from fedsecure.config.run import (
     TransportSettings,
 )
 from fedsecure.config.site import SimulatedSites
-from fedsecure.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -52,10 +51,6 @@ class SimulationConfig:
         self.attestation.validate("attestation")
         self.metrics.validate("metrics")
         self.site.validate("site")
-        if self.federation.secure_aggregation.enabled and self.privacy.client_dp.enabled:
-            raise ConfigError("federation.secure_aggregation and privacy.client_dp are both on: client-level DP clips "
-                              "each site's update at the coordinator, which secure aggregation hides from it. Fix: "
-                              "turn one off (noise added at the sites for client-level DP is not built yet)")
         return self
 
     # ------------------------------------------------------------------ conversions

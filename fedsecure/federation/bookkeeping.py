@@ -216,7 +216,8 @@ class Bookkeeping:
         self.run_dir.write_summary(summary, run_report.markdown(summary))
         Checkpoint(round=last_round, config_sha256=config_digest(self.cfg), initial_eval_loss=initial_loss,
                    retired=self.retired_list(), privacy_sites=self.privacy_sites, history=self.history,
-                   client_dp_spends=list(client_dp.spends) if client_dp else [], audit_head=head,
+                   client_dp_spends=list(client_dp.spends) if client_dp else [],
+                   client_dp_distributed=list(client_dp.distributed) if client_dp else [], audit_head=head,
                    audit_entries=entries,
                    finished={"audit_head": head, "audit_entries": entries, "rounds_completed": rounds_completed,
                              "stopped": stopped, "final_adapter": final_adapter.name}).write(self.run_dir)

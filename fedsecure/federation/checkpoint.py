@@ -51,6 +51,7 @@ class Checkpoint:
     privacy_sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     client_dp_spends: list[Spend] = field(default_factory=list)
+    client_dp_distributed: list[dict[str, Any]] = field(default_factory=list)  # rounds noised at the sites
     audit_head: str | None = None
     audit_entries: int | None = None
     finished: dict[str, Any] | None = None
@@ -66,6 +67,7 @@ class Checkpoint:
                "initial_eval_loss": self.initial_eval_loss, "retired": sorted(set(self.retired)),
                "privacy_sites": self.privacy_sites, "history": self.history,
                "client_dp_spends": [[s.sigma, s.q, s.steps] for s in self.client_dp_spends],
+               "client_dp_distributed": self.client_dp_distributed,
                "audit": anchor, "finished": self.finished}
         run_dir.write_file(CHECKPOINT, json.dumps(doc, indent=1) + "\n")
 
@@ -79,6 +81,7 @@ class Checkpoint:
             doc = json.loads(path.read_text())
             last = int(doc["round"])
             spends = [Spend(float(a), float(b), int(c)) for a, b, c in doc.get("client_dp_spends", [])]
+            noised = [dict(r, rho=float(r["rho"])) for r in doc.get("client_dp_distributed", [])]
             version = int(doc.get("version", 1))
             anchor = doc.get("audit") or {}
             if not isinstance(anchor, dict):
@@ -99,7 +102,8 @@ class Checkpoint:
                                  "restore adapters/ from backup")
         return cls(round=last, config_sha256=doc["config_sha256"], initial_eval_loss=doc.get("initial_eval_loss"),
                    retired=list(doc.get("retired", [])), privacy_sites=doc.get("privacy_sites", {}),
-                   history=doc.get("history", []), client_dp_spends=spends, audit_head=anchor.get("head"),
+                   history=doc.get("history", []), client_dp_spends=spends, client_dp_distributed=noised,
+                   audit_head=anchor.get("head"),
                    audit_entries=anchor.get("entries"), finished=doc.get("finished") or None)
 
 

@@ -71,7 +71,7 @@ class Coordinator:
                         "that produced them")
         self.secure: SecureRound | None = None
         if cfg.federation.secure_aggregation.enabled:
-            self.secure = SecureRound(cfg, self.gate.node_keys if self.gate is not None else None)
+            self.secure = SecureRound(cfg, self.gate.node_keys if self.gate is not None else None, self.client_dp)
 
     # ------------------------------------------------------------------ messages
     def _messages(self, nodes: list[int], kind: str, state: dict[str, np.ndarray], server_round: int,
@@ -157,6 +157,7 @@ class Coordinator:
             self.books.restore(resumed)
             if self.client_dp is not None:
                 self.client_dp.spends = list(resumed.client_dp_spends)
+                self.client_dp.distributed = list(resumed.client_dp_distributed)
             self.audit.append("run.resumed", after_round=resumed.round, retired=sorted(self.books.retired_names))
             state = self.run_dir.load_global_adapter(resumed.round)
             # learn which node is which site (retired sites are known by name) with one evaluation
@@ -207,7 +208,7 @@ class Coordinator:
                 try:
                     mean, names = self.secure.run(grid, f"{self.run_dir.path.name}/{grid.run.run_id}", server_round,
                                                   [Participant(node_of[u.site], u.site, u.weight) for u in ordered],
-                                                  state, rl)
+                                                  state, rl, sampled=len(msgs))
                 except SecAggError as e:
                     stopped = f"secure aggregation refused in round {server_round}"
                     self.audit.append("secagg.refused", round=server_round, reason=str(e))
@@ -239,6 +240,7 @@ class Coordinator:
                    retired=self.books.retired_list(), privacy_sites=self.books.privacy_sites,
                    history=self.books.history,
                    client_dp_spends=list(self.client_dp.spends) if self.client_dp else [],
+                   client_dp_distributed=list(self.client_dp.distributed) if self.client_dp else [],
                    audit_head=self.audit.head, audit_entries=self.audit.count).write(self.run_dir)
 
     def _take_train_reply(self, reply: Message, name: str, server_round: int, rl: RoundLog, expected,

@@ -6,6 +6,11 @@ runs :mod:`fedsecure.secagg` with the sites that trained: five exchanges, each w
 malformed is a dropout with its reason in the round log. It gets the weighted integer sum only, and
 the dither seeds of the sites in it, so the FedAvg mean (:func:`fedsecure.secagg.quantize.mean`). With
 fewer than the threshold left in any phase the round is refused: nothing is aggregated.
+
+With client-level DP on (``privacy.client_dp``) the sites clip, round and noise their updates themselves
+(:mod:`fedsecure.secagg.ddg`, the distributed discrete Gaussian): the announcement carries the round's
+parameters, the sum is divided by the sites asked, and the release is recorded with the number of sites
+whose noise it holds.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from fedsecure.errors import SecAggError
 from fedsecure.federation import keys
 from fedsecure.federation.aggregate import RoundLog
 from fedsecure.federation.intake import adam_bound
+from fedsecure.privacy.client_dp import ClientLevelDP
+from fedsecure.secagg import ddg
 from fedsecure.secagg.coordinator import Aggregation
 from fedsecure.secagg.protocol import RoundSpec, dumps, loads, raw, unhex, vector_message
 from fedsecure.secagg.quantize import layout, mean, round_bits, unit_weights
@@ -44,27 +51,30 @@ class Participant:
 class SecureRound:
     """Runs the protocol for one round and returns the FedAvg mean of the surviving sites' updates."""
 
-    def __init__(self, cfg: SimulationConfig, attested_keys: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg: SimulationConfig, attested_keys: dict[str, str] | None = None,
+                 client_dp: ClientLevelDP | None = None) -> None:
         sa = cfg.federation.secure_aggregation
         if not sa.roster:
             raise SecAggError("federation.secure_aggregation.roster is not set. Fix: point it at the consortium's "
                               "roster of node keys (fedsecure simulate writes one)")
         self.cfg, self.roster = cfg, load_roster(sa.roster)
         self.attested = attested_keys if attested_keys is not None else {}
+        self.client_dp = client_dp
 
     def run(self, grid: Grid, run_id: str, server_round: int, sites: list[Participant],
-            state: dict[str, np.ndarray], rl: RoundLog) -> tuple[dict[str, np.ndarray], list[str]]:
+            state: dict[str, np.ndarray], rl: RoundLog, sampled: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
         """(the mean update, the sites in it) of the sites that finish the protocol; raises SecAggError when the
-        round is refused (naming why each missing site is missing).
+        round is refused (naming why each missing site is missing). ``sampled``: the sites asked to train (the
+        fixed denominator of client-level DP).
         """
         try:
-            return self._run(grid, run_id, server_round, sites, state, rl)
+            return self._run(grid, run_id, server_round, sites, state, rl, max(sampled, len(sites)))
         except SecAggError as e:
             why = "; ".join(f"{k}: {v}" for k, v in sorted(rl.failures.items()))
             raise SecAggError(f"{e}{' [' + why + ']' if why else ''}") from None
 
     def _run(self, grid: Grid, run_id: str, server_round: int, sites: list[Participant],
-             state: dict[str, np.ndarray], rl: RoundLog) -> tuple[dict[str, np.ndarray], list[str]]:
+             state: dict[str, np.ndarray], rl: RoundLog, sampled: int) -> tuple[dict[str, np.ndarray], list[str]]:
         sa = self.cfg.federation.secure_aggregation
         ok = []
         for p in sorted(sites, key=lambda p: p.name):
@@ -84,11 +94,17 @@ class SecureRound:
         bound = adam_bound(self.cfg, state)
         steps = {k: bound / sa.levels for k in shapes}
         n = len(ok)
-        spec = RoundSpec(run_id, server_round, tuple(range(1, n + 1)), max(n // 2 + 1, n - sa.dropouts, 2),
-                         sum(size for _, _, size in layout(shapes)), round_bits(sa.levels, list(weights.values())))
+        threshold, length = max(n // 2 + 1, n - sa.dropouts, 2), sum(size for _, _, size in layout(shapes))
+        noise = None
+        if self.client_dp is not None:
+            cd = self.cfg.privacy.client_dp
+            noise = ddg.plan(cd.clip, cd.noise_multiplier, length, threshold)
+        bits = noise.bits(n) if noise is not None else round_bits(sa.levels, list(weights.values()))
+        spec = RoundSpec(run_id, server_round, tuple(range(1, n + 1)), threshold, length, bits)
         agg = Aggregation(spec, {points[p.name]: self.roster[p.name] for p in ok})
         head = {"spec": {**spec.__dict__, "sites": [[points[p.name], p.name] for p in ok]}, "levels": sa.levels,
-                "steps": {k: float(v) for k, v in steps.items()}, "weights": weights}
+                "steps": {k: float(v) for k, v in steps.items()}, "weights": weights,
+                "ddg": noise.to_dict() if noise is not None else None}
         ask = _Exchange(grid, sa.phase_timeout_s, server_round, by_point, rl)
 
         adverts = agg.adverts({i: r[0] for i, r in ask("advertise", {i: head for i in by_point}).items()})
@@ -125,6 +141,10 @@ class SecureRound:
                  spec.threshold, n, spec.bits)
         for i in u3:
             rl.site(by_point[i].name)["bytes_up"] = ask.bytes_up.get(i, 0)
+        if noise is not None and self.client_dp is not None:
+            self.client_dp.record_distributed(noise.rho(len(u3)), sites=len(u3), sampled=sampled, sigma=noise.sigma,
+                                              gamma=noise.gamma, l2=noise.l2)
+            return ddg.decode(total, noise, sampled, shapes), names
         return mean(total, {by_point[i].name: seeds[i] for i in u3},
                     {by_point[i].name: weights[by_point[i].name] for i in u3}, steps, shapes), names
 

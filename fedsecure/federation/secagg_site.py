@@ -23,12 +23,13 @@ from fedsecure.errors import FedSecureError, SecAggError
 from fedsecure.federation import keys
 from fedsecure.federation.records import from_array_record, to_array_record
 from fedsecure.federation.site_settings import SiteRound, parse_message
+from fedsecure.secagg import ddg
 from fedsecure.secagg.protocol import RoundSpec, dumps, loads, unhex, vector_message
 from fedsecure.secagg.quantize import quantize, round_bits
 from fedsecure.secagg.roster import load_roster
 from fedsecure.secagg.site import SiteSecAgg
 
-ANNOUNCE = {"spec", "levels", "steps", "weights"}
+ANNOUNCE = {"spec", "levels", "steps", "weights", "ddg"}
 
 
 def keep_update(context: Context, run_id: str, server_round: int, delta: dict[str, np.ndarray]) -> None:
@@ -154,11 +155,19 @@ def _phase(msg: Message, context: Context, r: SiteRound, session: SiteSecAgg, he
         if not isinstance(weight, int) or weight < 1 or not all(isinstance(w, int) and w >= 1
                                                                 for w in weights.values()):
             raise SecAggError(f"{r.name}: the round's weights are malformed ({weight!r} for this site)")
-        if session.spec.bits < round_bits(levels, list(weights.values())):
-            raise SecAggError(f"{r.name}: the round's {session.spec.bits}-bit modulus cannot hold the weighted sum "
-                              "without wrapping; refused")
-        seed = secrets.randbits(64)
-        vector = session.masked_input(sealed, quantize(delta, head["steps"], levels, seed, weight))
+        if head["ddg"] is not None:  # client-level DP: clip, round and add this site's share of the noise
+            noise = ddg.DDGRound.from_dict(head["ddg"])
+            if session.spec.bits < noise.bits(len(session.spec.sites)):
+                raise SecAggError(f"{r.name}: the round's {session.spec.bits}-bit modulus cannot hold the noised sum "
+                                  "without wrapping; refused")
+            seed, values = 0, ddg.encode(delta, noise)
+        else:
+            if session.spec.bits < round_bits(levels, list(weights.values())):
+                raise SecAggError(f"{r.name}: the round's {session.spec.bits}-bit modulus cannot hold the weighted "
+                                  "sum without wrapping; refused")
+            seed = secrets.randbits(64)
+            values = quantize(delta, head["steps"], levels, seed, weight)
+        vector = session.masked_input(sealed, values)
         _forget(context)  # masked once: the update itself is no longer kept
         return _reply(msg, dumps({"seed": seed, "sig": node_key.sign(vector_message(session.spec, vector)).hex()}),
                       vector)

@@ -60,7 +60,12 @@ def trust_model(*, secure_aggregation: bool, seeded: bool | None, client_dp: boo
                          "settings to a fresh coordinator nonce.")
     else:
         protected.append("NOT PROTECTED: attestation was off, so nothing proves which code or DP settings a site ran.")
-    if client_dp:
+    if client_dp and secure_aggregation:
+        protected.append("Client-level DP adds a second, separate guarantee for whole sites; its noise is added at "
+                         "the sites (distributed discrete Gaussian), so the coordinator never sees a less noised "
+                         "sum. It assumes every site in a sum added its share: sites colluding with the coordinator "
+                         "can remove their own shares, and the ε is computed for the sites actually in each sum.")
+    elif client_dp:
         protected.append("Client-level DP at the coordinator adds a second, separate guarantee for whole sites.")
     noise = SEEDED_NOISE if seeded else SECURE_NOISE
     if seeded is None:

@@ -48,6 +48,13 @@ def client_level(privacy: dict[str, Any]) -> str:
     cl = privacy["client_level"]
     if not cl.get("enabled"):
         return "Client-level DP at the coordinator: off."
+    if cl.get("per_round"):
+        counts = [r["sites_in_sum"] for r in cl["per_round"]]
+        return (f"Client-level DP with the noise added at the sites (distributed discrete Gaussian under secure "
+                f"aggregation; a separate guarantee, unit: {cl['unit']}): ε = {cl['epsilon']:.3f} at δ = "
+                f"{cl['delta']:.0e} over {cl['rounds']} rounds (clip S = {cl['clip']}, σ_c = {cl['noise_multiplier']}, "
+                f"zCDP ρ = {cl['zcdp_rho']:.4f}, {min(counts)} to {max(counts)} sites' noise in each sum; "
+                f"{cl['trust']}).")
     return (f"Client-level DP at the coordinator (a separate guarantee, unit: {cl['unit']}): ε = {cl['epsilon']:.3f} "
             f"at δ = {cl['delta']:.0e} over {cl['rounds']} rounds (clip S = {cl['clip']}, σ_c = "
             f"{cl['noise_multiplier']}, {cl['accountant']}).")

@@ -158,7 +158,8 @@ def render(report: dict[str, Any], *, json_sha256: str, key_id: str | None) -> s
     rl, cl = report["guarantees"]["record_level"], report["guarantees"]["client_level"]
     cl_text = ("off" if not cl.get("enabled") else
                f"ε = {cl['epsilon']:.3f} at δ = {cl['delta']:.0e} over {cl['rounds']} rounds (clip {cl['clip']}, "
-               f"σ_c = {cl['noise_multiplier']}, {cl['accountant']})")
+               f"σ_c = {cl['noise_multiplier']}, {cl['accountant']})"
+               + (f"; mechanism: {cl['mechanism']}" if cl.get("mechanism") else ""))
     tm = report["trust_model"]
     att = report["attestation"]
     att_rows = [[_e(r["round"]), _e(r["site"]), _e(r["tee"]),

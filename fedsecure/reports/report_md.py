@@ -41,7 +41,8 @@ def render(report: dict[str, Any], *, json_sha256: str, key_id: str | None) -> s
             f"- Neighbouring datasets: {report['unit']['neighbouring']}",
             "- Client level (coordinator, a separate guarantee, never merged): "
             + ("off" if not cl.get("enabled") else f"ε = {cl['epsilon']:.3f} at δ = {cl['delta']:.0e} over "
-               f"{cl['rounds']} rounds") + f". Unit: {report['unit']['client_level']}", "",
+               f"{cl['rounds']} rounds" + (f" ({cl['mechanism']})" if cl.get("mechanism") else ""))
+            + f". Unit: {report['unit']['client_level']}", "",
             "## Privacy spent per site", ""]
     rows = []
     for s in report["sites"]:
