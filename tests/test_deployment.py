@@ -219,7 +219,7 @@ def _two_sites_match_the_simulation(d: Deployment) -> None:
         np.testing.assert_allclose(deployed[name], simulated[name], rtol=1e-5, atol=1e-7)
 
 
-def test_two_sites_with_secure_aggregation_on_the_real_superlink(tmp_path):
+def test_two_sites_with_secure_aggregation_and_distributed_client_dp_on_the_real_superlink(tmp_path):
     d = Deployment(tmp_path, rounds=2)
     # each site prints its node key; the consortium writes the roster every party reads its own copy of
     lines = [subprocess.run([FEDSECURE, "attest", "node-key", "--config", f"{n}.yaml"], cwd=tmp_path, check=True,
@@ -228,6 +228,8 @@ def test_two_sites_with_secure_aggregation_on_the_real_superlink(tmp_path):
                    capture_output=True)
     coord = yaml.safe_load((tmp_path / "coordinator.yaml").read_text())
     coord["federation"]["secure_aggregation"] = {"enabled": True, "dropouts": 0, "roster": "roster.yaml"}
+    # client-level DP too: each site adds its share of the noise (a small σ_c, so the loss still falls in 2 rounds)
+    coord.setdefault("privacy", {})["client_dp"] = {"enabled": True, "clip": 4.0, "noise_multiplier": 0.005}
     (tmp_path / "coordinator.yaml").write_text(yaml.safe_dump(coord))
     for name in ("site-0", "site-1"):
         doc = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
@@ -249,6 +251,9 @@ def test_two_sites_with_secure_aggregation_on_the_real_superlink(tmp_path):
     assert [e["sites"] for e in agg] == [["site-0", "site-1"]] * 2 and all(e["secure_aggregation"] for e in agg)
     assert summary["rounds"][-1]["eval_loss"] < summary["rounds"][0]["eval_loss"]
     assert "Attestation: 4/4 statements verified (software)" in d.output("server")
+    cl = summary["privacy"]["client_level"]
+    assert [r["sites_in_sum"] for r in cl["per_round"]] == [2, 2] and cl["epsilon"] > 0
+    assert "noise added at the sites" in (d.root / "run" / "privacy.md").read_text()
 
 
 def test_site_killed_during_round_1_is_dropped_and_rejoins(tmp_path):
