@@ -10,6 +10,8 @@ from fedsecure.errors import ConfigError
 PRESETS = ("deepseek-v3-tiny-clinical", "deepseek-v3-tiny", "deepseek-v2-tiny", "r1-distill-qwen-tiny")
 #: Privacy accountants a site may use: PRV (tightest sound bound) and RDP. The Gaussian/CLT accountant is refused.
 ACCOUNTANTS = ("prv", "rdp")
+#: dtypes of the frozen base model (model.dtype)
+DTYPES = ("float32", "bfloat16", "float16")
 #: Attestation evidence providers a site may use (``fedsecure.attestation.providers``).
 PROVIDERS = ("software", "tdx", "sev-snp", "nvidia-gpu", "command")
 

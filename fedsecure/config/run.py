@@ -5,11 +5,12 @@ coordinator, transport, attestation). Each section validates itself; errors name
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fedsecure.config.checks import PRESETS, check_accountant, finite, require
+from fedsecure.config.checks import DTYPES, PRESETS, check_accountant, finite, require
 from fedsecure.errors import ConfigError
 
 
@@ -36,6 +37,8 @@ class ModelSettings:
     preset: str | None = "deepseek-v3-tiny-clinical"  # the shipped pretrained base
     path: str | None = None
     seed: int = 0  # initialisation seed of a preset's random base weights
+    device: str = "auto"  # auto (the first CUDA device if there is one, else cpu) | cpu | cuda | cuda:N
+    dtype: str = "float32"  # the frozen base: float32 | bfloat16 | float16; LoRA and its optimizer stay float32
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self, prefix: str) -> None:
@@ -46,6 +49,9 @@ class ModelSettings:
         if self.path is None:
             require(self.preset in PRESETS, f"{prefix}.preset", self.preset,
                      f"must be one of {', '.join(PRESETS)}, or set {prefix}.path to a local model directory")
+        require(re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,2})?", str(self.device)) is not None, f"{prefix}.device",
+                self.device, "must be auto, cpu, cuda or cuda:N")
+        require(self.dtype in DTYPES, f"{prefix}.dtype", self.dtype, f"must be one of {', '.join(DTYPES)}")
         self.lora.validate(f"{prefix}.lora")
 
 

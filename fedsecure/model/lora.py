@@ -88,6 +88,9 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modu
     for name, p in peft_model.named_parameters():
         if p.requires_grad and "lora_" not in name:
             raise ModelError(f"parameter {name} is trainable but is not a LoRA weight")
+        if p.requires_grad and p.dtype != torch.float32:  # PEFT upcasts bf16/fp16 adapters (autocast_adapter_dtype)
+            raise ModelError(f"LoRA weight {name} is {p.dtype}, not float32: per-sample gradients, clipping and noise "
+                             "must be float32. Pin peft==0.21.2.")
     return peft_model
 
 

@@ -141,14 +141,16 @@ def _check_model_dir(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_local_model(path: str | Path) -> torch.nn.Module:
-    """Open a local model directory with ``local_files_only=True`` (never the network)."""
+def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Open a local model directory with ``local_files_only=True`` (never the network), its weights read straight
+    into ``dtype`` (no float32 copy on the way).
+    """
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
     _check_model_dir(p)
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"model.path {p}: cannot load the weights ({str(e)[:300]}). Fix: check the directory holds "
                          "model.safetensors (or sharded safetensors) and the config.json written by save_pretrained.") \
@@ -156,12 +158,48 @@ def load_local_model(path: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
+def resolve_device(name: str) -> torch.device:
+    """``model.device`` as a torch device: ``auto`` is the first CUDA device when there is one, else the CPU.
+
+    Raises:
+        ModelError: CUDA is asked for and absent, or the index names no device; the message says what is there.
+    """
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise ModelError(f"model.device = {name}, but this machine has no usable CUDA device (torch {torch.__version__}"
+                         f" is {build}). Fix: set model.device to auto or cpu, or run the site where a GPU and a CUDA "
+                         "build of torch are installed.")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise ModelError(f"model.device = {name}, but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                         "(CUDA_VISIBLE_DEVICES). Fix: choose cuda:0 .. cuda:"
+                         f"{torch.cuda.device_count() - 1}, or auto.")
+    return torch.device("cuda", index)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``model.dtype`` as a torch dtype."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def load_model_and_tokenizer(settings: ModelSettings) -> tuple[torch.nn.Module, TextTokenizer]:
-    """The base model (not yet with LoRA) and the tokenizer that goes with it."""
+    """The base model (not yet with LoRA) in ``model.dtype`` on ``model.device``, and the tokenizer that goes
+    with it. A preset is built in float32 from its seed (bit-identical everywhere), then cast; a local directory
+    is read in its dtype directly. The model is moved before LoRA is attached (PEFT's adapters follow their
+    base layer; Opacus #820/#830: moving afterwards corrupted LoRA updates).
+    """
+    device, dtype = resolve_device(settings.device), torch_dtype(settings.dtype)
     if settings.path:
-        return load_local_model(settings.path), local_tokenizer(str(Path(settings.path).resolve()))
-    assert settings.preset is not None  # validated in ModelSettings
-    return build_base_model(settings.preset, settings.seed), bundled_tokenizer()
+        model = load_local_model(settings.path, dtype)
+        tokenizer = local_tokenizer(str(Path(settings.path).resolve()))
+    else:
+        assert settings.preset is not None  # validated in ModelSettings
+        model, tokenizer = build_base_model(settings.preset, settings.seed).to(dtype=dtype), bundled_tokenizer()
+    return model.to(device), tokenizer
 
 
 def export_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:

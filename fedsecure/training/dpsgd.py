@@ -26,7 +26,7 @@ from fedsecure.config import TrainSettings
 from fedsecure.data.dataset import TokenizedDataset, collate
 from fedsecure.privacy.guard import DPStepPlan
 from fedsecure.privacy.noise import Randomness, SeededRandomness
-from fedsecure.training.local import TrainResult, per_sequence_loss, trainable_parameters
+from fedsecure.training.local import TrainResult, per_sequence_loss, to_device, trainable_parameters
 
 GRAD_SAMPLE_MODES = ("hooks", "ew")
 
@@ -96,9 +96,9 @@ def train_private(model: torch.nn.Module, data: TokenizedDataset, settings: Trai
                 # Empty Poisson batch: the HF forward cannot take 0 rows; a noise-only step keeps the
                 # mechanism (and its accounting) exactly the sampled Gaussian one.
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             else:
-                batch = collate([data[i] for i in picked], pad_id)
+                batch = to_device(collate([data[i] for i in picked], pad_id), model)
                 if grad_sample_mode == "ew":
                     out = gsm(batch["input_ids"], attention_mask=batch["attention_mask"])
                 else:

@@ -41,6 +41,12 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def to_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The batch on the model's device (batches are built on the CPU)."""
+    device = next(model.parameters()).device
+    return batch if device.type == "cpu" else {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def train_local(model: torch.nn.Module, data: TokenizedDataset, settings: TrainSettings, *, pad_id: int,
                 seed: int) -> TrainResult:
     """``settings.local_steps`` AdamW steps on uniformly drawn batches (non-private path)."""
@@ -54,7 +60,7 @@ def train_local(model: torch.nn.Module, data: TokenizedDataset, settings: TrainS
     bs = min(settings.batch_size, n)
     for _ in range(settings.local_steps):
         idx = torch.randperm(n, generator=gen)[:bs].tolist()
-        batch = collate([data[i] for i in idx], pad_id)
+        batch = to_device(collate([data[i] for i in idx], pad_id), model)
         opt.zero_grad(set_to_none=True)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         loss = per_sequence_loss(out.logits, batch["labels"]).mean()
@@ -72,7 +78,7 @@ def evaluate(model: torch.nn.Module, data: TokenizedDataset, *, pad_id: int, bat
     model.eval()
     total, tokens = 0.0, 0
     for i in range(0, len(data), batch_size):
-        batch = collate(data.sequences[i:i + batch_size], pad_id)
+        batch = to_device(collate(data.sequences[i:i + batch_size], pad_id), model)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         lg, lb = out.logits[:, :-1].float(), batch["labels"][:, 1:]
         loss = F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=IGNORE_INDEX,

@@ -1,0 +1,118 @@
+"""Device and precision of the frozen base: model.device and model.dtype, per-sample gradients in each dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsecure.config import LoraSettings, ModelSettings, PrivacySettings, TrainSettings
+from fedsecure.data.dataset import TokenizedDataset, collate
+from fedsecure.errors import ConfigError, ModelError
+from fedsecure.model import adapter_state, attach_lora, load_model_and_tokenizer
+from fedsecure.model.presets import resolve_device
+from fedsecure.privacy.guard import DPStepPlan
+from fedsecure.training.dpsgd import _unwrap, _wrap, train_private
+from fedsecure.training.local import per_sequence_loss
+
+DTYPES = ["float32", "bfloat16", "float16"]
+#: How far Opacus' per-sample gradients may be from per-example autograd, relative to the gradient's norm. The
+#: LoRA weights and their gradients are float32 in every case; what differs between the two computations is the
+#: frozen base's forward and backward in its dtype over a batch of 4 against a batch of 1 (other blocking of the
+#: same sums). float32: ~1e-6; bfloat16 has an 8-bit mantissa (unit roundoff 2^-8 = 0.4%) and float16 a 11-bit
+#: one (2^-11 = 0.05%), accumulated over the two layers and the cross-entropy: a few units of roundoff. Measured
+#: here (worst parameter, worst record): 1.7e-6, 1.1e-2 and 4.8e-3; the bounds leave 4-60x room.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+
+
+def _model(dtype: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    base, _ = load_model_and_tokenizer(ModelSettings(preset="deepseek-v3-tiny", device="cpu", dtype=dtype))
+    model = attach_lora(base, LoraSettings(r=4))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make every gradient path non-trivial
+            p.data.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_base_takes_the_dtype_and_lora_stays_float32(dtype):
+    model = _model(dtype)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {getattr(torch, dtype)} and trainable == {torch.float32}
+    assert all(v.dtype.name == "float32" for v in adapter_state(model).values())
+
+
+@pytest.mark.parametrize("mode", ["ew", "hooks"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_sample_gradients_match_per_example_autograd_in_each_dtype(dtype, mode):
+    model = _model(dtype)
+    seqs = [[1, *torch.randint(3, 1000, (n,)).tolist(), 2] for n in (5, 14, 2, 9)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = []
+    for s in seqs:
+        b = collate([s], 0)
+        model.zero_grad()
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        per_sequence_loss(out.logits, b["labels"]).sum().backward()
+        reference.append([p.grad.clone() for p in params])
+    model.zero_grad(set_to_none=True)
+    gsm = _wrap(model, mode)
+    b = collate(seqs, 0)
+    kwargs = {"attention_mask": b["attention_mask"]}
+    out = gsm(b["input_ids"], **kwargs) if mode == "ew" else gsm(input_ids=b["input_ids"], **kwargs)
+    per_sequence_loss(out.logits, b["labels"]).mean().backward()
+    try:
+        worst = 0.0
+        for j, p in enumerate(params):
+            assert p.grad_sample.dtype == torch.float32 and p.grad_sample.shape[0] == len(seqs)
+            for i in range(len(seqs)):
+                ref = reference[i][j]
+                worst = max(worst, float((p.grad_sample[i] - ref).norm() / ref.norm().clamp(min=1e-12)))
+        assert worst < TOLERANCE[dtype], f"{dtype}/{mode}: relative error {worst:.2e}"
+    finally:
+        _unwrap(gsm, model)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_private_round_trains_lora_on_a_half_precision_base(dtype):
+    model = _model(dtype)
+    before = adapter_state(model)
+    data = TokenizedDataset([[1, *torch.randint(3, 1000, (12,)).tolist(), 2] for _ in range(16)])
+    plan = DPStepPlan(sigma=1.0, q=0.5, steps=2, max_grad_norm=1.0)
+    result = train_private(model, data, TrainSettings(batch_size=8, local_steps=2, learning_rate=0.01), plan,
+                           pad_id=0, randomness=7, grad_sample_mode=PrivacySettings().grad_sample_mode)
+    after = adapter_state(model)
+    assert result.steps == 2 and result.loss == result.loss  # finite, not NaN
+    assert any(float(abs(after[k] - before[k]).max()) > 0 for k in after)
+
+
+def test_device_and_dtype_are_checked_with_the_fix():
+    with pytest.raises(ConfigError, match=r"model.device.*auto, cpu, cuda or cuda:N"):
+        ModelSettings(device="gpu").validate("model")
+    with pytest.raises(ConfigError, match=r"model.dtype.*float32, bfloat16, float16"):
+        ModelSettings(dtype="int8").validate("model")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_asked_for_and_absent_is_a_clear_error():
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ModelError, match=r"model.device = cuda:1.*no usable CUDA device.*Fix: set model.device"):
+        resolve_device("cuda:1")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: scripts/gpu_checks.sh runs this on a GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_per_sample_gradients_and_a_private_round_on_the_gpu(dtype):
+    torch.manual_seed(0)
+    base, _ = load_model_and_tokenizer(ModelSettings(preset="deepseek-v3-tiny", device="cuda", dtype=dtype))
+    model = attach_lora(base, LoraSettings(r=4))
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    data = TokenizedDataset([[1, *torch.randint(3, 1000, (12,)).tolist(), 2] for _ in range(16)])
+    before = adapter_state(model)
+    train_private(model, data, TrainSettings(batch_size=8, local_steps=2, learning_rate=0.01),
+                  DPStepPlan(sigma=1.0, q=0.5, steps=2, max_grad_norm=1.0), pad_id=0, randomness=7,
+                  grad_sample_mode="ew")
+    after = adapter_state(model)
+    assert any(float(abs(after[k] - before[k]).max()) > 0 for k in after)
