@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from fedsecure.cli.common import console, friendly
 from fedsecure.errors import FedSecureError
+
+if TYPE_CHECKING:
+    from fedsecure.config import LoraSettings
 
 
 @contextlib.contextmanager
@@ -39,12 +43,18 @@ def quiet_hugging_face() -> Iterator[None]:
 def model_show(
     preset: str | None = typer.Option("deepseek-v3-tiny", help="Built-in preset."),
     path: Path | None = typer.Option(None, help="Local model directory (overrides --preset)."),
+    config_of: str | None = typer.Option(None, "--config-of", help="A public checkpoint by name, built on the meta "
+                                         "device from its shipped config.json (no weights): r1-distill-qwen-1.5b "
+                                         "|-7b|-14b|-32b, r1-distill-llama-8b|-70b, deepseek-v2-lite, deepseek-v3."),
     r: int = typer.Option(8, help="LoRA rank."),
 ) -> None:
     """List which modules get LoRA and how many parameters train."""
     from fedsecure.config import LoraSettings, ModelSettings
     from fedsecure.model import attach_lora, load_model_and_tokenizer, lora_module_names
 
+    if config_of:
+        _show_config_of(config_of, LoraSettings(r=r))
+        return
     settings = ModelSettings(preset=None if path else preset, path=str(path) if path else None,
                              lora=LoraSettings(r=r))
     settings.validate("model")
@@ -58,6 +68,34 @@ def model_show(
     console.print(f"trainable {trainable:,} of {total + trainable:,} parameters (LoRA r={r})")
     for name in lora_module_names(model):
         console.print(f"  lora  {name.removeprefix('base_model.model.')}", highlight=False)
+
+
+def _show_config_of(name: str, lora: LoraSettings) -> None:
+    from collections import defaultdict
+
+    from fedsecure.model.catalog import CHECKPOINTS, lora_sites, meta_model, named_config, parameter_count
+
+    lora.validate("model.lora")
+    with quiet_hugging_face():
+        config = named_config(name)
+        model = meta_model(config)
+    sites = lora_sites(model, lora)
+    values = sum(s.values for s in sites)
+    console.print(f"{name}: {CHECKPOINTS[name]}", highlight=False)
+    console.print(f"{type(model).__name__} ({config.model_type}), {parameter_count(model):,} parameters, "
+                  f"{config.num_hidden_layers} layers, hidden {config.hidden_size} (meta device: no weights)",
+                  highlight=False)
+    console.print(f"LoRA r={lora.r} on {len(sites)} Linear modules: {values:,} trainable values, "
+                  f"{4 * values / 2**20:,.1f} MiB an fp32 update (before the transport codec)", highlight=False)
+    groups: dict[tuple[str, int, int], list[str]] = defaultdict(list)
+    for s in sites:
+        groups[(s.name.split(".")[-1], s.in_features, s.out_features)].append(s.name)
+    for (leaf, fan_in, fan_out), names in sorted(groups.items()):
+        where = "shared-expert MLP" if ".shared_experts." in names[0] else \
+            "MLP" if ".mlp." in names[0] else "attention"
+        console.print(f"  lora  {leaf:<20} {fan_in:>6} -> {fan_out:<6} x {len(names):>3}  ({where}; e.g. "
+                      f"{names[0]})", highlight=False)
+    console.print("Frozen: embeddings, norms, lm_head, the router and the routed experts.", highlight=False)
 
 
 @friendly
