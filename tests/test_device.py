@@ -116,3 +116,17 @@ def test_per_sample_gradients_and_a_private_round_on_the_gpu(dtype):
                   grad_sample_mode="ew")
     after = adapter_state(model)
     assert any(float(abs(after[k] - before[k]).max()) > 0 for k in after)
+
+
+def test_a_sharded_local_checkpoint_is_read_in_its_dtype(tmp_path):
+    from fedsecure.model.presets import build_base_model, export_preset
+
+    export_preset("r1-distill-qwen-tiny", tmp_path / "m")
+    ref = build_base_model("r1-distill-qwen-tiny", 0).to(torch.bfloat16)
+    ref.save_pretrained(tmp_path / "m", max_shard_size="200KB")  # sharded, bfloat16 on disk
+    assert len(list((tmp_path / "m").glob("model-*.safetensors"))) > 1
+    base, _ = load_model_and_tokenizer(ModelSettings(preset=None, path=str(tmp_path / "m"), device="cpu",
+                                                     dtype="bfloat16"))
+    assert {p.dtype for p in base.parameters()} == {torch.bfloat16}
+    for (name, p), q in zip(base.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q), name
