@@ -28,7 +28,6 @@ def _rss_mib() -> float:
 
 def load(path: str, dtype: str) -> dict:
     import torch
-
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401 - the libraries' own pages are not the checkpoint's
 
     from fedsecure.model.presets import load_local_model, torch_dtype
