@@ -144,7 +144,8 @@ _group("keys", "Key-encryption keys for sealed storage: init, show, rotate.",
 _group("data", "Site datasets: synthesise realistic non-IID clinical notes.", {"synth": data.data_synth})
 _group("budget", "Privacy budgets: plan the noise for a budget before training.", {"plan": budget.budget_plan})
 _group("model", "Base models and LoRA: inspect a preset or local model, export a preset, rebuild the pretrained base.",
-       {"show": model.model_show, "export": model.model_export, "pretrain": model.model_pretrain})
+       {"show": model.model_show, "plan": model.model_plan, "export": model.model_export,
+        "pretrain": model.model_pretrain})
 _group("ledger", "A site's privacy ledgers, for a compliance officer: show every entry and what each run spent, "
        "verify the hash chain and the recorded ε.", {"show": ledger.ledger_show, "verify": ledger.ledger_verify})
 

@@ -140,3 +140,60 @@ def model_pretrain(
     console.print(f"held-out loss {summary['initial_eval_loss']:.4f} -> {summary['final_eval_loss']:.4f} in "
                   f"{summary['seconds']:.0f} s", highlight=False)
     console.print(f"{path}  sha256 {manifest['sha256']}", highlight=False, soft_wrap=True)
+
+
+@friendly
+def model_plan(
+    name: str = typer.Argument(..., help="A shipped checkpoint (see `model show --config-of`), a preset, or a local "
+                                         "model directory."),
+    device: str = typer.Option("cuda", help="cpu or cuda: which runtime overhead to count."),
+    dtype: str = typer.Option("bfloat16", help="The frozen base's dtype: float32 | bfloat16 | float16."),
+    batch: int = typer.Option(8, help="Records a step (DP: the expected Poisson batch)."),
+    seq: int = typer.Option(1024, help="Tokens a record (train.max_length)."),
+    r: int = typer.Option(8, help="LoRA rank."),
+    gpu_memory: float = typer.Option(80.0, help="The device's memory in GiB (H100: 80, H200: 141)."),
+    private: bool = typer.Option(True, help="DP-SGD (per-sample gradients) or plain training."),
+) -> None:
+    """Estimate one training step's memory (weights, LoRA + AdamW, per-sample gradients, the activations autograd
+    keeps: traced on the meta device, no weights) and say whether it fits the device.
+    """
+    from fedsecure.config import DTYPES, PRESETS, LoraSettings
+    from fedsecure.model.catalog import CHECKPOINTS, named_config
+    from fedsecure.model.memory import GIB, USABLE, plan_memory
+    from fedsecure.model.presets import preset_config, torch_dtype
+
+    if dtype not in DTYPES or batch < 1 or seq < 2 or gpu_memory <= 0 or device not in ("cpu", "cuda"):
+        raise FedSecureError(f"model plan: --dtype must be one of {', '.join(DTYPES)}, --device cpu or cuda, "
+                             "--batch >= 1, --seq >= 2 and --gpu-memory > 0")
+    lora = LoraSettings(r=r)
+    lora.validate("model.lora")
+    with quiet_hugging_face():
+        if name in CHECKPOINTS:
+            config = named_config(name)
+        elif name in PRESETS:
+            config = preset_config(name)
+        else:
+            from transformers import AutoConfig
+
+            from fedsecure.model.presets import _check_model_dir
+
+            _check_model_dir(Path(name))
+            config = AutoConfig.from_pretrained(name, local_files_only=True)
+        plan = plan_memory(config, lora, torch_dtype(dtype), batch, seq, private=private, device=device)
+    console.print(f"{name}: one {'DP-SGD' if private else 'training'} step, batch {batch} x {seq} tokens, base in "
+                  f"{dtype}, LoRA r={r} (float32), on {device}", highlight=False)
+    for part, size in plan.rows():
+        console.print(f"  {part:<40} {size / GIB:>9.2f} GiB", highlight=False)
+    fits = plan.fits(gpu_memory * GIB)
+    console.print(f"{'fits' if fits else 'does NOT fit'} a {gpu_memory:g} GiB device ({USABLE:.0%} usable)",
+                  highlight=False)
+    if not fits:
+        smaller = batch // 2
+        while smaller >= 1:
+            if plan_memory(config, lora, torch_dtype(dtype), smaller, seq, private=private, device=device).fits(
+                    gpu_memory * GIB):
+                console.print(f"  batch {smaller} fits (or a shorter --seq)", highlight=False)
+                break
+            smaller //= 2
+        else:
+            console.print("  not even batch 1: a shorter --seq, a smaller model, or a larger device", highlight=False)
