@@ -6,7 +6,7 @@ For each case (the tiny presets as the demo trains them, and a ~120 M-parameter 
 R1-Distill-Qwen architecture smaller, in float32 and bfloat16), a fresh process imports everything, then
 builds the model from its config in its dtype, attaches LoRA, and runs one DP-SGD step (Opacus ``ew``
 per-sample gradients, clipping, noise, AdamW) on a full batch; its peak RSS growth over the state after the
-imports (VmHWM) is the measurement. The plan (:func:`fedsecure.model.memory.plan_memory`) is computed
+imports (VmHWM) is the measurement. The plan (:func:`fedsecure.training.memory.plan_memory`) is computed
 without any weight; printed: both and their ratio (goal: the plan within 20% of the measurement).
 """
 
@@ -76,7 +76,7 @@ def main() -> None:
     import torch
 
     from fedsecure.config import LoraSettings
-    from fedsecure.model.memory import plan_memory
+    from fedsecure.training.memory import plan_memory
     from fedsecure.model.presets import torch_dtype
 
     print("# bench_memory_plan: one DP-SGD step (ew, LoRA r=8), plan vs measured peak RSS growth, this CPU")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from fedsecure.cli import app
 from fedsecure.config import LoraSettings
 from fedsecure.model.catalog import named_config
-from fedsecure.model.memory import GIB, plan_memory
+from fedsecure.training.memory import GIB, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 

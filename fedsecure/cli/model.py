@@ -159,7 +159,7 @@ def model_plan(
     """
     from fedsecure.config import DTYPES, PRESETS, LoraSettings
     from fedsecure.model.catalog import CHECKPOINTS, named_config
-    from fedsecure.model.memory import GIB, USABLE, plan_memory
+    from fedsecure.training.memory import GIB, USABLE, plan_memory
     from fedsecure.model.presets import preset_config, torch_dtype
 
     if dtype not in DTYPES or batch < 1 or seq < 2 or gpu_memory <= 0 or device not in ("cpu", "cuda"):
