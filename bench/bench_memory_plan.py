@@ -76,8 +76,8 @@ def main() -> None:
     import torch
 
     from fedsecure.config import LoraSettings
-    from fedsecure.training.memory import plan_memory
     from fedsecure.model.presets import torch_dtype
+    from fedsecure.training.memory import plan_memory
 
     print("# bench_memory_plan: one DP-SGD step (ew, LoRA r=8), plan vs measured peak RSS growth, this CPU")
     print("| model | dtype | batch x seq | plan | measured | plan / measured |")

@@ -159,8 +159,8 @@ def model_plan(
     """
     from fedsecure.config import DTYPES, PRESETS, LoraSettings
     from fedsecure.model.catalog import CHECKPOINTS, named_config
-    from fedsecure.training.memory import GIB, USABLE, plan_memory
     from fedsecure.model.presets import preset_config, torch_dtype
+    from fedsecure.training.memory import GIB, USABLE, plan_memory
 
     if dtype not in DTYPES or batch < 1 or seq < 2 or gpu_memory <= 0 or device not in ("cpu", "cuda"):
         raise FedSecureError(f"model plan: --dtype must be one of {', '.join(DTYPES)}, --device cpu or cuda, "
