@@ -17,8 +17,10 @@ import json
 import subprocess
 import sys
 
-CASES = [("deepseek-v3-tiny", "float32", 32, 96), ("r1-distill-qwen-tiny", "float32", 32, 96),
-         ("qwen2-120m", "float32", 4, 256), ("qwen2-120m", "bfloat16", 4, 256)]
+#: (model, dtype, batch, seq, gradient checkpointing: then the hooks per-sample mode, else ew)
+CASES = [("deepseek-v3-tiny", "float32", 32, 96, False), ("r1-distill-qwen-tiny", "float32", 32, 96, False),
+         ("qwen2-120m", "float32", 4, 256, False), ("qwen2-120m", "bfloat16", 4, 256, False),
+         ("qwen2-120m", "float32", 4, 256, True), ("deepseek-v3-tiny", "float32", 32, 96, True)]
 
 
 def _hwm_mib() -> float:
@@ -37,7 +39,7 @@ def config_of(name: str):  # noqa: ANN201
     return preset_config(name)
 
 
-def measure(name: str, dtype: str, batch: int, seq: int) -> dict:
+def measure(name: str, dtype: str, batch: int, seq: int, checkpointing: bool = False) -> dict:
     import torch
     from opacus.optimizers import DPOptimizer
     from transformers import AutoModelForCausalLM
@@ -46,20 +48,24 @@ def measure(name: str, dtype: str, batch: int, seq: int) -> dict:
     from fedsecure.model.lora import attach_lora
     from fedsecure.model.presets import torch_dtype
     from fedsecure.training.dpsgd import _unwrap, _wrap
-    from fedsecure.training.local import per_sequence_loss
+    from fedsecure.training.local import activation_checkpointing, per_sequence_loss
 
     config = config_of(name)
     torch.manual_seed(0)
     before = _hwm_mib()
     model = attach_lora(AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype)), LoraSettings(r=8))
     params = [p for p in model.parameters() if p.requires_grad]
-    gsm = _wrap(model, "ew")
+    gsm = _wrap(model, "hooks" if checkpointing else "ew")
     opt = DPOptimizer(torch.optim.AdamW(params, lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
                       expected_batch_size=batch, loss_reduction="mean")
     ids = torch.randint(3, config.vocab_size, (batch, seq))
     model.train()
-    out = gsm(ids, attention_mask=torch.ones_like(ids))
-    per_sequence_loss(out.logits, ids).mean().backward()
+    with activation_checkpointing(model, checkpointing):
+        if checkpointing:
+            out = gsm(input_ids=ids, attention_mask=torch.ones_like(ids))
+        else:
+            out = gsm(ids, attention_mask=torch.ones_like(ids))
+        per_sequence_loss(out.logits, ids).mean().backward()
     opt.step()
     _unwrap(gsm, model)
     return {"measured_mib": _hwm_mib() - before}
@@ -67,11 +73,11 @@ def measure(name: str, dtype: str, batch: int, seq: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
-        name, dtype, batch, seq = args.case
-        print(json.dumps(measure(name, dtype, int(batch), int(seq))))
+        name, dtype, batch, seq, ckpt = args.case
+        print(json.dumps(measure(name, dtype, int(batch), int(seq), ckpt == "True")))
         return
     import torch
 
@@ -80,15 +86,16 @@ def main() -> None:
     from fedsecure.training.memory import plan_memory
 
     print("# bench_memory_plan: one DP-SGD step (ew, LoRA r=8), plan vs measured peak RSS growth, this CPU")
-    print("| model | dtype | batch x seq | plan | measured | plan / measured |")
-    print("|---|---|---|---|---|---|")
-    for name, dtype, batch, seq in CASES:
-        plan = plan_memory(config_of(name), LoraSettings(r=8), torch_dtype(dtype), batch, seq).total / 2**20
-        out = subprocess.run([sys.executable, __file__, "--case", name, dtype, str(batch), str(seq)],
+    print("| model | dtype | batch x seq | checkpointing | plan | measured | plan / measured |")
+    print("|---|---|---|---|---|---|---|")
+    for name, dtype, batch, seq, ckpt in CASES:
+        plan = plan_memory(config_of(name), LoraSettings(r=8), torch_dtype(dtype), batch, seq,
+                           checkpointing=ckpt).total / 2**20
+        out = subprocess.run([sys.executable, __file__, "--case", name, dtype, str(batch), str(seq), str(ckpt)],
                              capture_output=True, text=True, check=True)
         got = json.loads(out.stdout.strip().splitlines()[-1])["measured_mib"]
-        print(f"| {name} | {dtype} | {batch} x {seq} | {plan:,.0f} MiB | {got:,.0f} MiB | {plan / got:.2f} |",
-              flush=True)
+        print(f"| {name} | {dtype} | {batch} x {seq} | {'on (hooks)' if ckpt else 'off (ew)'} | {plan:,.0f} MiB | "
+              f"{got:,.0f} MiB | {plan / got:.2f} |", flush=True)
     del torch
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,3 +131,58 @@ def test_a_sharded_local_checkpoint_is_read_in_its_dtype(tmp_path):
     assert {p.dtype for p in base.parameters()} == {torch.bfloat16}
     for (name, p), q in zip(base.named_parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("preset", ["r1-distill-qwen-tiny", "deepseek-v3-tiny"])
+def test_gradient_checkpointing_keeps_per_sample_gradients_exact_in_hooks_mode(preset):
+    from fedsecure.training.local import activation_checkpointing
+
+    torch.manual_seed(0)
+    base, _ = load_model_and_tokenizer(ModelSettings(preset=preset, device="cpu"))
+    model = attach_lora(base, LoraSettings(r=4))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    seqs = [[1, *torch.randint(3, 1000, (n,)).tolist(), 2] for n in (5, 14, 2, 9)]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def per_sample(checkpoint: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.train()
+        gsm = _wrap(model, "hooks")
+        b = collate(seqs, 0)
+        try:
+            with activation_checkpointing(model, checkpoint):
+                out = gsm(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                per_sequence_loss(out.logits, b["labels"]).mean().backward()
+            assert all(getattr(p, "grad_sample", None) is not None for p in params), "a LoRA weight got none"
+            return [p.grad_sample.clone() for p in params]
+        finally:
+            _unwrap(gsm, model)
+
+    plain, recomputed = per_sample(False), per_sample(True)
+    for a, b in zip(plain, recomputed, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # and the model is back to normal afterwards: no checkpointing, no gradient on the embeddings' output
+    assert not model.get_base_model().is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_with_the_ew_mode_is_refused_with_the_fix():
+    from .conftest import small_config
+
+    with pytest.raises(ConfigError, match=r"gradient_checkpointing.*ew.*Fix: set privacy.grad_sample_mode: hooks"):
+        small_config(train={"gradient_checkpointing": True}, privacy={"grad_sample_mode": "ew"})
+    small_config(train={"gradient_checkpointing": True}, privacy={"grad_sample_mode": "hooks"})  # accepted
+
+
+def test_a_private_round_with_checkpointing_trains_like_one_without():
+    data = TokenizedDataset([[1, *torch.randint(3, 1000, (12,)).tolist(), 2] for _ in range(16)])
+    plan = DPStepPlan(sigma=1.0, q=0.5, steps=2, max_grad_norm=1.0)
+    states = []
+    for checkpoint in (False, True):
+        model = _model("float32")
+        settings = TrainSettings(batch_size=8, local_steps=2, learning_rate=0.01, gradient_checkpointing=checkpoint)
+        train_private(model, data, settings, plan, pad_id=0, randomness=7, grad_sample_mode="hooks")
+        states.append(adapter_state(model))
+    for k in states[0]:
+        np.testing.assert_allclose(states[1][k], states[0][k], rtol=1e-4, atol=1e-6)

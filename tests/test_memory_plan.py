@@ -62,3 +62,15 @@ def test_model_plan_says_what_fits():
     res = runner.invoke(app, ["model", "plan", "r1-distill-qwen-1.5b", "--dtype", "int3"])
     assert res.exit_code != 0 and "--dtype must be one of" in res.output
     assert GIB == 2**30
+
+
+def test_checkpointing_keeps_one_layer_instead_of_all():
+    config = named_config("r1-distill-qwen-1.5b")
+    plain = plan_memory(config, LoraSettings(r=8), torch.bfloat16, 4, 512)
+    kept = plan_memory(config, LoraSettings(r=8), torch.bfloat16, 4, 512, checkpointing=True)
+    assert kept.weights == plain.weights and kept.lora == plain.lora
+    # 28 layers: what remains is the loss' logits, each layer's input and one layer recomputed at a time
+    assert kept.activations < plain.activations / 3
+    res = CliRunner().invoke(app, ["model", "plan", "r1-distill-qwen-7b", "--batch", "8", "--seq", "1024",
+                                   "--checkpointing"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "gradient checkpointing" in res.output and "fits a 80 GiB device" in res.output

@@ -153,6 +153,7 @@ def model_plan(
     r: int = typer.Option(8, help="LoRA rank."),
     gpu_memory: float = typer.Option(80.0, help="The device's memory in GiB (H100: 80, H200: 141)."),
     private: bool = typer.Option(True, help="DP-SGD (per-sample gradients) or plain training."),
+    checkpointing: bool = typer.Option(False, help="train.gradient_checkpointing: recompute each layer in backward."),
 ) -> None:
     """Estimate one training step's memory (weights, LoRA + AdamW, per-sample gradients, the activations autograd
     keeps: traced on the meta device, no weights) and say whether it fits the device.
@@ -179,9 +180,11 @@ def model_plan(
 
             _check_model_dir(Path(name))
             config = AutoConfig.from_pretrained(name, local_files_only=True)
-        plan = plan_memory(config, lora, torch_dtype(dtype), batch, seq, private=private, device=device)
+        plan = plan_memory(config, lora, torch_dtype(dtype), batch, seq, private=private, device=device,
+                           checkpointing=checkpointing)
     console.print(f"{name}: one {'DP-SGD' if private else 'training'} step, batch {batch} x {seq} tokens, base in "
-                  f"{dtype}, LoRA r={r} (float32), on {device}", highlight=False)
+                  f"{dtype}, LoRA r={r} (float32), on {device}"
+                  f"{', gradient checkpointing' if checkpointing else ''}", highlight=False)
     for part, size in plan.rows():
         console.print(f"  {part:<40} {size / GIB:>9.2f} GiB", highlight=False)
     fits = plan.fits(gpu_memory * GIB)
@@ -190,8 +193,8 @@ def model_plan(
     if not fits:
         smaller = batch // 2
         while smaller >= 1:
-            if plan_memory(config, lora, torch_dtype(dtype), smaller, seq, private=private, device=device).fits(
-                    gpu_memory * GIB):
+            if plan_memory(config, lora, torch_dtype(dtype), smaller, seq, private=private, device=device,
+                           checkpointing=checkpointing).fits(gpu_memory * GIB):
                 console.print(f"  batch {smaller} fits (or a shorter --seq)", highlight=False)
                 break
             smaller //= 2

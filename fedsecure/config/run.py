@@ -84,6 +84,7 @@ class TrainSettings:
     batch_size: int = 64
     learning_rate: float = 5e-3
     weight_decay: float = 0.0
+    gradient_checkpointing: bool = False  # recompute each layer in backward (needs privacy.grad_sample_mode: hooks)
 
     def validate(self, prefix: str) -> None:
         """Raise ConfigError naming the key, value and fix of the first invalid field."""

@@ -20,6 +20,7 @@ from fedsecure.config.run import (
     TransportSettings,
 )
 from fedsecure.config.site import SimulatedSites
+from fedsecure.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class SimulationConfig:
         self.attestation.validate("attestation")
         self.metrics.validate("metrics")
         self.site.validate("site")
+        if self.train.gradient_checkpointing and self.privacy.enabled and self.privacy.grad_sample_mode != "hooks":
+            raise ConfigError("train.gradient_checkpointing is on with privacy.grad_sample_mode = "
+                              f"{self.privacy.grad_sample_mode}: Opacus' ew mode computes no per-sample gradient when "
+                              "layers are recomputed in the backward pass. Fix: set privacy.grad_sample_mode: hooks "
+                              "(exact with checkpointing), or turn train.gradient_checkpointing off")
         return self
 
     # ------------------------------------------------------------------ conversions

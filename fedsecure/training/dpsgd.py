@@ -17,6 +17,7 @@ and because a cached model must be wrapped and unwrapped cleanly every round.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
@@ -26,7 +27,13 @@ from fedsecure.config import TrainSettings
 from fedsecure.data.dataset import TokenizedDataset, collate
 from fedsecure.privacy.guard import DPStepPlan
 from fedsecure.privacy.noise import Randomness, SeededRandomness
-from fedsecure.training.local import TrainResult, per_sequence_loss, to_device, trainable_parameters
+from fedsecure.training.local import (
+    TrainResult,
+    activation_checkpointing,
+    per_sequence_loss,
+    to_device,
+    trainable_parameters,
+)
 
 GRAD_SAMPLE_MODES = ("hooks", "ew")
 
@@ -84,10 +91,15 @@ def train_private(model: torch.nn.Module, data: TokenizedDataset, settings: Trai
     params = trainable_parameters(model)
     n = len(data)
     expected = max(1, round(plan.q * n))
+    if settings.gradient_checkpointing and grad_sample_mode != "hooks":
+        raise ValueError("gradient checkpointing needs grad_sample_mode hooks: ew computes no per-sample gradient "
+                         "when layers are recomputed")
     gsm = _wrap(model, grad_sample_mode)
     opt = _dp_optimizer(params, settings, plan, expected, randomness)
     losses: list[float] = []
     model.train()
+    scope = contextlib.ExitStack()
+    scope.enter_context(activation_checkpointing(model, settings.gradient_checkpointing))
     try:
         for _ in range(plan.steps):
             picked = randomness.poisson_mask(n, plan.q).nonzero().flatten().tolist()
@@ -112,6 +124,7 @@ def train_private(model: torch.nn.Module, data: TokenizedDataset, settings: Trai
                 losses.append(float(loss.detach()))
             opt.step()
     finally:
+        scope.close()
         _unwrap(gsm, model)
         model.eval()
     return TrainResult(loss=sum(losses) / len(losses) if losses else float("nan"), steps=plan.steps, examples=n,

@@ -8,8 +8,10 @@ per-record sensitivity argument, so we never use it, private or not.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,25 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@contextlib.contextmanager
+def activation_checkpointing(model: torch.nn.Module, on: bool) -> Iterator[None]:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations (``on``), for the
+    duration of the block. Reentrant checkpointing: its first forward runs without autograd, so Opacus' hooks
+    capture each layer's activations once, when it is recomputed, and per-sample gradients stay exact (``hooks``
+    mode; the ``ew`` mode gets none, and the non-reentrant form loses most: tested).
+    """
+    if not on:
+        yield
+        return
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.activation_checkpointing_enable({"use_reentrant": True})  # also makes the embeddings' output need grad
+    try:
+        yield
+    finally:
+        inner.activation_checkpointing_disable()
+        inner.disable_input_require_grads()
+
+
 def to_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The batch on the model's device (batches are built on the CPU)."""
     device = next(model.parameters()).device
@@ -58,6 +79,16 @@ def train_local(model: torch.nn.Module, data: TokenizedDataset, settings: TrainS
     losses = []
     n = len(data)
     bs = min(settings.batch_size, n)
+    with activation_checkpointing(model, settings.gradient_checkpointing):
+        _steps(model, data, settings, opt, gen, bs, pad_id, losses)
+    model.eval()
+    return TrainResult(loss=sum(losses) / len(losses), steps=len(losses), examples=n,
+                       seconds=time.perf_counter() - start)
+
+
+def _steps(model: torch.nn.Module, data: TokenizedDataset, settings: TrainSettings, opt: torch.optim.Optimizer,
+           gen: torch.Generator, bs: int, pad_id: int, losses: list[float]) -> None:
+    n = len(data)
     for _ in range(settings.local_steps):
         idx = torch.randperm(n, generator=gen)[:bs].tolist()
         batch = to_device(collate([data[i] for i in idx], pad_id), model)
@@ -67,9 +98,6 @@ def train_local(model: torch.nn.Module, data: TokenizedDataset, settings: TrainS
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    model.eval()
-    return TrainResult(loss=sum(losses) / len(losses), steps=len(losses), examples=n,
-                       seconds=time.perf_counter() - start)
 
 
 @torch.no_grad()

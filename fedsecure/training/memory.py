@@ -14,10 +14,12 @@ float32 copies PEFT makes of a half-precision LoRA input are counted although a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
 from fedsecure.config import LoraSettings
+from fedsecure.training.local import activation_checkpointing
 
 GIB = float(1 << 30)
 #: Share of a GPU's memory a plan may fill: the caching allocator's fragmentation takes the rest.
@@ -78,17 +80,23 @@ def activation_bytes(model: torch.nn.Module, batch: int, seq: int, half_as: int 
             largest[0] = max(largest[0], size)
         return t
 
+    import transformers.masking_utils as masking
+
     ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids)  # a padding mask would need .item() on meta tensors
+    # in training mode transformers looks for packed sequences in the position ids, a data-dependent check the
+    # meta device cannot answer (Tensor.item()); these ids are one unpacked sequence a row
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            mock.patch.object(masking, "find_packed_sequence_indices", lambda position_ids: None):
+        out = model(input_ids=ids)  # a padding mask would need .item() on meta tensors as well
         per_sequence_loss(out.logits, ids).mean()
     return total[0], largest[0]
 
 
 def plan_memory(config: object, lora: LoraSettings, dtype: torch.dtype, batch: int, seq: int,
-                private: bool = True, device: str = "cpu") -> MemoryPlan:
+                private: bool = True, device: str = "cpu", checkpointing: bool = False) -> MemoryPlan:
     """The memory of one training step of ``config`` with LoRA ``lora``, the base in ``dtype``, on ``device``
-    (``cpu`` or ``cuda``).
+    (``cpu`` or ``cuda``); with ``checkpointing`` (``train.gradient_checkpointing``) the activations are what the
+    checkpointed forward keeps plus one layer's, live while it is recomputed.
     """
     from fedsecure.model.catalog import meta_model
     from fedsecure.model.lora import attach_lora
@@ -97,11 +105,17 @@ def plan_memory(config: object, lora: LoraSettings, dtype: torch.dtype, batch: i
     weights = sum(p.numel() * p.element_size() for p in base.parameters())
     model = attach_lora(base, lora)
     values = lora_values(model)
+    half_as = 2
     try:
-        saved, largest = activation_bytes(model, batch, seq)
+        activation_bytes(model, 1, 2)
     except RuntimeError:  # float32 MoE: the meta grouped matmul wants bfloat16 (module docstring)
-        saved, largest = activation_bytes(attach_lora(meta_model(config).to(torch.bfloat16), lora), batch, seq,
-                                          half_as=4)
+        model, half_as = attach_lora(meta_model(config).to(torch.bfloat16), lora), 4
+    model.train()
+    saved, largest = activation_bytes(model, batch, seq, half_as)
+    if checkpointing:
+        with activation_checkpointing(model, True):
+            kept, largest = activation_bytes(model, batch, seq, half_as)
+        saved = kept + max(0, saved - kept) // int(getattr(config, "num_hidden_layers", 1) or 1)
     per_sample = 4 * values * (batch + 1) if private else 0
     return MemoryPlan(weights=weights, lora=16 * values, per_sample=per_sample, activations=saved,
                       backward=2 * largest, runtime=RUNTIME["cuda" if device.startswith("cuda") else "cpu"])
