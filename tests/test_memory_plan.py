@@ -73,4 +73,5 @@ def test_checkpointing_keeps_one_layer_instead_of_all():
     assert kept.activations < plain.activations / 3
     res = CliRunner().invoke(app, ["model", "plan", "r1-distill-qwen-7b", "--batch", "8", "--seq", "1024",
                                    "--checkpointing"], env={"COLUMNS": "200"})
-    assert res.exit_code == 0 and "gradient checkpointing" in res.output and "fits a 80 GiB device" in res.output
+    text = " ".join(res.output.split())  # the console may wrap lines
+    assert res.exit_code == 0 and "gradient checkpointing" in text and "fits a 80 GiB device" in text
