@@ -186,3 +186,16 @@ def test_a_private_round_with_checkpointing_trains_like_one_without():
         states.append(adapter_state(model))
     for k in states[0]:
         np.testing.assert_allclose(states[1][k], states[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_the_gpu_check_script_runs_in_its_cpu_form():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--config", "r1-distill-qwen-tiny",
+                          "--dtype", "float32", "--batch", "2", "--seq", "16", "--steps", "1"], cwd=root,
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "GiB" in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["non-private", "dp-ew", "dp-hooks-checkpointing"]
