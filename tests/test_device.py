@@ -199,3 +199,63 @@ def test_the_gpu_check_script_runs_in_its_cpu_form():
                          capture_output=True, text=True, check=True, timeout=300).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and "GiB" in line]
     assert [r.split("|")[1].strip() for r in rows] == ["non-private", "dp-ew", "dp-hooks-checkpointing"]
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_a_quantized_base_keeps_attention_lora_float32_and_per_sample_gradients_exact(quantization):
+    settings = ModelSettings(preset="r1-distill-qwen-tiny", device="cpu", quantization=quantization)
+    settings.validate("model")
+    torch.manual_seed(0)
+    base, _ = load_model_and_tokenizer(settings)
+    layer = base.model.layers[0]
+    # the MLP is quantized, the attention projections stay in the base's dtype (model.quantize_attention: false)
+    assert type(layer.mlp.up_proj).__name__ == ("Linear8bitLt" if quantization == "int8" else "Linear4bit")
+    assert type(layer.self_attn.q_proj) is torch.nn.Linear and layer.self_attn.q_proj.weight.dtype == torch.float32
+    plain, _ = load_model_and_tokenizer(ModelSettings(preset="r1-distill-qwen-tiny", device="cpu"))
+    size = lambda m: sum(p.numel() * p.element_size() for n, p in m.named_parameters() if ".mlp." in n)  # noqa: E731
+    assert size(base) <= size(plain) / (4 if quantization == "int8" else 7)
+    model = attach_lora(base, LoraSettings(r=4))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    seqs = [[1, *torch.randint(3, 1000, (n,)).tolist(), 2] for n in (5, 14, 2, 9)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = []
+    for s in seqs:
+        b = collate([s], 0)
+        model.zero_grad()
+        per_sequence_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                          b["labels"]).sum().backward()
+        reference.append([p.grad.clone() for p in params])
+    model.zero_grad(set_to_none=True)
+    gsm = _wrap(model, "hooks")
+    b = collate(seqs, 0)
+    per_sequence_loss(gsm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                      b["labels"]).mean().backward()
+    try:
+        worst = max(float((p.grad_sample[i] - reference[i][j]).norm() / reference[i][j].norm())
+                    for j, p in enumerate(params) for i in range(len(seqs)))
+        # the quantized layers are the same (deterministic) function in both computations: exact as in float32
+        assert worst < TOLERANCE["float32"], worst
+    finally:
+        _unwrap(gsm, model)
+
+
+def test_quantization_settings_are_checked_with_the_fix():
+    with pytest.raises(ConfigError, match=r"model.quantization.*none, int8, nf4"):
+        ModelSettings(quantization="int4").validate("model")
+    with pytest.raises(ConfigError, match=r"model.dtype.*float32 or bfloat16 with nf4"):
+        ModelSettings(quantization="nf4", dtype="float16").validate("model")
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_quantizing_the_attention_too_runs_on_multi_head_latent_attention(quantization):
+    settings = ModelSettings(preset="deepseek-v3-tiny", device="cpu", quantization=quantization,
+                             quantize_attention=True)
+    base, _ = load_model_and_tokenizer(settings)
+    attn = base.model.layers[0].self_attn
+    assert type(attn.q_a_proj) is not torch.nn.Linear  # quantized
+    assert (type(attn.kv_b_proj) is torch.nn.Linear) == (quantization == "int8")  # MLA reads it directly
+    out = base(input_ids=torch.randint(3, 1000, (2, 12)))
+    assert torch.isfinite(out.logits).all()

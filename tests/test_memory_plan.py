@@ -75,3 +75,27 @@ def test_checkpointing_keeps_one_layer_instead_of_all():
                                    "--checkpointing"], env={"COLUMNS": "200"})
     text = " ".join(res.output.split())  # the console may wrap lines
     assert res.exit_code == 0 and "gradient checkpointing" in text and "fits a 80 GiB device" in text
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
+@pytest.mark.parametrize("attention", [False, True])
+def test_quantized_weights_are_planned_at_bitsandbytes_storage(quantization, attention):
+    from fedsecure.config import ModelSettings
+    from fedsecure.model import load_model_and_tokenizer
+    from fedsecure.model.catalog import meta_model
+    from fedsecure.model.presets import preset_config
+    from fedsecure.training.memory import weight_bytes
+
+    real, _ = load_model_and_tokenizer(ModelSettings(preset="deepseek-v3-tiny", device="cpu",
+                                                     quantization=quantization, quantize_attention=attention))
+    planned = weight_bytes(meta_model(preset_config("deepseek-v3-tiny")), quantization, attention)
+    assert planned == pytest.approx(real.get_memory_footprint(), rel=0.01)
+
+
+def test_model_plan_with_a_quantized_base():
+    res = CliRunner().invoke(app, ["model", "plan", "r1-distill-llama-70b", "--batch", "1", "--seq", "512",
+                                   "--quantization", "nf4", "--checkpointing"], env={"COLUMNS": "200"})
+    text = " ".join(res.output.split())
+    assert res.exit_code == 0 and "nf4 base" in text and "fits a 80 GiB device" in text
+    res = CliRunner().invoke(app, ["model", "plan", "r1-distill-llama-70b", "--quantization", "int3"])
+    assert res.exit_code != 0 and "--quantization must be one of none, int8, nf4" in res.output

@@ -154,15 +154,19 @@ def model_plan(
     gpu_memory: float = typer.Option(80.0, help="The device's memory in GiB (H100: 80, H200: 141)."),
     private: bool = typer.Option(True, help="DP-SGD (per-sample gradients) or plain training."),
     checkpointing: bool = typer.Option(False, help="train.gradient_checkpointing: recompute each layer in backward."),
+    quantization: str = typer.Option("none", help="model.quantization of the frozen base: none | int8 | nf4."),
+    quantize_attention: bool = typer.Option(False, help="model.quantize_attention: quantize the attention too."),
 ) -> None:
     """Estimate one training step's memory (weights, LoRA + AdamW, per-sample gradients, the activations autograd
     keeps: traced on the meta device, no weights) and say whether it fits the device.
     """
-    from fedsecure.config import DTYPES, PRESETS, LoraSettings
+    from fedsecure.config import DTYPES, PRESETS, QUANTIZATIONS, LoraSettings
     from fedsecure.model.catalog import CHECKPOINTS, named_config
     from fedsecure.model.presets import preset_config, torch_dtype
     from fedsecure.training.memory import GIB, USABLE, plan_memory
 
+    if quantization not in QUANTIZATIONS:
+        raise FedSecureError(f"model plan: --quantization must be one of {', '.join(QUANTIZATIONS)}")
     if dtype not in DTYPES or batch < 1 or seq < 2 or gpu_memory <= 0 or device not in ("cpu", "cuda"):
         raise FedSecureError(f"model plan: --dtype must be one of {', '.join(DTYPES)}, --device cpu or cuda, "
                              "--batch >= 1, --seq >= 2 and --gpu-memory > 0")
@@ -180,11 +184,13 @@ def model_plan(
 
             _check_model_dir(Path(name))
             config = AutoConfig.from_pretrained(name, local_files_only=True)
-        plan = plan_memory(config, lora, torch_dtype(dtype), batch, seq, private=private, device=device,
-                           checkpointing=checkpointing)
+        options = {"private": private, "device": device, "checkpointing": checkpointing,
+                   "quantization": quantization, "quantize_attention": quantize_attention}
+        plan = plan_memory(config, lora, torch_dtype(dtype), batch, seq, **options)
     console.print(f"{name}: one {'DP-SGD' if private else 'training'} step, batch {batch} x {seq} tokens, base in "
                   f"{dtype}, LoRA r={r} (float32), on {device}"
-                  f"{', gradient checkpointing' if checkpointing else ''}", highlight=False)
+                  f"{', gradient checkpointing' if checkpointing else ''}"
+                  f"{f', {quantization} base' if quantization != 'none' else ''}", highlight=False)
     for part, size in plan.rows():
         console.print(f"  {part:<40} {size / GIB:>9.2f} GiB", highlight=False)
     fits = plan.fits(gpu_memory * GIB)
@@ -193,8 +199,7 @@ def model_plan(
     if not fits:
         smaller = batch // 2
         while smaller >= 1:
-            if plan_memory(config, lora, torch_dtype(dtype), smaller, seq, private=private, device=device,
-                           checkpointing=checkpointing).fits(gpu_memory * GIB):
+            if plan_memory(config, lora, torch_dtype(dtype), smaller, seq, **options).fits(gpu_memory * GIB):
                 console.print(f"  batch {smaller} fits (or a shorter --seq)", highlight=False)
                 break
             smaller //= 2

@@ -11,7 +11,16 @@ validates itself. Validation is strict: an unknown key, a wrong type or an out-o
 - :mod:`~fedsecure.config.checks`: the names every section checks against (presets, accountants, providers).
 """
 
-from fedsecure.config.checks import ACCOUNTANTS, DTYPES, PRESETS, PROVIDERS, check_accountant, finite, require
+from fedsecure.config.checks import (
+    ACCOUNTANTS,
+    DTYPES,
+    PRESETS,
+    PROVIDERS,
+    QUANTIZATIONS,
+    check_accountant,
+    finite,
+    require,
+)
 from fedsecure.config.loading import flatten, from_mapping, parse_override, read_yaml, set_dotted, to_dict, unflatten
 from fedsecure.config.run import (
     AttestationSettings,
@@ -32,7 +41,8 @@ from fedsecure.config.simulation import SimulationConfig, load_config
 from fedsecure.config.site import SimulatedSites, SiteAttestation, SiteLimits, SitePolicy, SiteSettings
 
 __all__ = [
-    "ACCOUNTANTS", "DTYPES", "PRESETS", "PROVIDERS", "AttestationSettings", "ClientDPSettings", "DataSettings",
+    "ACCOUNTANTS", "DTYPES", "PRESETS", "PROVIDERS", "QUANTIZATIONS", "AttestationSettings", "ClientDPSettings",
+    "DataSettings",
     "FederationSettings", "LoraSettings", "MetricsSettings", "ModelSettings", "PrivacySettings", "SimulatedSites",
     "SimulationConfig",
     "SiteAttestation", "SiteLimits", "SitePolicy", "SiteSettings", "StorageSettings", "TensorRule", "TrainSettings",

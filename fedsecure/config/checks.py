@@ -12,6 +12,8 @@ PRESETS = ("deepseek-v3-tiny-clinical", "deepseek-v3-tiny", "deepseek-v2-tiny", 
 ACCOUNTANTS = ("prv", "rdp")
 #: dtypes of the frozen base model (model.dtype)
 DTYPES = ("float32", "bfloat16", "float16")
+#: quantization of the frozen base's Linear weights (model.quantization)
+QUANTIZATIONS = ("none", "int8", "nf4")
 #: Attestation evidence providers a site may use (``fedsecure.attestation.providers``).
 PROVIDERS = ("software", "tdx", "sev-snp", "nvidia-gpu", "command")
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fedsecure.config.checks import DTYPES, PRESETS, check_accountant, finite, require
+from fedsecure.config.checks import DTYPES, PRESETS, QUANTIZATIONS, check_accountant, finite, require
 from fedsecure.errors import ConfigError
 
 
@@ -39,6 +39,8 @@ class ModelSettings:
     seed: int = 0  # initialisation seed of a preset's random base weights
     device: str = "auto"  # auto (the first CUDA device if there is one, else cpu) | cpu | cuda | cuda:N
     dtype: str = "float32"  # the frozen base: float32 | bfloat16 | float16; LoRA and its optimizer stay float32
+    quantization: str = "none"  # the frozen base's Linear weights: none | int8 | nf4 (bitsandbytes)
+    quantize_attention: bool = False  # false: attention projections stay in `dtype` (only the MLPs are quantized)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self, prefix: str) -> None:
@@ -52,6 +54,11 @@ class ModelSettings:
         require(re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,2})?", str(self.device)) is not None, f"{prefix}.device",
                 self.device, "must be auto, cpu, cuda or cuda:N")
         require(self.dtype in DTYPES, f"{prefix}.dtype", self.dtype, f"must be one of {', '.join(DTYPES)}")
+        require(self.quantization in QUANTIZATIONS, f"{prefix}.quantization", self.quantization,
+                f"must be one of {', '.join(QUANTIZATIONS)}")
+        if self.quantization != "none":
+            require(self.dtype != "float16" or self.quantization == "int8", f"{prefix}.dtype", self.dtype,
+                    "must be float32 or bfloat16 with nf4 (its compute dtype)")
         self.lora.validate(f"{prefix}.lora")
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -141,16 +143,46 @@ def _check_model_dir(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+#: Leaf names of attention projections: kept in the base's dtype unless model.quantize_attention (the MLPs and
+#: shared experts hold most of the weights; attention is where quantization error hurts most).
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                         "kv_b_proj")
+
+
+def quantization_config(settings: ModelSettings) -> Any:
+    """The bitsandbytes config of ``model.quantization`` (None for ``none``): int8 (LLM.int8()) or nf4 (computing
+    in the base's dtype), the head and, unless ``model.quantize_attention``, the attention projections left alone.
+    Routed experts are fused 3-D parameters, not Linear modules: bitsandbytes leaves them in the base's dtype.
+    """
+    if settings.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    keep = ["lm_head", *([] if settings.quantize_attention else ATTENTION_PROJECTIONS)]
+    if settings.quantization == "int8":
+        # DeepSeek's MLA reads kv_b_proj's weight directly, in a shape LLM.int8() does not keep: it stays as is
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[*keep, "kv_b_proj"])
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype(
+        settings.dtype), llm_int8_skip_modules=keep)
+
+
+def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32, quantization: Any = None,
+                     device: torch.device | None = None) -> torch.nn.Module:
     """Open a local model directory with ``local_files_only=True`` (never the network), its weights read straight
-    into ``dtype`` (no float32 copy on the way).
+    into ``dtype`` (no float32 copy on the way), quantized on ``device`` when ``quantization`` is given.
     """
     from transformers import AutoModelForCausalLM
 
     p = Path(path)
     _check_model_dir(p)
+    extra: dict[str, Any] = {}
+    if quantization is not None:
+        extra = {"quantization_config": quantization, "device_map": {"": str(device or "cpu")}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype)
+        with warnings.catch_warnings():
+            # bitsandbytes' int8 matmul says once per layer that it casts its input to float16: by design
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+            model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, dtype=dtype, **extra)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"model.path {p}: cannot load the weights ({str(e)[:300]}). Fix: check the directory holds "
                          "model.safetensors (or sharded safetensors) and the config.json written by save_pretrained.") \
@@ -193,13 +225,20 @@ def load_model_and_tokenizer(settings: ModelSettings) -> tuple[torch.nn.Module, 
     base layer; Opacus #820/#830: moving afterwards corrupted LoRA updates).
     """
     device, dtype = resolve_device(settings.device), torch_dtype(settings.dtype)
+    quantized = quantization_config(settings)
+    if settings.quantization == "int8":  # its matmul says at every call that it computes in float16: by design
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     if settings.path:
-        model = load_local_model(settings.path, dtype)
+        model = load_local_model(settings.path, dtype, quantized, device)
         tokenizer = local_tokenizer(str(Path(settings.path).resolve()))
     else:
         assert settings.preset is not None  # validated in ModelSettings
         model, tokenizer = build_base_model(settings.preset, settings.seed).to(dtype=dtype), bundled_tokenizer()
-    return model.to(device), tokenizer
+        if quantized is not None:  # bitsandbytes quantizes while loading: through a private temporary directory
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                model = load_local_model(tmp, dtype, quantized, device)
+    return (model if quantized is not None else model.to(device)), tokenizer
 
 
 def export_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:

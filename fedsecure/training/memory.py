@@ -92,17 +92,41 @@ def activation_bytes(model: torch.nn.Module, batch: int, seq: int, half_as: int 
     return total[0], largest[0]
 
 
+def weight_bytes(model: torch.nn.Module, quantization: str = "none", quantize_attention: bool = False) -> int:
+    """Bytes of the frozen base's weights; with ``quantization`` (``model.quantization``), the Linear modules
+    bitsandbytes converts (:func:`fedsecure.model.presets.quantization_config`'s policy) at its storage: int8 one
+    byte a weight and a float32 scale a row, nf4 half a byte and a float32 absmax a block of 64.
+    """
+    from fedsecure.model.presets import ATTENTION_PROJECTIONS
+
+    keep = {"lm_head", *([] if quantize_attention else ATTENTION_PROJECTIONS),
+            *(["kv_b_proj"] if quantization == "int8" else [])}
+    total = 0
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            n = p.numel()
+            leaf = name.split(".")[-1]
+            if quantization != "none" and isinstance(module, torch.nn.Linear) and pname == "weight" \
+                    and leaf not in keep:
+                total += n + 4 * module.out_features if quantization == "int8" else n // 2 + 4 * -(-n // 64)
+            else:
+                total += n * p.element_size()
+    return total
+
+
 def plan_memory(config: object, lora: LoraSettings, dtype: torch.dtype, batch: int, seq: int,
-                private: bool = True, device: str = "cpu", checkpointing: bool = False) -> MemoryPlan:
+                private: bool = True, device: str = "cpu", checkpointing: bool = False, quantization: str = "none",
+                quantize_attention: bool = False) -> MemoryPlan:
     """The memory of one training step of ``config`` with LoRA ``lora``, the base in ``dtype``, on ``device``
     (``cpu`` or ``cuda``); with ``checkpointing`` (``train.gradient_checkpointing``) the activations are what the
-    checkpointed forward keeps plus one layer's, live while it is recomputed.
+    checkpointed forward keeps plus one layer's, live while it is recomputed; with ``quantization`` the weights
+    are counted at bitsandbytes' storage (:func:`weight_bytes`; the activations are those of the compute dtype).
     """
     from fedsecure.model.catalog import meta_model
     from fedsecure.model.lora import attach_lora
 
     base = meta_model(config).to(dtype)
-    weights = sum(p.numel() * p.element_size() for p in base.parameters())
+    weights = weight_bytes(base, quantization, quantize_attention)
     model = attach_lora(base, lora)
     values = lora_values(model)
     half_as = 2
