@@ -149,13 +149,13 @@ def model_plan(
     device: str = typer.Option("cuda", help="cpu or cuda: which runtime overhead to count."),
     dtype: str = typer.Option("bfloat16", help="The frozen base's dtype: float32 | bfloat16 | float16."),
     batch: int = typer.Option(8, help="Records a step (DP: the expected Poisson batch)."),
-    seq: int = typer.Option(1024, help="Tokens a record (train.max_length)."),
+    seq: int = typer.Option(1024, help="Tokens a record (data.max_length)."),
     r: int = typer.Option(8, help="LoRA rank."),
     gpu_memory: float = typer.Option(80.0, help="The device's memory in GiB (H100: 80, H200: 141)."),
     private: bool = typer.Option(True, help="DP-SGD (per-sample gradients) or plain training."),
-    checkpointing: bool = typer.Option(False, help="train.gradient_checkpointing: recompute each layer in backward."),
+    checkpointing: bool = typer.Option(False, help="Recompute each layer in the backward pass (gradient checkpointing)."),
     quantization: str = typer.Option("none", help="model.quantization of the frozen base: none | int8 | nf4."),
-    quantize_attention: bool = typer.Option(False, help="model.quantize_attention: quantize the attention too."),
+    quantize_attention: bool = typer.Option(False, help="Quantize the attention projections too."),
 ) -> None:
     """Estimate one training step's memory (weights, LoRA + AdamW, per-sample gradients, the activations autograd
     keeps: traced on the meta device, no weights) and say whether it fits the device.
