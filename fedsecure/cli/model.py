@@ -153,7 +153,7 @@ def model_plan(
     r: int = typer.Option(8, help="LoRA rank."),
     gpu_memory: float = typer.Option(80.0, help="The device's memory in GiB (H100: 80, H200: 141)."),
     private: bool = typer.Option(True, help="DP-SGD (per-sample gradients) or plain training."),
-    checkpointing: bool = typer.Option(False, help="Recompute each layer in the backward pass (gradient checkpointing)."),
+    checkpointing: bool = typer.Option(False, help="Recompute each layer in backward (gradient checkpointing)."),
     quantization: str = typer.Option("none", help="model.quantization of the frozen base: none | int8 | nf4."),
     quantize_attention: bool = typer.Option(False, help="Quantize the attention projections too."),
 ) -> None:
