@@ -35,6 +35,19 @@ def _model(dtype: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def _per_example(model: torch.nn.Module, seqs: list[list[int]], params: list[torch.nn.Parameter]) -> list[list]:
+    """Each record's gradient by plain autograd, one record at a time: the reference for per-sample gradients."""
+    reference = []
+    for s in seqs:
+        b = collate([s], 0)
+        model.zero_grad()
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        per_sequence_loss(out.logits, b["labels"]).sum().backward()
+        reference.append([p.grad.clone() for p in params])
+    model.zero_grad(set_to_none=True)
+    return reference
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_base_takes_the_dtype_and_lora_stays_float32(dtype):
     model = _model(dtype)
@@ -50,14 +63,7 @@ def test_per_sample_gradients_match_per_example_autograd_in_each_dtype(dtype, mo
     model = _model(dtype)
     seqs = [[1, *torch.randint(3, 1000, (n,)).tolist(), 2] for n in (5, 14, 2, 9)]
     params = [p for p in model.parameters() if p.requires_grad]
-    reference = []
-    for s in seqs:
-        b = collate([s], 0)
-        model.zero_grad()
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        per_sequence_loss(out.logits, b["labels"]).sum().backward()
-        reference.append([p.grad.clone() for p in params])
-    model.zero_grad(set_to_none=True)
+    reference = _per_example(model, seqs, params)
     gsm = _wrap(model, mode)
     b = collate(seqs, 0)
     kwargs = {"attention_mask": b["attention_mask"]}
@@ -221,14 +227,7 @@ def test_a_quantized_base_keeps_attention_lora_float32_and_per_sample_gradients_
             p.data.normal_(0, 0.05)
     seqs = [[1, *torch.randint(3, 1000, (n,)).tolist(), 2] for n in (5, 14, 2, 9)]
     params = [p for p in model.parameters() if p.requires_grad]
-    reference = []
-    for s in seqs:
-        b = collate([s], 0)
-        model.zero_grad()
-        per_sequence_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                          b["labels"]).sum().backward()
-        reference.append([p.grad.clone() for p in params])
-    model.zero_grad(set_to_none=True)
+    reference = _per_example(model, seqs, params)
     gsm = _wrap(model, "hooks")
     b = collate(seqs, 0)
     per_sequence_loss(gsm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
@@ -259,3 +258,17 @@ def test_quantizing_the_attention_too_runs_on_multi_head_latent_attention(quanti
     assert (type(attn.kv_b_proj) is torch.nn.Linear) == (quantization == "int8")  # MLA reads it directly
     out = base(input_ids=torch.randint(3, 1000, (2, 12)))
     assert torch.isfinite(out.logits).all()
+
+
+def test_a_site_refuses_checkpointing_with_the_ew_mode_whatever_the_run_asks():
+    # the coordinator's config check is not the site's only guard: a run config from a coordinator that is not
+    # ours could ask for it; the site's DP-SGD refuses before any step (no update without per-sample gradients)
+    model = _model("float32")
+    data = TokenizedDataset([[1, *torch.randint(3, 1000, (12,)).tolist(), 2] for _ in range(8)])
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match="gradient checkpointing needs grad_sample_mode hooks"):
+        train_private(model, data, TrainSettings(batch_size=4, local_steps=1, gradient_checkpointing=True),
+                      DPStepPlan(sigma=1.0, q=0.5, steps=1, max_grad_norm=1.0), pad_id=0, randomness=7,
+                      grad_sample_mode="ew")
+    after = adapter_state(model)
+    assert all(np.array_equal(after[k], before[k]) for k in after)

@@ -81,16 +81,18 @@ class ClientLevelDP:
         """The client-level guarantee for the privacy report."""
         if self.distributed:
             rhos = [r["rho"] for r in self.distributed]
+            by_dp_accounting = distributed.epsilon(rhos, self.settings.delta)  # each conversion once
+            by_opacus = distributed.independent_epsilon(rhos, self.settings.delta)
             return {"enabled": True, "unit": "one site's entire contribution to a round",
                     "mechanism": "distributed discrete Gaussian: each site clips, rounds and adds its share of the "
                                  "noise; secure aggregation releases only the sum",
-                    "epsilon": self.epsilon(), "delta": self.settings.delta, "clip": self.settings.clip,
-                    "noise_multiplier": self.settings.noise_multiplier, "rounds": len(self.distributed),
+                    "epsilon": max(by_dp_accounting, by_opacus), "delta": self.settings.delta,
+                    "clip": self.settings.clip, "noise_multiplier": self.settings.noise_multiplier,
+                    "rounds": len(self.distributed),
                     "q": None, "accountant": "zCDP (Kairouz, Liu & Steinke 2021, Prop. 14), composed by dp-accounting "
                                              "RdpAccountant; no amplification by sampling claimed",
                     "zcdp_rho": float(sum(rhos)),
-                    "epsilon_dp_accounting": distributed.epsilon(rhos, self.settings.delta),
-                    "epsilon_opacus": distributed.independent_epsilon(rhos, self.settings.delta),
+                    "epsilon_dp_accounting": by_dp_accounting, "epsilon_opacus": by_opacus,
                     "trust": "holds if every site in a sum added its share of the noise; sites that collude with "
                              "the coordinator can remove their own shares",
                     "per_round": list(self.distributed), "updates_seen": self.updates_seen}
