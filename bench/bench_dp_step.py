@@ -35,7 +35,7 @@ def run_mode(mode: str, preset: str, batch: int, steps: int, warmup: int, dtype:
     from fedsecure.data.dataset import TokenizedDataset, collate
     from fedsecure.data.synth import corpus
     from fedsecure.model import attach_lora, load_model_and_tokenizer
-    from fedsecure.training.dpsgd import _unwrap, _wrap
+    from fedsecure.training.dpsgd import unwrap, wrap
     from fedsecure.training.local import per_sequence_loss, trainable_parameters
 
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def run_mode(mode: str, preset: str, batch: int, steps: int, warmup: int, dtype:
         from opacus.optimizers import DPOptimizer
 
         gsm_mode = mode.split("-")[1]
-        gsm = _wrap(model, gsm_mode)
+        gsm = wrap(model, gsm_mode)
         opt = DPOptimizer(torch.optim.AdamW(params, lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
                           expected_batch_size=batch, loss_reduction="mean", generator=torch.Generator().manual_seed(1))
         model.train()
@@ -84,7 +84,7 @@ def run_mode(mode: str, preset: str, batch: int, steps: int, warmup: int, dtype:
             opt.step()
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * batch / len(idx))  # normalise to the expected batch
-        _unwrap(gsm, model)
+        unwrap(gsm, model)
     return {"mode": mode, "median_ms": statistics.median(times) * 1000, "peak_rss_growth_mb": _rss_mb() - rss0,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "records": n, "dtype": dtype}
 

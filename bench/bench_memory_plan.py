@@ -47,7 +47,7 @@ def measure(name: str, dtype: str, batch: int, seq: int, checkpointing: bool = F
     from fedsecure.config import LoraSettings
     from fedsecure.model.lora import attach_lora
     from fedsecure.model.presets import torch_dtype
-    from fedsecure.training.dpsgd import _unwrap, _wrap
+    from fedsecure.training.dpsgd import unwrap, wrap
     from fedsecure.training.local import activation_checkpointing, per_sequence_loss
 
     config = config_of(name)
@@ -55,7 +55,7 @@ def measure(name: str, dtype: str, batch: int, seq: int, checkpointing: bool = F
     before = _hwm_mib()
     model = attach_lora(AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype)), LoraSettings(r=8))
     params = [p for p in model.parameters() if p.requires_grad]
-    gsm = _wrap(model, "hooks" if checkpointing else "ew")
+    gsm = wrap(model, "hooks" if checkpointing else "ew")
     opt = DPOptimizer(torch.optim.AdamW(params, lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
                       expected_batch_size=batch, loss_reduction="mean")
     ids = torch.randint(3, config.vocab_size, (batch, seq))
@@ -67,7 +67,7 @@ def measure(name: str, dtype: str, batch: int, seq: int, checkpointing: bool = F
             out = gsm(ids, attention_mask=torch.ones_like(ids))
         per_sequence_loss(out.logits, ids).mean().backward()
     opt.step()
-    _unwrap(gsm, model)
+    unwrap(gsm, model)
     return {"measured_mib": _hwm_mib() - before}
 
 

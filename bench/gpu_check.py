@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     from fedsecure.model.catalog import named_config
     from fedsecure.model.lora import attach_lora
     from fedsecure.model.presets import preset_config, torch_dtype
-    from fedsecure.training.dpsgd import _unwrap, _wrap
+    from fedsecure.training.dpsgd import unwrap, wrap
     from fedsecure.training.local import activation_checkpointing, per_sequence_loss
     from fedsecure.training.memory import plan_memory
 
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     model = attach_lora(base, LoraSettings(r=8))
     params = [p for p in model.parameters() if p.requires_grad]
     private, checkpointing = mode != "non-private", mode == "dp-hooks-checkpointing"
-    gsm = _wrap(model, "hooks" if checkpointing else "ew") if private else model
+    gsm = wrap(model, "hooks" if checkpointing else "ew") if private else model
     opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=1e-4)
     if private:
         opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=args.batch,
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, mode: str) -> dict:
             if i >= 2:
                 times.append(time.perf_counter() - t0)
     if private:
-        _unwrap(gsm, model)
+        unwrap(gsm, model)
     peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
     plan = plan_memory(config, LoraSettings(r=8), dtype, args.batch, args.seq, private=private,
                        device=args.device, checkpointing=checkpointing)

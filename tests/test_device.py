@@ -12,7 +12,7 @@ from fedsecure.errors import ConfigError, ModelError
 from fedsecure.model import adapter_state, attach_lora, load_model_and_tokenizer
 from fedsecure.model.presets import resolve_device
 from fedsecure.privacy.guard import DPStepPlan
-from fedsecure.training.dpsgd import _unwrap, _wrap, train_private
+from fedsecure.training.dpsgd import train_private, unwrap, wrap
 from fedsecure.training.local import per_sequence_loss
 
 DTYPES = ["float32", "bfloat16", "float16"]
@@ -64,7 +64,7 @@ def test_per_sample_gradients_match_per_example_autograd_in_each_dtype(dtype, mo
     seqs = [[1, *torch.randint(3, 1000, (n,)).tolist(), 2] for n in (5, 14, 2, 9)]
     params = [p for p in model.parameters() if p.requires_grad]
     reference = _per_example(model, seqs, params)
-    gsm = _wrap(model, mode)
+    gsm = wrap(model, mode)
     b = collate(seqs, 0)
     kwargs = {"attention_mask": b["attention_mask"]}
     out = gsm(b["input_ids"], **kwargs) if mode == "ew" else gsm(input_ids=b["input_ids"], **kwargs)
@@ -78,7 +78,7 @@ def test_per_sample_gradients_match_per_example_autograd_in_each_dtype(dtype, mo
                 worst = max(worst, float((p.grad_sample[i] - ref).norm() / ref.norm().clamp(min=1e-12)))
         assert worst < TOLERANCE[dtype], f"{dtype}/{mode}: relative error {worst:.2e}"
     finally:
-        _unwrap(gsm, model)
+        unwrap(gsm, model)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -155,7 +155,7 @@ def test_gradient_checkpointing_keeps_per_sample_gradients_exact_in_hooks_mode(p
     def per_sample(checkpoint: bool) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
         model.train()
-        gsm = _wrap(model, "hooks")
+        gsm = wrap(model, "hooks")
         b = collate(seqs, 0)
         try:
             with activation_checkpointing(model, checkpoint):
@@ -164,7 +164,7 @@ def test_gradient_checkpointing_keeps_per_sample_gradients_exact_in_hooks_mode(p
             assert all(getattr(p, "grad_sample", None) is not None for p in params), "a LoRA weight got none"
             return [p.grad_sample.clone() for p in params]
         finally:
-            _unwrap(gsm, model)
+            unwrap(gsm, model)
 
     plain, recomputed = per_sample(False), per_sample(True)
     for a, b in zip(plain, recomputed, strict=True):
@@ -228,7 +228,7 @@ def test_a_quantized_base_keeps_attention_lora_float32_and_per_sample_gradients_
     seqs = [[1, *torch.randint(3, 1000, (n,)).tolist(), 2] for n in (5, 14, 2, 9)]
     params = [p for p in model.parameters() if p.requires_grad]
     reference = _per_example(model, seqs, params)
-    gsm = _wrap(model, "hooks")
+    gsm = wrap(model, "hooks")
     b = collate(seqs, 0)
     per_sequence_loss(gsm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                       b["labels"]).mean().backward()
@@ -238,7 +238,7 @@ def test_a_quantized_base_keeps_attention_lora_float32_and_per_sample_gradients_
         # the quantized layers are the same (deterministic) function in both computations: exact as in float32
         assert worst < TOLERANCE["float32"], worst
     finally:
-        _unwrap(gsm, model)
+        unwrap(gsm, model)
 
 
 def test_quantization_settings_are_checked_with_the_fix():

@@ -23,7 +23,7 @@ from fedsecure.privacy.accounting import Spend, calibrate_noise, default_delta, 
 from fedsecure.privacy.guard import Approval, DPStepPlan, Refusal, SitePrivacyGuard
 from fedsecure.privacy.ledger import PrivacyLedger, ledger_path
 from fedsecure.privacy.policy import Terms
-from fedsecure.training.dpsgd import _unwrap, _wrap, train_private
+from fedsecure.training.dpsgd import train_private, unwrap, wrap
 from fedsecure.training.local import per_sequence_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_opacus_per_sample_gradients_match_per_example_autograd(mode):
         per_sequence_loss(out.logits, b["labels"]).sum().backward()
         reference.append([p.grad.clone() for p in params])
     model.zero_grad(set_to_none=True)
-    gsm = _wrap(model, mode)
+    gsm = wrap(model, mode)
     b = collate(seqs, 0)
     if mode == "ew":
         out = gsm(b["input_ids"], attention_mask=b["attention_mask"])
@@ -61,7 +61,7 @@ def test_opacus_per_sample_gradients_match_per_example_autograd(mode):
             for i in range(len(seqs)):
                 torch.testing.assert_close(p.grad_sample[i], reference[i][j], rtol=1e-4, atol=1e-6)
     finally:
-        _unwrap(gsm, model)
+        unwrap(gsm, model)
 
 
 # --------------------------------------------------------------------------- accounting

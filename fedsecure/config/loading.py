@@ -101,6 +101,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        for arg in args[1:]:  # ``int | str``: a value of a later type is taken as it is
+            if type(value) is arg:
+                return value
         return _coerce(args[0], value, key)
     if origin is Literal:
         if value not in get_args(tp):

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedsecure.config.checks import ACCOUNTANTS, PROVIDERS, check_accountant, finite, require
 from fedsecure.config.loading import flatten, from_mapping, to_dict, unflatten
+from fedsecure.config.parallel import NcclSettings, SiteTraining
 from fedsecure.config.run import StorageSettings
 from fedsecure.errors import ConfigError
 
@@ -110,6 +111,8 @@ class SiteSettings:
     limits: SiteLimits = field(default_factory=SiteLimits)
     storage: StorageSettings = field(default_factory=StorageSettings)
     attestation: SiteAttestation = field(default_factory=SiteAttestation)
+    training: SiteTraining = field(default_factory=SiteTraining)
+    nccl: NcclSettings = field(default_factory=NcclSettings)
 
     def validate(self, prefix: str = "site") -> SiteSettings:
         """Check every field (a noise seed only at a simulated site); returns ``self``."""
@@ -122,6 +125,8 @@ class SiteSettings:
         self.limits.validate(f"{prefix}.limits")
         self.storage.validate(f"{prefix}.storage")
         self.attestation.validate(f"{prefix}.attestation")
+        self.training.validate(f"{prefix}.training")
+        self.nccl.validate(f"{prefix}.nccl")
         return self
 
     def to_flat(self, prefix: str = "site.") -> dict[str, bool | int | float | str]:
@@ -153,6 +158,8 @@ class SimulatedSites:
     limits: SiteLimits = field(default_factory=SiteLimits)
     storage: StorageSettings = field(default_factory=StorageSettings)
     attestation: SiteAttestation = field(default_factory=SiteAttestation)
+    training: SiteTraining = field(default_factory=SiteTraining)
+    nccl: NcclSettings = field(default_factory=NcclSettings)
 
     def validate(self, prefix: str) -> None:
         """Raise ConfigError naming the key, value and fix of the first invalid field."""
@@ -161,6 +168,8 @@ class SimulatedSites:
         self.limits.validate(f"{prefix}.limits")
         self.storage.validate(f"{prefix}.storage")
         self.attestation.validate(f"{prefix}.attestation")
+        self.training.validate(f"{prefix}.training")
+        self.nccl.validate(f"{prefix}.nccl")
 
     def for_site(self, name: str, data_dir: str | Path, run_dir: str | Path, roster: str | None = None
                  ) -> SiteSettings:
@@ -169,5 +178,6 @@ class SimulatedSites:
         return SiteSettings(name=name, data_dir=str(data_dir), state_dir=str(root / name), threads=self.threads,
                             simulated=True, secagg_roster=roster, noise_seed=self.noise_seed, privacy=self.privacy,
                             limits=self.limits,
-                            storage=self.storage, attestation=self.attestation).validate()
+                            storage=self.storage, attestation=self.attestation, training=self.training,
+                            nccl=self.nccl).validate()
 

@@ -17,7 +17,6 @@ and because a cached model must be wrapped and unwrapped cleanly every round.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 
@@ -38,7 +37,7 @@ from fedsecure.training.local import (
 GRAD_SAMPLE_MODES = ("hooks", "ew")
 
 
-def _wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     if mode == "ew":
         from opacus.grad_sample import GradSampleModuleExpandedWeights
 
@@ -48,7 +47,7 @@ def _wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     return GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
 
 
-def _unwrap(gsm: torch.nn.Module, model: torch.nn.Module) -> None:
+def unwrap(gsm: torch.nn.Module, model: torch.nn.Module) -> None:
     if hasattr(gsm, "_close"):
         gsm._close()  # removes hooks and grad_sample attributes (GradSampleModule)
     for p in model.parameters():
@@ -58,23 +57,75 @@ def _unwrap(gsm: torch.nn.Module, model: torch.nn.Module) -> None:
         p.grad = None
 
 
-def _dp_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, plan: DPStepPlan, expected: int,
-                  randomness: Randomness):
-    """Opacus' DPOptimizer (clip, sum, noise, average over the expected batch) whose noise is ``randomness``'s."""
-    from opacus.optimizers import DPOptimizer
+def _dp_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, plan: DPStepPlan, expected: float,
+                  randomness: Randomness, *, distributed: bool = False):
+    """Opacus' DPOptimizer (clip, sum, noise, average over the expected batch) whose noise is ``randomness``'s;
+    ``distributed``: its DistributedDPOptimizer (noise on rank 0 only, then one SUM all-reduce, divided by the
+    world size). ``draws`` counts the noise tensors drawn by this process.
+    """
+    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    class _Optimizer(DPOptimizer):
-        def add_noise(self) -> None:  # Opacus' add_noise, with the noise drawn from our source
+    base = DistributedDPOptimizer if distributed else DPOptimizer
+
+    class _Optimizer(base):  # type: ignore[valid-type,misc]
+        draws = 0
+
+        def add_noise(self) -> None:  # Opacus' add_noise, with the noise drawn from our source (rank 0 only)
+            if distributed and self.rank != 0:  # as DistributedDPOptimizer: the other ranks add none
+                for p in self.params:
+                    p.grad = p.summed_grad.view_as(p)
+                return
             for p in self.params:
                 _check_processed_flag(p.summed_grad)
                 noise = randomness.gaussian(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
+                self.draws += 1
                 p.grad = (p.summed_grad + noise).view_as(p)
                 _mark_as_processed(p.summed_grad)
 
     inner = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     return _Optimizer(inner, noise_multiplier=plan.sigma, max_grad_norm=plan.max_grad_norm,
                       expected_batch_size=expected, loss_reduction="mean")
+
+
+def dp_steps(gsm: torch.nn.Module, opt, params: list[torch.nn.Parameter], data: TokenizedDataset,
+             indices: list[int], plan: DPStepPlan, randomness: Randomness, *, pad_id: int, grad_sample_mode: str
+             ) -> list[tuple[float, int]]:
+    """``plan.steps`` DP-SGD steps, each on a Poisson sample (rate ``plan.q``) of ``indices``; returns each step's
+    (sum of per-sequence losses, records sampled). An empty sample still steps: noise only.
+    """
+    per_step: list[tuple[float, int]] = []
+    for _ in range(plan.steps):
+        mask = randomness.poisson_mask(len(indices), plan.q) if indices else torch.zeros(0, dtype=torch.bool)
+        picked = [indices[i] for i in mask.nonzero().flatten().tolist()]
+        opt.zero_grad(set_to_none=True)
+        if not picked:
+            # Empty Poisson batch: the HF forward cannot take 0 rows; a noise-only step keeps the
+            # mechanism (and its accounting) exactly the sampled Gaussian one.
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            per_step.append((0.0, 0))
+        else:
+            batch = to_device(collate([data[i] for i in picked], pad_id), gsm)
+            if grad_sample_mode == "ew":
+                out = gsm(batch["input_ids"], attention_mask=batch["attention_mask"])
+            else:
+                out = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            per_seq = per_sequence_loss(out.logits, batch["labels"])
+            with warnings.catch_warnings():
+                # Opacus' full backward hooks note that the token ids need no gradient: expected
+                warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients",
+                                        category=UserWarning)
+                per_seq.mean().backward()
+            per_step.append((float(per_seq.detach().sum()), len(picked)))
+        opt.step()
+    return per_step
+
+
+def mean_loss(per_step: list[tuple[float, int]]) -> float:
+    """The mean over the steps that sampled records of each step's mean per-sequence loss (NaN if none did)."""
+    means = [total / count for total, count in per_step if count]
+    return sum(means) / len(means) if means else float("nan")
 
 
 def train_private(model: torch.nn.Module, data: TokenizedDataset, settings: TrainSettings, plan: DPStepPlan, *,
@@ -94,38 +145,14 @@ def train_private(model: torch.nn.Module, data: TokenizedDataset, settings: Trai
     if settings.gradient_checkpointing and grad_sample_mode != "hooks":
         raise ValueError("gradient checkpointing needs grad_sample_mode hooks: ew computes no per-sample gradient "
                          "when layers are recomputed")
-    gsm = _wrap(model, grad_sample_mode)
+    gsm = wrap(model, grad_sample_mode)
     opt = _dp_optimizer(params, settings, plan, expected, randomness)
-    losses: list[float] = []
     model.train()
-    scope = contextlib.ExitStack()
-    scope.enter_context(activation_checkpointing(model, settings.gradient_checkpointing))
     try:
-        for _ in range(plan.steps):
-            picked = randomness.poisson_mask(n, plan.q).nonzero().flatten().tolist()
-            opt.zero_grad(set_to_none=True)
-            if not picked:
-                # Empty Poisson batch: the HF forward cannot take 0 rows; a noise-only step keeps the
-                # mechanism (and its accounting) exactly the sampled Gaussian one.
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            else:
-                batch = to_device(collate([data[i] for i in picked], pad_id), model)
-                if grad_sample_mode == "ew":
-                    out = gsm(batch["input_ids"], attention_mask=batch["attention_mask"])
-                else:
-                    out = gsm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                loss = per_sequence_loss(out.logits, batch["labels"]).mean()
-                with warnings.catch_warnings():
-                    # Opacus' full backward hooks note that the token ids need no gradient: expected
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients",
-                                            category=UserWarning)
-                    loss.backward()
-                losses.append(float(loss.detach()))
-            opt.step()
+        with activation_checkpointing(model, settings.gradient_checkpointing):
+            per_step = dp_steps(gsm, opt, params, data, list(range(n)), plan, randomness, pad_id=pad_id,
+                                grad_sample_mode=grad_sample_mode)
     finally:
-        scope.close()
-        _unwrap(gsm, model)
+        unwrap(gsm, model)
         model.eval()
-    return TrainResult(loss=sum(losses) / len(losses) if losses else float("nan"), steps=plan.steps, examples=n,
-                       seconds=time.perf_counter() - start)
+    return TrainResult(loss=mean_loss(per_step), steps=plan.steps, examples=n, seconds=time.perf_counter() - start)
