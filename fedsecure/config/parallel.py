@@ -62,6 +62,12 @@ class SiteTraining:
         require(self.gradient_compression in COMPRESSIONS, f"{prefix}.gradient_compression",
                 self.gradient_compression, f"must be one of {', '.join(COMPRESSIONS)}")
 
+    def check_private(self, prefix: str, dp_required: bool) -> None:
+        """A site that always trains with DP cannot compress its ranks' gradients (the sum must be exact)."""
+        require(self.gradient_compression == "none" or not dp_required, f"{prefix}.gradient_compression",
+                self.gradient_compression, "must be none where privacy.dp_required is true: a rounded or projected "
+                "partial sum of clipped gradients has no per-record sensitivity bound before the noise covers it")
+
 
 @dataclass(frozen=True)
 class NcclSettings:

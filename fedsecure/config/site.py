@@ -126,6 +126,7 @@ class SiteSettings:
         self.storage.validate(f"{prefix}.storage")
         self.attestation.validate(f"{prefix}.attestation")
         self.training.validate(f"{prefix}.training")
+        self.training.check_private(f"{prefix}.training", self.privacy.dp_required)
         self.nccl.validate(f"{prefix}.nccl")
         return self
 
@@ -169,6 +170,7 @@ class SimulatedSites:
         self.storage.validate(f"{prefix}.storage")
         self.attestation.validate(f"{prefix}.attestation")
         self.training.validate(f"{prefix}.training")
+        self.training.check_private(f"{prefix}.training", self.privacy.dp_required)
         self.nccl.validate(f"{prefix}.nccl")
 
     def for_site(self, name: str, data_dir: str | Path, run_dir: str | Path, roster: str | None = None

@@ -11,6 +11,7 @@ before the update leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from fedsecure.federation.secagg_site import keep_update
 from fedsecure.federation.site_settings import (
     SiteRound,
     model_settings,
+    noise_seed_for,
     parse_message,
     randomness_for,
     round_seed,
@@ -50,7 +52,8 @@ from fedsecure.privacy.ledger import PrivacyLedger
 from fedsecure.privacy.noise import Randomness
 from fedsecure.privacy.policy import PolicyRefusal, resolve, site_delta
 from fedsecure.training.dpsgd import train_private
-from fedsecure.training.local import evaluate, train_local
+from fedsecure.training.local import TrainResult, evaluate, train_local
+from fedsecure.training.spawn import RankJob, check_private_compression, run_ranks, world_size
 from fedsecure.transport.session import fed_back, site_encode, site_receive
 
 log = logging.getLogger(__name__)
@@ -102,7 +105,10 @@ def _fingerprint_cached(directory: str, stamp: tuple) -> str:
 def _load(r: SiteRound, msg: Message, context: Context):
     if r.site.threads:
         torch.set_num_threads(r.site.threads)
-    model, tokenizer = _model(model_settings(r.cfg, r.site))
+    settings = model_settings(r.cfg, r.site)
+    if _world(r) > 1:  # the ranks train on the accelerators; the worker's copy only keeps the adapter's books
+        settings = dataclasses.replace(settings, device="cpu")
+    model, tokenizer = _model(settings)
     data = _site_data(str(r.site.data_dir), tokenizer, r.cfg.data.max_length)
     global_state = _receive_global(msg, context, r.cfg, model)
     set_adapter_state(model, global_state)
@@ -169,9 +175,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                         "private", r.name)
             ledger = PrivacyLedger.open(r.state.root, dataset, files=r.state.files)
             meter = EnergyMeter().start()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                result = train_local(model, data.train, r.cfg.train, pad_id=tokenizer.pad_id, seed=seed)
+            result = _train(r, model, tokenizer, data, global_state, seed, None, None)
             delta_state = adapter_delta(adapter_state(model), global_state)
             ledger.append_non_private(run_id=r.run_id, server_round=r.server_round, steps=result.steps,
                                       epsilon_budget=r.site.privacy.epsilon_budget)
@@ -205,10 +209,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             context.state.config_records[keys.STATE_PLAN] = ConfigRecord({"sigma": decision.plan.sigma})
             randomness = randomness_for(r.site, r.server_round)
             meter = EnergyMeter().start()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                result = train_private(model, data.train, r.cfg.train, decision.plan, pad_id=tokenizer.pad_id,
-                                       randomness=randomness, grad_sample_mode=r.cfg.privacy.grad_sample_mode)
+            result = _train(r, model, tokenizer, data, global_state, seed, decision.plan, randomness)
             delta_state = adapter_delta(adapter_state(model), global_state)
             # Spend before release: the entry is on disk (fsynced) before the update can leave.
             entry = guard.record(decision, run_id=r.run_id, server_round=r.server_round)
@@ -237,6 +238,38 @@ def handle_train(msg: Message, context: Context) -> Message:
     if attestation is not None:
         content[keys.ATTESTATION] = attestation
     return Message(content, reply_to=msg)
+
+
+def _world(r: SiteRound) -> int:
+    return world_size(r.site.training, model_settings(r.cfg, r.site).device)
+
+
+def _train(r: SiteRound, model: torch.nn.Module, tokenizer: TextTokenizer, data: SiteData, global_state,
+           seed: int, plan: DPStepPlan | None, randomness: Randomness | None) -> TrainResult:
+    """This round's local training: in this process, or in ``site.training.processes`` ranks (the model then
+    takes the adapter rank 0 returns). A rank that fails raises before anything is spent or released.
+    """
+    world = _world(r)
+    if world > 1:
+        if plan is not None:
+            check_private_compression(r.site.training)
+        ms = model_settings(r.cfg, r.site)
+        job = RankJob(model=ms, data_dir=str(r.site.data_dir), max_length=r.cfg.data.max_length, train=r.cfg.train,
+                      plan=plan, seed=seed, grad_sample_mode=r.cfg.privacy.grad_sample_mode,
+                      compression=r.site.training.gradient_compression)
+        out = run_ranks(job, global_state, world=world, training=r.site.training, nccl=r.site.nccl,
+                        randomness=randomness, noise_seed=noise_seed_for(r.site, r.server_round),
+                        threads=r.site.threads, device=ms.device)
+        set_adapter_state(model, out.state)
+        if plan is not None and out.noise_draws[1:] != [0] * (world - 1):  # one draw per step, on rank 0
+            raise FedSecureError(f"ranks other than 0 drew noise ({out.noise_draws}): nothing is released")
+        return out.result
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if plan is None:
+            return train_local(model, data.train, r.cfg.train, pad_id=tokenizer.pad_id, seed=seed)
+        return train_private(model, data.train, r.cfg.train, plan, pad_id=tokenizer.pad_id, randomness=randomness,
+                             grad_sample_mode=r.cfg.privacy.grad_sample_mode)
 
 
 def _refuse(msg: Message, r: SiteRound, dataset: str, reason: str, num_records: int | None = None,

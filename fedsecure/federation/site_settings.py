@@ -66,11 +66,19 @@ def round_seed(seed: int, server_round: int, site: str) -> int:
 
 def randomness_for(site: SiteSettings, server_round: int) -> Randomness:
     """The OS's secure generator; a known seed only at a simulated site that asked for one."""
-    if site.noise_seed is not None and site.simulated:
+    seed = noise_seed_for(site, server_round)
+    if seed is not None:
         warnings.warn("site.noise_seed is set: the DP noise and sampling are reproducible by anyone who knows the "
                       "seed, which voids the guarantee. Simulation and tests only.", stacklevel=2)
-        return SeededRandomness(round_seed(site.noise_seed, server_round, str(site.name)))
+        return SeededRandomness(seed)
     return SystemRandomness()
+
+
+def noise_seed_for(site: SiteSettings, server_round: int) -> int | None:
+    """The round's noise seed of a simulated site that asked for one; None everywhere else."""
+    if site.noise_seed is not None and site.simulated:
+        return round_seed(site.noise_seed, server_round, str(site.name))
+    return None
 
 
 def model_settings(cfg: SimulationConfig, site: SiteSettings) -> ModelSettings:

@@ -205,7 +205,7 @@ _MOVED = {"epsilon": "site.privacy.epsilon_budget", "delta": "site.privacy.delta
           "attestation_provider": "site.attestation.provider", "keyring": "site.storage.keyring"}
 _SITE_KEYS = {"name", "superlink", "tls_ca", "auth_key", "data_dir", "state_dir", "runtime_port", "dataset_id",
               "model_dir", "threads", "warm_worker", "privacy", "limits", "storage", "attestation", "metrics",
-              "secagg_roster"}
+              "secagg_roster", "training", "nccl"}
 SITE_METRICS_PORT = 9465  # the coordinator's default is 9464: both fit on one host
 
 
@@ -268,7 +268,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
             raise ConfigError(f"site.data_dir: {data_dir / split} is missing. Fix: put the site's records there "
                               "(one JSON object with a 'text' field per line).")
         records[split] = len(read_jsonl(data_dir / split))  # DataError names an empty or broken file
-    rest = {k: sec[k] for k in ("dataset_id", "threads", "privacy", "limits", "storage", "attestation") if k in sec}
+    rest = {k: sec[k] for k in ("dataset_id", "threads", "privacy", "limits", "storage", "attestation", "training",
+                                "nccl") if k in sec}
     storage = dict(rest.get("storage") or {})
     if storage.get("keyring") is not None:
         storage["keyring"] = str(_path(base, storage["keyring"], "site.storage.keyring", must_exist=False))
