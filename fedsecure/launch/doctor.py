@@ -274,3 +274,13 @@ def run_checks(config: Path) -> list[Check]:
     if isinstance(doc, dict) and "site" in doc:
         return site_checks(Path(config))
     return coordinator_checks(Path(config))
+
+
+def site_settings_of(config: Path):
+    """A site config's own settings (for the machine checks), or None for a coordinator's or a broken one."""
+    from fedsecure.launch.deploy_config import load_site_config
+
+    try:
+        return load_site_config(config).settings
+    except FedSecureError:
+        return None
