@@ -4,9 +4,11 @@ ranks on the CPU (gloo), both as ratios against a baseline measured in the same 
     .venv/bin/python bench/bench_ranks.py [--steps 6] [--batch 8] [--repeats 2]
 
 1. **Bytes per step.** Two gloo ranks on 127.0.0.1 run the same DP-SGD steps on the tiny DeepSeek-V3 with LoRA
-   (r = 8) two ways: fedsecure's path (Opacus' ``DPDDP`` + ``DistributedDPOptimizer``: one SUM all-reduce of the
-   noised, clipped sum) and torch's ``DistributedDataParallel`` under Opacus (DDP's reducer all-reduces the
-   gradients in backward, then ``DistributedDPOptimizer`` all-reduces again). Every byte handed to an all-reduce
+   (r = 8) four ways: torch's ``DistributedDataParallel`` under Opacus (DDP's reducer all-reduces the gradients
+   in backward, then ``DistributedDPOptimizer`` all-reduces again: the baseline); Opacus' ``DPDDP`` with its
+   optimizer as shipped (one all-reduce per tensor); fedsecure's (the same, in one bucket); and fedsecure's bf16
+   option (the reduce-scatter in float32, the all-gather of the noised mean in bfloat16). Bytes on the wire are the loopback interface's
+   counter over the steps (both ranks, headers included). Every byte handed to an all-reduce
    is counted by a wrapper of ``torch.distributed.all_reduce``, which both Opacus and DDP's ``allreduce_hook``
    (registered, so that DDP's buckets go through it) call. Baseline: the DDP form.
 2. **Step time.** The site's round (``plan.steps`` DP-SGD steps, σ = 1, q such that the expected batch is
@@ -69,29 +71,52 @@ def _rank_bytes(mode: str, steps: int, batch: int) -> None:
         counted[0] += tensor.numel() * tensor.element_size()
         return real(tensor, *args, **kwargs)
 
+    def counting(real_fn):
+        def call(*args, **kwargs):
+            counted[0] += args[1].numel() * args[1].element_size()  # (output, input): what this rank hands in
+            return real_fn(*args, **kwargs)
+        return call
+
     dist.all_reduce = counting_all_reduce  # Opacus calls torch.distributed.all_reduce
+    dist.reduce_scatter_tensor = counting(dist.reduce_scatter_tensor)
+    dist.all_gather_into_tensor = counting(dist.all_gather_into_tensor)
     if mode == "ddp":
         wrapped = DDP(model)
-
         wrapped.register_comm_hook(None, allreduce_hook)  # DDP's own all-reduce, through the counted Python call
     else:
         wrapped = SiteDPDDP(model)
     gsm = wrap(wrapped, "hooks")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _dp_optimizer(params, TrainSettings(), DPStepPlan(1.0, 0.1, steps, 1.0), batch, SystemRandomness(),
-                        distributed=True)
+                        distributed=True, compression="bf16" if mode == "bf16" else "none",
+                        bucket=mode in ("dpddp", "bf16"))
     gen = torch.Generator().manual_seed(rank)
-    counted[0] = 0
-    for _ in range(steps):
-        seqs = [[1, *torch.randint(3, 1000, (30,), generator=gen).tolist(), 2] for _ in range(batch // world)]
-        b = collate(seqs, 0)
+    batches = [collate([[1, *torch.randint(3, 1000, (30,), generator=gen).tolist(), 2] for _ in range(batch // world)],
+                       0) for _ in range(steps + 1)]
+    seconds = 0.0
+    for i, b in enumerate(batches):  # the first step warms up (DDP builds its buckets) and is not counted
+        if i == 1:
+            dist.barrier()
+            counted[0], wire, seconds = 0, _loopback_bytes(), time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = gsm(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         per_sequence_loss(out.logits, b["labels"]).mean().backward()
         opt.step()
+    dist.barrier()
+    seconds, wire = time.perf_counter() - seconds, _loopback_bytes() - wire
     if rank == 0:
-        print(json.dumps({"bytes": counted[0] / steps, "lora_bytes": sum(p.numel() * 4 for p in params)}))
+        print(json.dumps({"bytes": counted[0] / steps, "wire": wire / steps, "ms": 1000 * seconds / steps,
+                          "lora_bytes": sum(p.numel() * 4 for p in params), "tensors": len(params)}))
     dist.destroy_process_group()
+
+
+def _loopback_bytes() -> int:
+    """Bytes sent on the loopback interface so far (both ranks' traffic; TCP/IP headers included)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "lo":
+            return int(rest.split()[8])
+    return 0
 
 
 def bytes_per_step(mode: str, steps: int, batch: int) -> dict:
@@ -152,15 +177,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--rank-bytes", choices=("ddp", "dpddp"), help=argparse.SUPPRESS)
+    ap.add_argument("--rank-bytes", choices=("ddp", "opacus", "dpddp", "bf16"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_bytes:
         _rank_bytes(args.rank_bytes, args.steps, args.batch)
         return
-    ddp, dpddp = bytes_per_step("ddp", args.steps, args.batch), bytes_per_step("dpddp", args.steps, args.batch)
-    print(f"all-reduce bytes per step (2 ranks, LoRA {dpddp['lora_bytes']:,} B of float32 gradients):")
-    print(f"  DDP + Opacus (baseline): {ddp['bytes']:>12,.0f} B")
-    print(f"  DPDDP (fedsecure):       {dpddp['bytes']:>12,.0f} B   ratio {dpddp['bytes'] / ddp['bytes']:.2f}x")
+    runs = {mode: bytes_per_step(mode, args.steps, args.batch) for mode in ("ddp", "opacus", "dpddp", "bf16")}
+    base = runs["ddp"]
+    print(f"2 gloo ranks, DP-SGD on LoRA ({base['lora_bytes']:,} B of float32 gradients in {base['tensors']} tensors), "
+          f"per step over {args.steps} steps:")
+    print(f"  {'':44s} {'handed in':>13s} {'on the wire':>12s} {'ms/step':>8s}   ratios (bytes, wire, time)")
+    names = {"ddp": "torch DDP + Opacus (baseline)", "opacus": "DPDDP, Opacus' per-tensor all-reduce",
+             "dpddp": "DPDDP, one bucket (fedsecure)", "bf16": "DPDDP, bf16 after the noise (fedsecure)"}
+    for mode, r in runs.items():
+        print(f"  {names[mode]:44s} {r['bytes']:>13,.0f} {r['wire']:>12,.0f} {r['ms']:>8.1f}   "
+              f"{r['bytes'] / base['bytes']:.2f}x {r['wire'] / base['wire']:.2f}x {r['ms'] / base['ms']:.2f}x")
     t = step_times(args.steps, args.batch, args.repeats)
     one, two = statistics.median(t["one"]), statistics.median(t["two"])
     one_w, two_w = statistics.median(t["one_wall"]), statistics.median(t["two_wall"])

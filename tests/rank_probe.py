@@ -33,6 +33,7 @@ def problem(n: int = 10):
 
 def main() -> None:
     sigma, out = float(sys.argv[1]), sys.argv[2]
+    compression = sys.argv[3] if len(sys.argv) > 3 else "none"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timedelta(seconds=60))
@@ -43,7 +44,8 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     plan = DPStepPlan(sigma=sigma, q=1.0, steps=1, max_grad_norm=0.5)
     opt = _dp_optimizer(params, TrainSettings(), plan, len(x) / world, rank_randomness({"kind": "seeded", "seed": 5},
-                                                                                        rank), distributed=True)
+                                                                                        rank), distributed=True,
+                        compression=compression)
     torch.nn.functional.cross_entropy(gsm(x[mine]), y[mine]).backward()
     opt.pre_step()
     opt.reduce_gradients()

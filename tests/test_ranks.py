@@ -36,14 +36,14 @@ TRAIN = TrainSettings(local_steps=3, batch_size=8, learning_rate=0.01)
 
 
 # --------------------------------------------------------------------------- the optimizer: one exact sum, one draw
-def _probe_ranks(sigma: float, out: Path, world: int = 2) -> None:
+def _probe_ranks(sigma: float, out: Path, world: int = 2, compression: str = "none") -> None:
     import torch.distributed as dist
 
     store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=60))
     env = {**os.environ, "MASTER_PORT": str(store.port), "WORLD_SIZE": str(world),
            "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "rank_probe.py"), str(sigma), str(out)],
+    procs = [subprocess.Popen([sys.executable, str(HERE / "rank_probe.py"), str(sigma), str(out), compression],
                               env={**env, "RANK": str(r)}) for r in range(world)]
     assert [p.wait(timeout=120) for p in procs] == [0] * world
 
@@ -65,6 +65,27 @@ def test_two_ranks_apply_the_one_process_gradient_with_one_noise_draw(tmp_path, 
     assert draws == [4, 0]  # one noise tensor per parameter (2 weights, 2 biases), on rank 0 only
     if sigma:  # the noise is really there: the noiseless gradient is far from it
         assert np.abs(r0 - _one_process_gradient(problem, 0.0)).max() > 0.01
+
+
+def test_bf16_between_ranks_rounds_the_noised_mean_only(tmp_path):
+    sys.path.insert(0, str(HERE))
+    try:
+        from rank_probe import problem
+    finally:
+        sys.path.remove(str(HERE))
+    expected = _one_process_gradient(problem, 1.3)  # float32, with rank 0's (seeded) noise
+    _probe_ranks(1.3, tmp_path, compression="bf16")
+    r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    np.testing.assert_array_equal(r0, r1)
+    as_bf16 = torch.from_numpy(r0).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(r0, as_bf16)  # what every rank applies is a bfloat16 value...
+    rounded = torch.from_numpy(expected).to(torch.bfloat16).float().numpy()
+    # ...the rounding of the noised float32 mean (noise added after a rounding would leave float32 values); the
+    # float32 sums of the two ranks may differ from the one-process sum in the last bit, which can move a value
+    # that sits on a rounding boundary by one bfloat16 step (2^-8 relative)
+    assert np.mean(r0 == rounded) > 0.9
+    np.testing.assert_allclose(r0, expected, rtol=2 ** -7, atol=1e-6)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["draws"] for r in (0, 1)] == [4, 0]
 
 
 def _one_process_gradient(problem, sigma: float) -> np.ndarray:
@@ -124,6 +145,17 @@ def test_two_rank_private_site_draws_the_noise_once_per_step_on_rank_0(site_data
     tensors = len(start)  # LoRA A and B of every adapted module: one noise tensor each, per step
     assert out.noise_draws == [3 * tensors, 0]
     assert max(float(np.abs(out.state[k] - trained[k]).max()) for k in start) > 1e-3  # the noise moved it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression", ["none", "powersgd"])
+def test_a_non_private_site_trains_in_ddp_ranks(site_data, one_process, compression):
+    start, _, _ = one_process
+    job = RankJob(model=MODEL, data_dir=str(site_data / "site-0"), max_length=64, train=TRAIN, plan=None, seed=11,
+                  compression=compression)
+    out = run_ranks(job, start, world=2, training=SiteTraining(processes=2), nccl=NcclSettings(), randomness=None)
+    assert out.noise_draws == [0, 0] and out.result.steps == 3 and np.isfinite(out.result.loss)
+    assert max(float(np.abs(out.state[k] - start[k]).max()) for k in start) > 1e-3
 
 
 def _rank_pids(rank: int) -> list[int]:
@@ -189,19 +221,20 @@ def test_a_hung_rank_fails_the_round_at_its_timeout(site_data, one_process):
     assert _rank_pids(1) == []
 
 
-def test_compressed_all_reduce_is_refused_for_dp_training_before_any_rank_starts(site_data):
-    training = SiteTraining(processes=2, gradient_compression="bf16")
-    with pytest.raises(FedSecureError, match="gradient_compression = bf16: refused for DP training.*no per-record "
-                                             "clipping bound"):
+def test_powersgd_is_refused_for_dp_training_before_any_rank_starts(site_data):
+    training = SiteTraining(processes=2, gradient_compression="powersgd")
+    with pytest.raises(FedSecureError, match="gradient_compression = powersgd: refused for DP training.*no "
+                                             "per-record clipping bound"):
         run_ranks(_job(site_data, 1.0), {}, world=2, training=training, nccl=NcclSettings(),
                   randomness=SystemRandomness())
     assert _rank_pids(0) == []
-    with pytest.raises(ConfigError, match="site.training.gradient_compression: must be none where "
+    with pytest.raises(ConfigError, match="site.training.gradient_compression: must be none or bf16 where "
                                           "privacy.dp_required is true"):
         SiteSettings(training=training).validate()
     from fedsecure.config import SitePolicy
 
     SiteSettings(training=training, privacy=SitePolicy(dp_required=False)).validate()  # a non-private site may
+    SiteSettings(training=SiteTraining(gradient_compression="bf16")).validate()  # bf16 rounds after the noise
 
 
 # --------------------------------------------------------------------------- settings

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from fedsecure.config.checks import finite, require
 
 BACKENDS = ("auto", "gloo", "nccl")
-#: gradient compression between ranks: none (float32), bf16 (half the bytes), powersgd (low rank)
+#: gradient compression between ranks: none (float32), bf16 (DP: the reduce-scatter in float32, the noised mean
+#: gathered in bfloat16; non-private: DDP's bf16 hook), powersgd (low rank, non-private only)
 COMPRESSIONS = ("none", "bf16", "powersgd")
 MAX_PROCESSES = 64
 
@@ -49,7 +50,7 @@ class SiteTraining:
     processes: int | str = 1  # ranks; auto = one per visible GPU (1 where there is none)
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     round_timeout_s: float = 3600.0  # a round whose ranks have not all finished by then fails; nothing leaves
-    gradient_compression: str = "none"  # none | bf16 | powersgd: non-private training only (refused under DP)
+    gradient_compression: str = "none"  # none | bf16 (DP: rounded after the noise) | powersgd (non-private only)
 
     def validate(self, prefix: str) -> None:
         """Raise ConfigError naming the key, value and fix of the first invalid field."""
@@ -63,10 +64,11 @@ class SiteTraining:
                 self.gradient_compression, f"must be one of {', '.join(COMPRESSIONS)}")
 
     def check_private(self, prefix: str, dp_required: bool) -> None:
-        """A site that always trains with DP cannot compress its ranks' gradients (the sum must be exact)."""
-        require(self.gradient_compression == "none" or not dp_required, f"{prefix}.gradient_compression",
-                self.gradient_compression, "must be none where privacy.dp_required is true: a rounded or projected "
-                "partial sum of clipped gradients has no per-record sensitivity bound before the noise covers it")
+        """A site that always trains with DP cannot use PowerSGD between its ranks (the sum must be exact)."""
+        require(self.gradient_compression != "powersgd" or not dp_required, f"{prefix}.gradient_compression",
+                self.gradient_compression, "must be none or bf16 where privacy.dp_required is true: PowerSGD "
+                "projects a partial sum of clipped gradients before the noise covers it, which has no per-record "
+                "sensitivity bound")
 
 
 @dataclass(frozen=True)

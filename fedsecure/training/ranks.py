@@ -97,8 +97,8 @@ class SiteDPDDP(DPDDP):
 
 
 def train_private_rank(model: torch.nn.Module, data: TokenizedDataset, settings: TrainSettings, plan: DPStepPlan, *,
-                       pad_id: int, randomness: Randomness, grad_sample_mode: str = "hooks"
-                       ) -> tuple[TrainResult, list[int]]:
+                       pad_id: int, randomness: Randomness, grad_sample_mode: str = "hooks",
+                       compression: str = "none") -> tuple[TrainResult, list[int]]:
     """This rank's part of ``plan.steps`` DP-SGD steps; returns the result (the loss over all ranks' samples)
     and the noise tensors each rank drew (rank 0 draws them all).
     """
@@ -112,7 +112,8 @@ def train_private_rank(model: torch.nn.Module, data: TokenizedDataset, settings:
     gsm = wrap(SiteDPDDP(model), grad_sample_mode)
     # DistributedDPOptimizer divides by expected_batch_size on each rank and by the world size after the
     # all-reduce: expected / world per rank makes the whole (sum of all ranks + noise) / expected.
-    opt = _dp_optimizer(params, settings, plan, expected / world, randomness, distributed=True)
+    opt = _dp_optimizer(params, settings, plan, expected / world, randomness, distributed=True,
+                        compression=compression)
     model.train()
     try:
         with activation_checkpointing(model, settings.gradient_checkpointing):
@@ -218,7 +219,8 @@ def _run(header: dict[str, Any], adapter: bytes) -> tuple[dict[str, Any], bytes]
                 result, draws = train_private_rank(model, data, train, DPStepPlan(**header["plan"]),
                                                    pad_id=tokenizer.pad_id,
                                                    randomness=rank_randomness(header["noise"], rank),
-                                                   grad_sample_mode=header["grad_sample_mode"])
+                                                   grad_sample_mode=header["grad_sample_mode"],
+                                                   compression=header["compression"])
             else:
                 result = train_local_rank(model, data, train, pad_id=tokenizer.pad_id, seed=int(header["seed"]),
                                           compression=header["compression"])

@@ -91,15 +91,16 @@ def backend_for(training: SiteTraining, device: str) -> str:
 
 
 def check_private_compression(training: SiteTraining) -> None:
-    """Under DP the ranks' sum must be exact: a compressed all-reduce is refused, saying why."""
-    if training.gradient_compression == "none":
+    """Under DP the ranks' sum must be exact before the noise covers it: PowerSGD is refused, saying why (bf16 is
+    taken, rounded after the noise: :func:`fedsecure.training.dpsgd._dp_optimizer`)."""
+    if training.gradient_compression != "powersgd":
         return
     raise FedSecureError(
-        f"site.training.gradient_compression = {training.gradient_compression}: refused for DP training. Each rank "
-        "would round or project its partial sum of clipped gradients BEFORE the noise (added once, on rank 0) "
-        "covers it; the error then depends on the other records in the batch, so no per-record clipping bound "
-        "holds after it and the accounted epsilon would be wrong. Fix: set it to none for private training (the "
-        "LoRA gradients are small); compression is allowed where the site trains without DP.")
+        "site.training.gradient_compression = powersgd: refused for DP training. PowerSGD projects each rank's "
+        "partial sum of clipped gradients onto a low-rank basis BEFORE the noise (added once, on rank 0) covers it, "
+        "with an error-feedback memory of earlier steps; the error depends on the other records, so no per-record "
+        "clipping bound holds after it and the accounted epsilon would be wrong. Fix: none or bf16 for private "
+        "training (bf16 rounds after the noise); PowerSGD is allowed where the site trains without DP.")
 
 
 def _noise_spec(randomness: Randomness, seed: int | None) -> dict[str, Any]:
