@@ -7,10 +7,10 @@ ranks on the CPU (gloo), both as ratios against a baseline measured in the same 
    (r = 8) four ways: torch's ``DistributedDataParallel`` under Opacus (DDP's reducer all-reduces the gradients
    in backward, then ``DistributedDPOptimizer`` all-reduces again: the baseline); Opacus' ``DPDDP`` with its
    optimizer as shipped (one all-reduce per tensor); fedsecure's (the same, in one bucket); and fedsecure's bf16
-   option (the reduce-scatter in float32, the all-gather of the noised mean in bfloat16). Bytes on the wire are the loopback interface's
-   counter over the steps (both ranks, headers included). Every byte handed to an all-reduce
-   is counted by a wrapper of ``torch.distributed.all_reduce``, which both Opacus and DDP's ``allreduce_hook``
-   (registered, so that DDP's buckets go through it) call. Baseline: the DDP form.
+   option (the reduce-scatter in float32, the all-gather of the noised mean in bfloat16). "Handed in": the bytes
+   each collective call is given (wrappers of ``torch.distributed``'s functions, which Opacus, fedsecure and DDP's
+   registered ``allreduce_hook`` call). "On the wire": the loopback interface's counter over the steps (both
+   ranks, TCP/IP headers included): gloo's own algorithms (its reduce-scatter is not a ring; NCCL's is).
 2. **Step time.** The site's round (``plan.steps`` DP-SGD steps, σ = 1, q such that the expected batch is
    ``--batch``) in one process with every core, against ``site.training.processes: 2`` (each rank a core):
    the training time inside the ranks per step, and the round's wall time with the ranks' start-up (a fresh
@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _rank_bytes(mode: str, steps: int, batch: int) -> None:
     """One rank of part 1 (run as a subprocess); rank 0 prints {"bytes": per step}."""
+    import warnings
+
     import torch
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -52,8 +54,6 @@ def _rank_bytes(mode: str, steps: int, batch: int) -> None:
     from fedsecure.training.dpsgd import _dp_optimizer, wrap
     from fedsecure.training.local import per_sequence_loss
     from fedsecure.training.ranks import SiteDPDDP
-
-    import warnings
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -134,7 +134,7 @@ def bytes_per_step(mode: str, steps: int, batch: int) -> dict:
     return json.loads(outs[0].strip().splitlines()[-1])
 
 
-def step_times(steps: int, batch: int, repeats: int) -> dict[str, list[float]]:
+def step_times(steps: int, batch: int, repeats: int, device: str = "cpu", world: int = 2) -> dict[str, list[float]]:
     import torch
 
     from fedsecure.config import LoraSettings, ModelSettings, TrainSettings
@@ -149,7 +149,7 @@ def step_times(steps: int, batch: int, repeats: int) -> dict[str, list[float]]:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
     synthesize(tmp, sites=1, records_per_site=200, eval_fraction=0.2, seed=3)
-    ms = ModelSettings(preset="deepseek-v3-tiny", device="cpu", lora=LoraSettings(r=8, dropout=0.0))
+    ms = ModelSettings(preset="deepseek-v3-tiny", device=device, lora=LoraSettings(r=8, dropout=0.0))
     ts = TrainSettings(local_steps=steps, batch_size=batch)
     base, tok = load_model_and_tokenizer(ms)
     model = attach_lora(base, ms.lora)
@@ -165,8 +165,8 @@ def step_times(steps: int, batch: int, repeats: int) -> dict[str, list[float]]:
         out["one"].append(r.seconds / steps)
         t = time.perf_counter()
         rr = run_ranks(RankJob(model=ms, data_dir=str(tmp / "site-0"), max_length=64, train=ts, plan=plan, seed=1),
-                       start, world=2, training=SiteTraining(processes=2), nccl=NcclSettings(),
-                       randomness=SystemRandomness())
+                       start, world=world, training=SiteTraining(processes=world), nccl=NcclSettings(),
+                       randomness=SystemRandomness(), device=device)
         out["two_wall"].append(time.perf_counter() - t)
         out["two"].append(rr.result.seconds / steps)
     return out
@@ -177,11 +177,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (gloo), or cuda: one GPU a rank (NCCL)")
+    ap.add_argument("--world", type=int, default=2, help="ranks of the step-time part")
+    ap.add_argument("--skip-bytes", action="store_true", help="only the step time (part 2)")
     ap.add_argument("--rank-bytes", choices=("ddp", "opacus", "dpddp", "bf16"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rank_bytes:
         _rank_bytes(args.rank_bytes, args.steps, args.batch)
         return
+    if not args.skip_bytes:
+        print_bytes(args)
+    t = step_times(args.steps, args.batch, args.repeats, args.device, args.world)
+    one, two = statistics.median(t["one"]), statistics.median(t["two"])
+    one_w, two_w = statistics.median(t["one_wall"]), statistics.median(t["two_wall"])
+    where = f"{os.cpu_count()} cores" if args.device == "cpu" else f"{args.world} GPUs"
+    print(f"DP-SGD step, expected batch {args.batch}, {where}, median of {args.repeats}:")
+    print(f"  1 process (baseline): {one * 1000:8.1f} ms/step   round {one_w:6.2f} s")
+    print(f"  {args.world} ranks:              {two * 1000:8.1f} ms/step   round {two_w:6.2f} s (start-up included)   "
+          f"step ratio {two / one:.2f}x, round ratio {two_w / one_w:.2f}x")
+
+
+def print_bytes(args: argparse.Namespace) -> None:
+    """Part 1."""
     runs = {mode: bytes_per_step(mode, args.steps, args.batch) for mode in ("ddp", "opacus", "dpddp", "bf16")}
     base = runs["ddp"]
     print(f"2 gloo ranks, DP-SGD on LoRA ({base['lora_bytes']:,} B of float32 gradients in {base['tensors']} tensors), "
@@ -192,13 +209,6 @@ def main() -> None:
     for mode, r in runs.items():
         print(f"  {names[mode]:44s} {r['bytes']:>13,.0f} {r['wire']:>12,.0f} {r['ms']:>8.1f}   "
               f"{r['bytes'] / base['bytes']:.2f}x {r['wire'] / base['wire']:.2f}x {r['ms'] / base['ms']:.2f}x")
-    t = step_times(args.steps, args.batch, args.repeats)
-    one, two = statistics.median(t["one"]), statistics.median(t["two"])
-    one_w, two_w = statistics.median(t["one_wall"]), statistics.median(t["two_wall"])
-    print(f"DP-SGD step, expected batch {args.batch}, {os.cpu_count()} cores, median of {args.repeats}:")
-    print(f"  1 process (baseline): {one * 1000:8.1f} ms/step   round {one_w:6.2f} s")
-    print(f"  2 ranks (gloo):       {two * 1000:8.1f} ms/step   round {two_w:6.2f} s (start-up included)   "
-          f"step ratio {two / one:.2f}x, round ratio {two_w / one_w:.2f}x")
 
 
 if __name__ == "__main__":

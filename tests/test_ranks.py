@@ -310,4 +310,33 @@ def test_a_site_whose_rank_dies_fails_that_round_only_and_spends_nothing_for_it(
     assert r2["sites_ok"] == 2 and summary["rounds_completed"] == 2
     failed = next(iter(r1["failures"]))
     entries = site_ledger_entries(tmp_path / "run" / "sites" / failed)
-    assert [(e["kind"], e["server_round"]) for e in entries] == [("spend", 2)]  # round 1: nothing spent, nothing released
+    # round 1: nothing spent, nothing released
+    assert [(e["kind"], e["server_round"]) for e in entries] == [("spend", 2)]
+
+
+# --------------------------------------------------------------------------- NCCL (a session lent GPUs runs these)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: scripts/gpu_checks.sh runs this on a GPU")
+def test_nccl_ranks_give_the_one_gpu_update_and_one_noise_draw_per_step(site_data):
+    import dataclasses
+
+    world = min(2, torch.cuda.device_count())  # one GPU: a 1-rank NCCL group still runs the whole path
+    ms = dataclasses.replace(MODEL, device="cuda:0")
+    base, tok = load_model_and_tokenizer(ms)
+    model = attach_lora(base, ms.lora)
+    start = adapter_state(model)
+    data = load_site(site_data / "site-0", tok, 64).train
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        train_private(model, data, TRAIN, DPStepPlan(0.0, 1.0, 3, 1.0), pad_id=tok.pad_id,
+                      randomness=SystemRandomness())
+    trained = adapter_state(model)
+    job = dataclasses.replace(_job(site_data, 0.0), model=ms)
+    out = run_ranks(job, start, world=world, training=SiteTraining(processes=world), nccl=NcclSettings(),
+                    randomness=SystemRandomness(), device="cuda")
+    for k in start:  # cuBLAS and NCCL reduce in their own orders: float32 rounding through 3 AdamW steps
+        np.testing.assert_allclose(out.state[k], trained[k], atol=1e-4, rtol=0)
+    noisy = run_ranks(dataclasses.replace(job, plan=DPStepPlan(1.0, 1.0, 3, 1.0)), start, world=world,
+                      training=SiteTraining(processes=world, gradient_compression="bf16"), nccl=NcclSettings(),
+                      randomness=SystemRandomness(), device="cuda")
+    assert noisy.noise_draws == [3 * len(start)] + [0] * (world - 1)

@@ -1,5 +1,6 @@
 """``fedsecure doctor``: check a site's or the coordinator's deployment, and a site's machine, before starting it
-(changes nothing)."""
+(changes nothing).
+"""
 
 from __future__ import annotations
 

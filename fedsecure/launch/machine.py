@@ -205,8 +205,8 @@ def _balance(m: Machine, cores: int) -> None:
     per = cores / m.gpus
     if per < CORES_PER_RANK:
         m.add("WARN", "CPU per GPU", f"{cores} cores for {m.gpus} GPUs ({per:.1f} each): CPU-starved. Each rank "
-                                     f"needs about {CORES_PER_RANK} (data, optimizer, and on rank 0 the DP noise, drawn "
-                                     "on the CPU). Fix: fewer ranks (site.training.processes) or more cores")
+                                     f"needs about {CORES_PER_RANK} (data, optimizer, and on rank 0 the DP noise, "
+                                     "drawn on the CPU). Fix: fewer ranks (site.training.processes) or more cores")
     else:
         m.add("OK", "CPU per GPU", f"{per:.1f} cores per GPU")
 

@@ -38,6 +38,7 @@ GRAD_SAMPLE_MODES = ("hooks", "ew")
 
 
 def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``model`` in Opacus' per-sample gradient module: ``hooks`` (GradSampleModule) or ``ew`` (expanded weights)."""
     if mode == "ew":
         from opacus.grad_sample import GradSampleModuleExpandedWeights
 
@@ -48,6 +49,7 @@ def wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
 
 def unwrap(gsm: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Remove Opacus' hooks and per-sample attributes from ``model``, so the cached model is clean again."""
     if hasattr(gsm, "_close"):
         gsm._close()  # removes hooks and grad_sample attributes (GradSampleModule)
     for p in model.parameters():

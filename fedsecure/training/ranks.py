@@ -14,8 +14,8 @@ Non-private training wraps the model in torch's ``DistributedDataParallel``, whe
 (bf16 or PowerSGD) may be used.
 
 The job arrives on stdin (a JSON header and the global adapter as safetensors); rank 0 writes the trained
-adapter and the figures to the pipe named by ``FEDSECURE_RESULT_FD``. Nothing touches the disk, the ledger or Flower: the site's worker
-does that with what rank 0 returns.
+adapter and the figures to the pipe named by ``FEDSECURE_RESULT_FD``. Nothing touches the disk, the ledger or
+Flower: the site's worker does that with what rank 0 returns.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from fedsecure.training.local import (
     to_device,
     trainable_parameters,
 )
+
 
 def write_frames(out: BinaryIO, *frames: bytes) -> None:
     """Length-prefixed frames (8-byte big-endian length each)."""
@@ -78,7 +79,8 @@ def rank_randomness(spec: dict[str, Any], rank: int) -> Randomness:
     own seed, so a 1-rank run draws exactly what the one-process site draws.
     """
     if spec["kind"] == "seeded":
-        return SeededRandomness(int(spec["seed"]) if rank == 0 else (int(spec["seed"]) * 1_000_003 + rank) & (2**63 - 1))
+        seed = int(spec["seed"])
+        return SeededRandomness(seed if rank == 0 else (seed * 1_000_003 + rank) & (2**63 - 1))
     return SystemRandomness()
 
 

@@ -92,7 +92,8 @@ def backend_for(training: SiteTraining, device: str) -> str:
 
 def check_private_compression(training: SiteTraining) -> None:
     """Under DP the ranks' sum must be exact before the noise covers it: PowerSGD is refused, saying why (bf16 is
-    taken, rounded after the noise: :func:`fedsecure.training.dpsgd._dp_optimizer`)."""
+    taken, rounded after the noise: :func:`fedsecure.training.dpsgd._dp_optimizer`).
+    """
     if training.gradient_compression != "powersgd":
         return
     raise FedSecureError(
