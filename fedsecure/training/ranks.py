@@ -236,8 +236,23 @@ def _run(header: dict[str, Any], adapter: bytes) -> tuple[dict[str, Any], bytes]
         dist.destroy_process_group()
 
 
+def _die_with_worker() -> None:
+    """A rank never outlives the worker that started it (Linux: PR_SET_PDEATHSIG, then a check for a worker that
+    died before it was set). Done here, not between fork and exec, where the worker's threads make it unsafe.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != os.environ.get("FEDSECURE_WORKER_PID", str(os.getppid())):
+        os._exit(1)
+
+
 def main() -> None:
     """Read the job from stdin, train this rank's part, and (rank 0) write the result to its pipe."""
+    _die_with_worker()
     header_bytes, adapter = read_frames(sys.stdin.buffer, 2)
     out = _run(json.loads(header_bytes), adapter)
     if out is not None:

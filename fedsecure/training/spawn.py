@@ -119,15 +119,6 @@ def _free_store(world: int, timeout_s: float):
                          timeout=timedelta(seconds=timeout_s))
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def run_ranks(job: RankJob, global_state: dict[str, np.ndarray], *, world: int, training: SiteTraining,
               nccl: NcclSettings, randomness: Randomness, noise_seed: int | None = None, threads: int = 0,
               device: str = "cpu") -> RankResult:
@@ -149,7 +140,8 @@ def run_ranks(job: RankJob, global_state: dict[str, np.ndarray], *, world: int, 
               "threads": threads or max(1, cores // world)}
     job_bytes = [json.dumps(header).encode(), save(global_state)]
     env = {**os.environ, **nccl.environment(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-           "WORLD_SIZE": str(world), "OMP_NUM_THREADS": str(header["threads"])}
+           "WORLD_SIZE": str(world), "OMP_NUM_THREADS": str(header["threads"]),
+           "FEDSECURE_WORKER_PID": str(os.getpid())}
     read_end, write_end = os.pipe()
     procs: list[subprocess.Popen] = []
     logs = []
@@ -160,7 +152,7 @@ def run_ranks(job: RankJob, global_state: dict[str, np.ndarray], *, world: int, 
             extra = {"FEDSECURE_RESULT_FD": str(write_end)} if rank == 0 else {}
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "fedsecure.training.ranks"], stdin=subprocess.PIPE, stdout=err, stderr=err,
-                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), **extra}, preexec_fn=_die_with_parent,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), **extra},
                 pass_fds=(write_end,) if rank == 0 else ()))
         os.close(write_end)
         write_end = -1
