@@ -175,6 +175,9 @@ def simulate(cfg: SimulationConfig, run_dir: str | Path | None = None,
         else:
             engines.run_inprocess_engine(cfg, run.path)
     finally:
+        from fedsecure.training.spawn import shutdown_pools
+
+        shutdown_pools()  # the simulated sites' warm ranks end with the run
         stop.set()
         if watcher is not None:
             watcher.join(timeout=5)

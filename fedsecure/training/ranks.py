@@ -13,9 +13,10 @@ empty sum), so the ranks never fall out of step in their collectives.
 Non-private training wraps the model in torch's ``DistributedDataParallel``, where a gradient compression hook
 (bf16 or PowerSGD) may be used.
 
-The job arrives on stdin (a JSON header and the global adapter as safetensors); rank 0 writes the trained
-adapter and the figures to the pipe named by ``FEDSECURE_RESULT_FD``. Nothing touches the disk, the ledger or
-Flower: the site's worker does that with what rank 0 returns.
+Each round's job arrives on stdin (a JSON header and the global adapter as safetensors); rank 0 writes the trained
+adapter and the figures to the pipe named by ``FEDSECURE_RESULT_FD``. The process group and the model are kept
+between rounds, until the worker closes stdin (or kills the ranks after a failure). Nothing touches the disk, the
+ledger or Flower: the site's worker does that with what rank 0 returns.
 """
 
 from __future__ import annotations
@@ -191,49 +192,54 @@ def _gathered(per_step: list[tuple[float, int]], draws: int, start: float, n: in
 
 
 # ---------------------------------------------------------------------------- the rank's process
-def _run(header: dict[str, Any], adapter: bytes) -> tuple[dict[str, Any], bytes] | None:
-    from safetensors.numpy import load, save
-
-    from fedsecure.model import adapter_state, attach_lora, load_model_and_tokenizer, set_adapter_state
+def _setup(header: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """Join the pool's process group and build the model once, on this rank's device before LoRA (Opacus #820)."""
+    from fedsecure.model import attach_lora, load_model_and_tokenizer
 
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    backend = header["backend"]
+    backend, timeout = header["backend"], timedelta(seconds=float(header["timeout_s"]))
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timedelta(seconds=float(header["timeout_s"])))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=float(header["timeout_s"])))
-    try:
-        model_cfg = header["model"]
-        if backend == "nccl" or (model_cfg.get("device", "auto") != "cpu" and torch.cuda.is_available()):
-            torch.cuda.set_device(local)  # one GPU a rank
-            model_cfg = {**model_cfg, "device": f"cuda:{local}"}
-        if header["threads"]:
-            torch.set_num_threads(int(header["threads"]))
-        settings = from_mapping(ModelSettings, model_cfg, "model.")
-        base, tokenizer = load_model_and_tokenizer(settings)  # on its device before LoRA (Opacus #820)
-        model = attach_lora(base, settings.lora)
-        set_adapter_state(model, load(adapter))
-        data = load_site(header["data_dir"], tokenizer, int(header["max_length"])).train
-        train = from_mapping(TrainSettings, header["train"], "train.")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(header["seed"]))
-            if header["plan"] is not None:
-                result, draws = train_private_rank(model, data, train, DPStepPlan(**header["plan"]),
-                                                   pad_id=tokenizer.pad_id,
-                                                   randomness=rank_randomness(header["noise"], rank),
-                                                   grad_sample_mode=header["grad_sample_mode"],
-                                                   compression=header["compression"])
-            else:
-                result = train_local_rank(model, data, train, pad_id=tokenizer.pad_id, seed=int(header["seed"]),
-                                          compression=header["compression"])
-                draws = [0] * world
-        if rank != 0:
-            return None
-        figures = {"loss": result.loss, "steps": result.steps, "examples": result.examples,
-                   "seconds": result.seconds, "noise_draws": draws, "world": world}
-        return figures, save(adapter_state(model))
-    finally:
-        dist.destroy_process_group()
+                          timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    model_cfg = header["model"]
+    if backend == "nccl" or (model_cfg.get("device", "auto") != "cpu" and torch.cuda.is_available()):
+        torch.cuda.set_device(local)  # one GPU a rank
+        model_cfg = {**model_cfg, "device": f"cuda:{local}"}
+    if header["threads"]:
+        torch.set_num_threads(int(header["threads"]))
+    settings = from_mapping(ModelSettings, model_cfg, "model.")
+    base, tokenizer = load_model_and_tokenizer(settings)
+    return attach_lora(base, settings.lora), tokenizer
+
+
+def _round(model: torch.nn.Module, tokenizer: Any, header: dict[str, Any], adapter: bytes
+           ) -> tuple[dict[str, Any], bytes] | None:
+    """One round on the kept model: the global adapter in, this rank's part trained, rank 0's answer out."""
+    from safetensors.numpy import load, save
+
+    from fedsecure.model import adapter_state, set_adapter_state
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    set_adapter_state(model, load(adapter))
+    data = load_site(header["data_dir"], tokenizer, int(header["max_length"])).train
+    train = from_mapping(TrainSettings, header["train"], "train.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(header["seed"]))
+        if header["plan"] is not None:
+            result, draws = train_private_rank(model, data, train, DPStepPlan(**header["plan"]),
+                                               pad_id=tokenizer.pad_id,
+                                               randomness=rank_randomness(header["noise"], rank),
+                                               grad_sample_mode=header["grad_sample_mode"],
+                                               compression=header["compression"])
+        else:
+            result = train_local_rank(model, data, train, pad_id=tokenizer.pad_id, seed=int(header["seed"]),
+                                      compression=header["compression"])
+            draws = [0] * world
+    if rank != 0:
+        return None
+    figures = {"loss": result.loss, "steps": result.steps, "examples": result.examples,
+               "seconds": result.seconds, "noise_draws": draws, "world": world}
+    return figures, save(adapter_state(model))
 
 
 def _die_with_worker() -> None:
@@ -251,14 +257,27 @@ def _die_with_worker() -> None:
 
 
 def main() -> None:
-    """Read the job from stdin, train this rank's part, and (rank 0) write the result to its pipe."""
+    """Serve rounds until the worker closes stdin: each job (a JSON header and the global adapter) is trained,
+    and rank 0 writes the result to its pipe. The process group and the model are kept between rounds.
+    """
     _die_with_worker()
-    header_bytes, adapter = read_frames(sys.stdin.buffer, 2)
-    out = _run(json.loads(header_bytes), adapter)
-    if out is not None:
-        figures, state = out
-        with os.fdopen(int(os.environ["FEDSECURE_RESULT_FD"]), "wb") as sink:
-            write_frames(sink, json.dumps(figures).encode(), state)
+    sink = os.fdopen(int(os.environ["FEDSECURE_RESULT_FD"]), "wb") if "FEDSECURE_RESULT_FD" in os.environ else None
+    model = tokenizer = None
+    try:
+        while True:
+            try:
+                header_bytes, adapter = read_frames(sys.stdin.buffer, 2)
+            except ConnectionError:  # stdin closed: the worker is done with this pool
+                return
+            header = json.loads(header_bytes)
+            if model is None:
+                model, tokenizer = _setup(header)
+            out = _round(model, tokenizer, header, adapter)
+            if out is not None and sink is not None:
+                write_frames(sink, json.dumps(out[0]).encode(), out[1])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ it. The trained adapter comes back through a pipe that only rank 0 holds: nothin
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any
@@ -130,100 +132,168 @@ def run_ranks(job: RankJob, global_state: dict[str, np.ndarray], *, world: int, 
     backend = backend_for(training, device)
     if job.plan is not None:
         check_private_compression(training)
-    store = _free_store(world, nccl.timeout_s)
     cores = os.cpu_count() or 1
-    header = {"backend": backend, "timeout_s": nccl.timeout_s, "model": to_dict(job.model), "data_dir": job.data_dir,
-              "max_length": job.max_length, "train": to_dict(job.train),
+    threads = threads or max(1, cores // world)
+    pool_header = {"backend": backend, "timeout_s": nccl.timeout_s, "model": to_dict(job.model), "threads": threads}
+    header = {**pool_header, "data_dir": job.data_dir, "max_length": job.max_length, "train": to_dict(job.train),
               "plan": asdict(job.plan) if job.plan is not None else None, "seed": job.seed,
               "noise": _noise_spec(randomness, noise_seed) if job.plan is not None else {"kind": "none"},
-              "grad_sample_mode": job.grad_sample_mode, "compression": job.compression,
-              "threads": threads or max(1, cores // world)}
-    job_bytes = [json.dumps(header).encode(), save(global_state)]
-    env = {**os.environ, **nccl.environment(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
-           "WORLD_SIZE": str(world), "OMP_NUM_THREADS": str(header["threads"]),
-           "FEDSECURE_WORKER_PID": str(os.getpid())}
-    read_end, write_end = os.pipe()
-    procs: list[subprocess.Popen] = []
-    logs = []
+              "grad_sample_mode": job.grad_sample_mode, "compression": job.compression}
+    key = json.dumps([world, pool_header, nccl.environment()], sort_keys=True)
+    pool = _POOLS.pop(key, None)
+    if pool is None or not pool.alive():
+        if pool is not None:
+            pool.kill()
+        while len(_POOLS) >= MAX_POOLS:  # the least recently used pool goes
+            _POOLS.pop(next(iter(_POOLS))).close()
+        pool = RankPool(world, nccl.environment(), nccl.timeout_s, threads)
     try:
-        for rank in range(world):
-            err = tempfile.TemporaryFile()
-            logs.append(err)
-            extra = {"FEDSECURE_RESULT_FD": str(write_end)} if rank == 0 else {}
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "fedsecure.training.ranks"], stdin=subprocess.PIPE, stdout=err, stderr=err,
-                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), **extra},
-                pass_fds=(write_end,) if rank == 0 else ()))
-        os.close(write_end)
-        write_end = -1
-        for p in procs:
-            threading.Thread(target=_feed, args=(p, job_bytes), daemon=True).start()
-        answer: dict[str, Any] = {}
-        reader = threading.Thread(target=_collect, args=(read_end, answer), daemon=True)
-        reader.start()
-        _watch(procs, logs, training.round_timeout_s)
-        reader.join(timeout=30)
-        if "error" in answer or "frames" not in answer:
-            raise RankFailure(f"rank 0 ended without returning the trained adapter ({answer.get('error', 'no data')})"
-                              "; nothing was released and no privacy was spent")
-        figures, state = answer["frames"]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        if write_end >= 0:
-            os.close(write_end)
-        for f in logs:
-            f.close()
-        del store
+        figures, state = pool.round([json.dumps(header).encode(), save(global_state)], training.round_timeout_s)
+    except BaseException:
+        pool.kill()  # a failed pool is never used again: the next round starts fresh ranks
+        raise
+    _POOLS[key] = pool
     fig = json.loads(figures)
     result = TrainResult(loss=float(fig["loss"]), steps=int(fig["steps"]), examples=int(fig["examples"]),
                          seconds=float(fig["seconds"]))
     return RankResult(state=dict(load(state)), result=result, noise_draws=[int(d) for d in fig["noise_draws"]])
 
 
+#: the warm pools of this process, least recently used first (a deployed site's worker has one)
+_POOLS: OrderedDict[str, RankPool] = OrderedDict()
+MAX_POOLS = 2
+
+
+def shutdown_pools() -> None:
+    """Stop every warm pool of this process (its ranks exit when their stdin closes)."""
+    while _POOLS:
+        _POOLS.popitem()[1].close()
+
+
+atexit.register(shutdown_pools)
+
+
+class RankPool:
+    """``world`` ranks that keep their process group and model between rounds; killed whole on any failure."""
+
+    def __init__(self, world: int, nccl_env: dict[str, str], timeout_s: float, threads: int) -> None:
+        self.store = _free_store(world, timeout_s)
+        env = {**os.environ, **nccl_env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.store.port),
+               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": str(threads), "FEDSECURE_WORKER_PID": str(os.getpid())}
+        read_end, write_end = os.pipe()
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Any] = []
+        try:
+            for rank in range(world):
+                self.logs.append(tempfile.TemporaryFile())
+                extra = {"FEDSECURE_RESULT_FD": str(write_end)} if rank == 0 else {}
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "fedsecure.training.ranks"], stdin=subprocess.PIPE, stdout=self.logs[-1],
+                    stderr=self.logs[-1], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), **extra},
+                    pass_fds=(write_end,) if rank == 0 else ()))
+        except BaseException:
+            os.close(read_end)
+            self.kill()
+            raise
+        finally:
+            os.close(write_end)  # rank 0 holds the only other copy: its death ends our reads
+        self.results = os.fdopen(read_end, "rb")
+
+    def alive(self) -> bool:
+        """Whether every rank is still running (an idle pool whose rank died is replaced, not used)."""
+        return all(p.poll() is None for p in self.procs)
+
+    def round(self, frames: list[bytes], timeout_s: float) -> list[bytes]:
+        """Send one job to every rank; rank 0's two frames, or RankFailure."""
+        for p in self.procs:
+            threading.Thread(target=_feed, args=(p, frames), daemon=True).start()
+        answer: dict[str, Any] = {}
+        reader = threading.Thread(target=_collect, args=(self.results, answer), daemon=True)
+        reader.start()
+        _watch(self.procs, self.logs, timeout_s, reader)
+        if "frames" not in answer:  # rank 0's pipe closed: name the rank that died, if one did
+            for _ in range(40):
+                _check_exits(self.procs, self.logs)
+                time.sleep(0.05)
+            raise RankFailure(f"rank 0 ended without returning the trained adapter ({answer.get('error', 'no data')})"
+                              "; nothing was released and no privacy was spent")
+        return answer["frames"]
+
+    def close(self) -> None:
+        """Let the ranks finish (stdin closed), then make sure they are gone."""
+        for p in self.procs:
+            try:
+                if p.stdin is not None:
+                    p.stdin.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        """Kill and reap every rank; release the pipe, the logs and the rendezvous store."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            if p.stdin is not None:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+        for f in [*self.logs, *([self.results] if hasattr(self, "results") else [])]:
+            f.close()
+        self.logs = []
+
+
 def _feed(proc: subprocess.Popen, frames: list[bytes]) -> None:
     try:
         assert proc.stdin is not None
         write_frames(proc.stdin, *frames)
-        proc.stdin.close()
-    except (BrokenPipeError, OSError):
-        pass  # the rank died first: the watcher reports it
+    except (BrokenPipeError, OSError, ValueError):
+        pass  # the rank died first (or the pool was killed): the watcher reports it
 
 
-def _collect(fd: int, answer: dict[str, Any]) -> None:
-    with os.fdopen(fd, "rb") as src:
-        try:
-            answer["frames"] = read_frames(src, 2)
-        except ConnectionError as e:
-            answer["error"] = str(e)
+def _collect(src: Any, answer: dict[str, Any]) -> None:
+    try:
+        answer["frames"] = read_frames(src, 2)
+    except (ConnectionError, OSError, ValueError) as e:
+        answer["error"] = str(e)
 
 
-def _watch(procs: list[subprocess.Popen], logs: list[Any], timeout_s: float) -> None:
-    """Return when every rank exited 0; raise RankFailure on the first that did not, or at the deadline."""
+def _check_exits(procs: list[subprocess.Popen], logs: list[Any]) -> None:
+    """RankFailure naming the first rank that exited (a rank of a pool never exits during a round)."""
+    for rank, p in enumerate(procs):
+        code = p.poll()
+        if code is not None:
+            _log_tail(rank, logs[rank])
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+            raise RankFailure(f"site training failed: rank {rank} of {len(procs)} exited with {how}; the other "
+                              "ranks were stopped, nothing was released and no privacy was spent. Fix: see the "
+                              "site's log for the rank's last lines (out of memory, a driver or NCCL fault); "
+                              "the next round starts fresh ranks")
+
+
+def _watch(procs: list[subprocess.Popen], logs: list[Any], timeout_s: float, reader: threading.Thread) -> None:
+    """Return when ``reader`` has rank 0's answer (or its pipe closed) with every rank alive; raise RankFailure
+    on the first rank that exited, or at the deadline.
+    """
     deadline = time.monotonic() + timeout_s
-    while True:
-        codes = [p.poll() for p in procs]
-        for rank, code in enumerate(codes):
-            if code not in (None, 0):
-                _log_tail(rank, logs[rank])
-                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
-                raise RankFailure(f"site training failed: rank {rank} of {len(procs)} exited with {how}; the other "
-                                  "ranks were stopped, nothing was released and no privacy was spent. Fix: see the "
-                                  "site's log for the rank's last lines (out of memory, a driver or NCCL fault); "
-                                  "the next round starts fresh ranks")
-        if all(code == 0 for code in codes):
-            return
+    while reader.is_alive():
+        _check_exits(procs, logs)
         if time.monotonic() > deadline:
-            hung = [r for r, c in enumerate(codes) if c is None]
-            for rank in hung:
+            for rank in range(len(procs)):
                 _log_tail(rank, logs[rank])
-            raise RankFailure(f"site training failed: rank(s) {hung} of {len(procs)} still running after "
+            raise RankFailure(f"site training failed: the {len(procs)} ranks were still running after "
                               f"site.training.round_timeout_s = {timeout_s:g} s (a hung collective?); all were "
                               "stopped, nothing was released and no privacy was spent. Fix: check the interconnect "
                               "(fedsecure doctor) or raise the timeout")
-        time.sleep(0.05)
+        reader.join(timeout=0.05)
 
 
 def _log_tail(rank: int, log_file: Any, lines: int = 20) -> None:
