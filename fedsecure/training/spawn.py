@@ -1,18 +1,18 @@
-"""The site worker's side of multi-process training: start the ranks for one round, watch them, collect rank 0's
-result, and kill them all when one dies or the round runs out of time.
+"""The site worker's side of multi-process training: a pool of ranks that it starts, feeds one round at a time,
+watches, and kills whole when one dies or a round runs out of time.
 
-Why a fresh set of processes each round, started like torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR``, ``MASTER_PORT`` in the environment), rather than ``torch.multiprocessing`` workers kept warm:
+The ranks are processes started like torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT`` in the environment), each ``python -m fedsecure.training.ranks``, with the rendezvous store hosted
+here (as torchrun's agent hosts it) on 127.0.0.1 only. They keep their process group and model between rounds (a
+warm pool: the first round pays Python, torch and the model in each rank, the next ones do not). Each round's job
+goes to every rank's stdin; the trained adapter comes back through a pipe that only rank 0 holds: nothing is
+written to disk. Why processes of our own rather than ``torch.multiprocessing`` workers:
 
 * the worker holds the ledger and talks to Flower; a rank that dies (out of memory, a driver fault) or hangs in a
-  collective is killed and reaped without touching it, and the next round starts clean;
-* after an NCCL error a communicator cannot be trusted again (PyTorch tears the process down): fresh processes are
-  the recovery;
-* nothing is pickled and no ``__main__`` is re-imported: each rank is ``python -m fedsecure.training.ranks``, its job
-  on stdin, and the rendezvous store is hosted here (as torchrun's agent hosts it) on 127.0.0.1 only.
-
-The price is each rank loading the model every round: seconds for the presets; ``bench/bench_ranks.py`` measures
-it. The trained adapter comes back through a pipe that only rank 0 holds: nothing is written to disk.
+  collective is killed and reaped without touching it;
+* after an NCCL error a communicator cannot be trusted again (PyTorch tears the process down): on any failure the
+  whole pool is killed, and the next round starts fresh ranks;
+* nothing is pickled and no ``__main__`` is re-imported.
 """
 
 from __future__ import annotations
