@@ -111,18 +111,24 @@ def _one_process_gradient(problem, sigma: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the site's ranks, end to end
-@pytest.fixture(scope="module")
-def one_process(site_data):
-    """The one-process site's σ = 0 update on site-0 (q = 1, no dropout: the ranks see the same batches)."""
-    base, tok = load_model_and_tokenizer(MODEL)
-    model = attach_lora(base, MODEL.lora)
+def _one_process_update(site_data, settings: ModelSettings, randomness):
+    """The one-process site's σ = 0 update on site-0 (q = 1, no dropout: the ranks see the same batches):
+    (the adapter before, after, the result)."""
+    base, tok = load_model_and_tokenizer(settings)
+    model = attach_lora(base, settings.lora)
     start = adapter_state(model)
     data = load_site(site_data / "site-0", tok, 64).train
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(11)
         result = train_private(model, data, TRAIN, DPStepPlan(0.0, 1.0, 3, 1.0), pad_id=tok.pad_id,
-                               randomness=SeededRandomness(5))
+                               randomness=randomness)
     return start, adapter_state(model), result
+
+
+@pytest.fixture(scope="module")
+def one_process(site_data):
+    """The one-process site's σ = 0 update on the CPU."""
+    return _one_process_update(site_data, MODEL, SeededRandomness(5))
 
 
 def _job(site_data, sigma: float) -> RankJob:
@@ -353,15 +359,7 @@ def test_nccl_ranks_give_the_one_gpu_update_and_one_noise_draw_per_step(site_dat
 
     world = min(2, torch.cuda.device_count())  # one GPU: a 1-rank NCCL group still runs the whole path
     ms = dataclasses.replace(MODEL, device="cuda:0")
-    base, tok = load_model_and_tokenizer(ms)
-    model = attach_lora(base, ms.lora)
-    start = adapter_state(model)
-    data = load_site(site_data / "site-0", tok, 64).train
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(11)
-        train_private(model, data, TRAIN, DPStepPlan(0.0, 1.0, 3, 1.0), pad_id=tok.pad_id,
-                      randomness=SystemRandomness())
-    trained = adapter_state(model)
+    start, trained, _ = _one_process_update(site_data, ms, SystemRandomness())
     job = dataclasses.replace(_job(site_data, 0.0), model=ms)
     out = run_ranks(job, start, world=world, training=SiteTraining(processes=world), nccl=NcclSettings(),
                     randomness=SystemRandomness(), device="cuda")
