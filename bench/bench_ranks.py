@@ -65,21 +65,16 @@ def _rank_bytes(mode: str, steps: int, batch: int) -> None:
     base, _ = load_model_and_tokenizer(ms)
     model = attach_lora(base, ms.lora)
     counted = [0]
-    real = dist.all_reduce
 
-    def counting_all_reduce(tensor, *args, **kwargs):
-        counted[0] += tensor.numel() * tensor.element_size()
-        return real(tensor, *args, **kwargs)
-
-    def counting(real_fn):
+    def counting(real_fn, tensor_arg: int):
         def call(*args, **kwargs):
-            counted[0] += args[1].numel() * args[1].element_size()  # (output, input): what this rank hands in
+            counted[0] += args[tensor_arg].numel() * args[tensor_arg].element_size()  # what this rank hands in
             return real_fn(*args, **kwargs)
         return call
 
-    dist.all_reduce = counting_all_reduce  # Opacus calls torch.distributed.all_reduce
-    dist.reduce_scatter_tensor = counting(dist.reduce_scatter_tensor)
-    dist.all_gather_into_tensor = counting(dist.all_gather_into_tensor)
+    dist.all_reduce = counting(dist.all_reduce, 0)  # Opacus and DDP's allreduce_hook call torch.distributed's
+    dist.reduce_scatter_tensor = counting(dist.reduce_scatter_tensor, 1)  # (output, input)
+    dist.all_gather_into_tensor = counting(dist.all_gather_into_tensor, 1)
     if mode == "ddp":
         wrapped = DDP(model)
         wrapped.register_comm_hook(None, allreduce_hook)  # DDP's own all-reduce, through the counted Python call

@@ -45,6 +45,22 @@ def small_config(data_dir: Path | None = None, **sections: dict) -> SimulationCo
     return SimulationConfig.from_mapping(base)
 
 
+def per_example_gradients(model, seqs: list[list[int]], params: list) -> list[list]:
+    """Each record's gradient by plain autograd, one record at a time: the reference for per-sample gradients."""
+    from fedsecure.data.dataset import collate
+    from fedsecure.training.local import per_sequence_loss
+
+    reference = []
+    for s in seqs:
+        b = collate([s], 0)
+        model.zero_grad()
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        per_sequence_loss(out.logits, b["labels"]).sum().backward()
+        reference.append([p.grad.clone() for p in params])
+    model.zero_grad(set_to_none=True)
+    return reference
+
+
 def global_adapter(run_dir: Path, server_round: int):
     """The sealed global adapter of a finished run, opened with the run's coordinator keyring."""
     from fedsecure.crypto import read_keyring_file

@@ -111,7 +111,10 @@ def test_site_config_builds_the_node_config(consortium):
 
     root, _, site = consortium
     site["site"]["attestation"] = {"provider": "command", "command": ["/opt/agent", "--say", 'a "quoted" arg']}
+    site["site"]["training"] = {"processes": "auto", "gradient_compression": "bf16"}
+    site["site"]["nccl"] = {"profile": "roce-v2", "ib_gid_index": 1}
     sc = load_site_config(_write(root / "s.yaml", site))
+    assert sc.settings.training.processes == "auto" and sc.settings.nccl.ib_gid_index == 1
     node = sc.node_config
     assert node["site.name"] == "a" and node["site.data_dir"] == str(root / "data" / "site-0")
     assert node["site.state_dir"] == str(root / "state" / "a") and node["site.privacy.epsilon_budget"] == 1.5
@@ -146,6 +149,11 @@ def test_site_config_builds_the_node_config(consortium):
     (lambda s: s["site"].update(noise_seed=3), "site.noise_seed: unknown key"),
     (lambda s: s.update(extra={}), "extra: unknown section"),
     (lambda s: s["site"].update(warm_worker="yes"), "site.warm_worker: 'yes' must be true or false"),
+    (lambda s: s["site"].update(training={"processes": "many"}), "site.training.processes: must be auto or an"),
+    (lambda s: s["site"].update(training={"gradient_compression": "powersgd"}), "site.training.gradient_compression: "
+                                                                                "must be none or bf16 where"),
+    (lambda s: s["site"].update(nccl={"ib_gid_idx": 3}), "site.nccl.ib_gid_idx: unknown key"),
+    (lambda s: s["site"].update(nccl={"p2p_level": "far"}), "site.nccl.p2p_level: must be one of"),
 ])
 def test_site_config_errors(consortium, change, match):
     root, _, site = consortium

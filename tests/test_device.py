@@ -15,6 +15,8 @@ from fedsecure.privacy.guard import DPStepPlan
 from fedsecure.training.dpsgd import train_private, unwrap, wrap
 from fedsecure.training.local import per_sequence_loss
 
+from .conftest import per_example_gradients
+
 DTYPES = ["float32", "bfloat16", "float16"]
 #: How far Opacus' per-sample gradients may be from per-example autograd, relative to the gradient's norm. The
 #: LoRA weights and their gradients are float32 in every case; what differs between the two computations is the
@@ -35,19 +37,6 @@ def _model(dtype: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _per_example(model: torch.nn.Module, seqs: list[list[int]], params: list[torch.nn.Parameter]) -> list[list]:
-    """Each record's gradient by plain autograd, one record at a time: the reference for per-sample gradients."""
-    reference = []
-    for s in seqs:
-        b = collate([s], 0)
-        model.zero_grad()
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        per_sequence_loss(out.logits, b["labels"]).sum().backward()
-        reference.append([p.grad.clone() for p in params])
-    model.zero_grad(set_to_none=True)
-    return reference
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_base_takes_the_dtype_and_lora_stays_float32(dtype):
     model = _model(dtype)
@@ -63,7 +52,7 @@ def test_per_sample_gradients_match_per_example_autograd_in_each_dtype(dtype, mo
     model = _model(dtype)
     seqs = [[1, *torch.randint(3, 1000, (n,)).tolist(), 2] for n in (5, 14, 2, 9)]
     params = [p for p in model.parameters() if p.requires_grad]
-    reference = _per_example(model, seqs, params)
+    reference = per_example_gradients(model, seqs, params)
     gsm = wrap(model, mode)
     b = collate(seqs, 0)
     kwargs = {"attention_mask": b["attention_mask"]}
@@ -227,7 +216,7 @@ def test_a_quantized_base_keeps_attention_lora_float32_and_per_sample_gradients_
             p.data.normal_(0, 0.05)
     seqs = [[1, *torch.randint(3, 1000, (n,)).tolist(), 2] for n in (5, 14, 2, 9)]
     params = [p for p in model.parameters() if p.requires_grad]
-    reference = _per_example(model, seqs, params)
+    reference = per_example_gradients(model, seqs, params)
     gsm = wrap(model, "hooks")
     b = collate(seqs, 0)
     per_sequence_loss(gsm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,

@@ -26,6 +26,8 @@ from fedsecure.privacy.policy import Terms
 from fedsecure.training.dpsgd import train_private, unwrap, wrap
 from fedsecure.training.local import per_sequence_loss
 
+from .conftest import per_example_gradients
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,14 +42,7 @@ def test_opacus_per_sample_gradients_match_per_example_autograd(mode):
             p.data.normal_(0, 0.05)
     seqs = [[1, *torch.randint(3, 1000, (n,)).tolist(), 2] for n in (5, 14, 2, 9)]  # padded, variable length
     params = [p for p in model.parameters() if p.requires_grad]
-    reference = []
-    for s in seqs:
-        b = collate([s], 0)
-        model.zero_grad()
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        per_sequence_loss(out.logits, b["labels"]).sum().backward()
-        reference.append([p.grad.clone() for p in params])
-    model.zero_grad(set_to_none=True)
+    reference = per_example_gradients(model, seqs, params)
     gsm = wrap(model, mode)
     b = collate(seqs, 0)
     if mode == "ew":

@@ -20,13 +20,13 @@ import torch
 from fedsecure.config import LoraSettings, ModelSettings, SiteSettings, TrainSettings
 from fedsecure.config.parallel import NcclSettings, SiteTraining
 from fedsecure.data.dataset import load_site
-from fedsecure.errors import ConfigError, FedSecureError
+from fedsecure.errors import ConfigError
 from fedsecure.launch.simulate import simulate
 from fedsecure.model import adapter_state, attach_lora, load_model_and_tokenizer
 from fedsecure.privacy.guard import DPStepPlan
 from fedsecure.privacy.noise import SeededRandomness, SystemRandomness
 from fedsecure.training.dpsgd import _dp_optimizer, train_private
-from fedsecure.training.spawn import RankFailure, RankJob, run_ranks, shutdown_pools
+from fedsecure.training.spawn import RankFailure, RankJob, private_compression, run_ranks, shutdown_pools
 
 from .conftest import site_ledger_entries, small_config
 
@@ -139,7 +139,9 @@ def _job(site_data, sigma: float) -> RankJob:
 @pytest.mark.slow
 def test_two_rank_site_without_noise_gives_the_one_process_update(site_data, one_process):
     start, trained, result = one_process
-    out = run_ranks(_job(site_data, 0.0), start, world=2, training=SiteTraining(processes=2), nccl=NcclSettings(),
+    # the site allows PowerSGD (for its non-private rounds): a private round sends the exact sum, so it is equal
+    out = run_ranks(_job(site_data, 0.0), start, world=2,
+                    training=SiteTraining(processes=2, gradient_compression="powersgd"), nccl=NcclSettings(),
                     randomness=SeededRandomness(5), noise_seed=5)
     update = max(float(np.abs(trained[k] - start[k]).max()) for k in start)
     # float32 reductions in another order (per rank, then the all-reduce), through 3 AdamW steps: the
@@ -165,9 +167,9 @@ def test_two_rank_private_site_draws_the_noise_once_per_step_on_rank_0(site_data
 @pytest.mark.parametrize("compression", ["none", "powersgd"])
 def test_a_non_private_site_trains_in_ddp_ranks(site_data, one_process, compression):
     start, _, _ = one_process
-    job = RankJob(model=MODEL, data_dir=str(site_data / "site-0"), max_length=64, train=TRAIN, plan=None, seed=11,
-                  compression=compression)
-    out = run_ranks(job, start, world=2, training=SiteTraining(processes=2), nccl=NcclSettings(), randomness=None)
+    job = RankJob(model=MODEL, data_dir=str(site_data / "site-0"), max_length=64, train=TRAIN, plan=None, seed=11)
+    out = run_ranks(job, start, world=2, training=SiteTraining(processes=2, gradient_compression=compression),
+                    nccl=NcclSettings(), randomness=None)
     assert out.noise_draws == [0, 0] and out.result.steps == 3 and np.isfinite(out.result.loss)
     assert max(float(np.abs(out.state[k] - start[k]).max()) for k in start) > 1e-3
 
@@ -245,6 +247,66 @@ def test_ranks_stay_warm_between_rounds_and_a_dead_idle_rank_is_replaced(site_da
 
 
 @pytest.mark.slow
+def test_the_least_recently_used_pool_is_stopped_and_ranks_die_with_their_worker(site_data, tmp_path, monkeypatch):
+    from fedsecure.training import spawn
+
+    start = _one_process_update(site_data, MODEL, SeededRandomness(5))[0]
+    monkeypatch.setattr(spawn, "MAX_POOLS", 1)
+    run = lambda threads: run_ranks(_job(site_data, 1.0), start, world=2,  # noqa: E731
+                                    training=SiteTraining(processes=2), nccl=NcclSettings(),
+                                    randomness=SystemRandomness(), threads=threads)
+    run(1)
+    first = _rank_pids(0) + _rank_pids(1)
+    run(2)  # another pool (its ranks' thread count differs): the first one is stopped
+    assert len(spawn._POOLS) == 1 and not set(first) & set(_rank_pids(0) + _rank_pids(1))
+    shutdown_pools()
+    # a worker that is killed (no atexit, no cleanup) takes its ranks with it
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from fedsecure.config.parallel import NcclSettings, SiteTraining\n"
+        "from fedsecure.privacy.noise import SystemRandomness\n"
+        "from fedsecure.training.spawn import run_ranks\n"
+        "import tests.test_ranks as t\n"
+        "from pathlib import Path\n"
+        f"data = Path({str(site_data)!r})\n"
+        "start = t._one_process_update(data, t.MODEL, SystemRandomness())[0]\n"
+        "run_ranks(t._job(data, 1.0), start, world=2, "
+        "training=SiteTraining(processes=2), nccl=NcclSettings(), randomness=SystemRandomness())\n"
+        "print('trained', flush=True)\n"
+        "time.sleep(600)\n")
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=HERE.parent,
+                              env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    assert worker.stdout.readline().strip() == "trained"
+    ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == worker.pid]
+    assert len(ranks) == 2  # warm, idle
+    worker.kill()
+    worker.wait()
+    deadline = time.monotonic() + 10
+    while [pid for pid in ranks if _running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in ranks if _running(pid)] == []
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def _parent(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else -1
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (a killed child nobody has reaped yet)."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_round_at_its_timeout(site_data, one_process):
     start, _, _ = one_process
     stopper = _when_rank_appears(1, lambda pid: os.kill(pid, signal.SIGSTOP), after_s=0.5)
@@ -258,13 +320,10 @@ def test_a_hung_rank_fails_the_round_at_its_timeout(site_data, one_process):
     assert _rank_pids(1) == []
 
 
-def test_powersgd_is_refused_for_dp_training_before_any_rank_starts(site_data):
+def test_powersgd_is_never_used_for_dp_training():
     training = SiteTraining(processes=2, gradient_compression="powersgd")
-    with pytest.raises(FedSecureError, match="gradient_compression = powersgd: refused for DP training.*no "
-                                             "per-record clipping bound"):
-        run_ranks(_job(site_data, 1.0), {}, world=2, training=training, nccl=NcclSettings(),
-                  randomness=SystemRandomness())
-    assert _rank_pids(0) == []
+    assert private_compression(training) == "none"  # a private round sends the exact sum (the test above trains it)
+    assert private_compression(SiteTraining(gradient_compression="bf16")) == "bf16"  # rounded after the noise
     with pytest.raises(ConfigError, match="site.training.gradient_compression: must be none or bf16 where "
                                           "privacy.dp_required is true"):
         SiteSettings(training=training).validate()

@@ -116,10 +116,16 @@ def test_a_dishonest_coordinator_cannot_weaken_the_sites_privacy(hospital, tmp_p
     hostile_owned = {"site.dataset_id": "fresh-budget", "site.state_dir": str(tmp_path / "elsewhere"),
                      "privacy.state_dir": str(tmp_path / "elsewhere"), "storage.key_provider": "command",
                      "storage.key_command": f"touch {marker}", "attestation.provider": "command",
-                     "attestation.command": f"touch,{marker}", "site.privacy.epsilon_budget": 1000.0}
+                     "attestation.command": f"touch,{marker}", "site.privacy.epsilon_budget": 1000.0,
+                     "site.training.processes": 8, "site.training.gradient_compression": "powersgd",
+                     "site.training.round_timeout_s": 1e9, "site.nccl.socket_ifname": "attacker0",
+                     "site.nccl.profile": "tcp"}
     trained = [c.train(1), c.train(2, **hostile_owned), c.train(3, **{"privacy.accountant": "rdp"})]
     refused(1, "round 1 of run hostile/77 was already trained and released: a replayed message is not trained")
     assert not marker.exists() and not (tmp_path / "elsewhere").exists()
+    from fedsecure.training import spawn
+
+    assert not spawn._POOLS  # the run's site.training keys started no rank: the site trained in its one process
 
     # no release ever exceeds the site's own policy
     epsilons = []
@@ -150,6 +156,12 @@ def test_a_seed_or_a_policy_from_the_run_config_is_refused_by_construction():
     rc = SimulationConfig().to_run_config()
     assert not [k for k in rc if k.startswith("site.") or k in ("privacy.noise_seed", "privacy.state_dir")]
     assert SimulationConfig.from_run_config({**rc, "site.privacy.epsilon_budget": 99.0}) == SimulationConfig()
+    for key, value in {"site.training.processes": 8, "site.training.gradient_compression": "powersgd",
+                       "site.nccl.profile": "tcp", "site.nccl.ib_gid_index": 0}.items():
+        assert SimulationConfig.from_run_config({**rc, key: value}) == SimulationConfig()
+    # a site's ranks and NCCL settings come from its node config alone
+    own = SiteSettings.from_flat({**flat, "site.training.processes": 2})
+    assert own.training.processes == 2 and own.training.gradient_compression == "none"
 
 
 @pytest.mark.parametrize(("request_", "needle"), [

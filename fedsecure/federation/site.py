@@ -53,7 +53,7 @@ from fedsecure.privacy.noise import Randomness
 from fedsecure.privacy.policy import PolicyRefusal, resolve, site_delta
 from fedsecure.training.dpsgd import train_private
 from fedsecure.training.local import TrainResult, evaluate, train_local
-from fedsecure.training.spawn import RankJob, check_private_compression, run_ranks, world_size
+from fedsecure.training.spawn import RankJob, run_ranks, world_size
 from fedsecure.transport.session import fed_back, site_encode, site_receive
 
 log = logging.getLogger(__name__)
@@ -251,12 +251,9 @@ def _train(r: SiteRound, model: torch.nn.Module, tokenizer: TextTokenizer, data:
     """
     world = _world(r)
     if world > 1:
-        if plan is not None:
-            check_private_compression(r.site.training)
         ms = model_settings(r.cfg, r.site)
         job = RankJob(model=ms, data_dir=str(r.site.data_dir), max_length=r.cfg.data.max_length, train=r.cfg.train,
-                      plan=plan, seed=seed, grad_sample_mode=r.cfg.privacy.grad_sample_mode,
-                      compression=r.site.training.gradient_compression)
+                      plan=plan, seed=seed, grad_sample_mode=r.cfg.privacy.grad_sample_mode)
         out = run_ranks(job, global_state, world=world, training=r.site.training, nccl=r.site.nccl,
                         randomness=randomness, noise_seed=noise_seed_for(r.site, r.server_round),
                         threads=r.site.threads, device=ms.device)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsecure.launch.doctor import Check
+from fedsecure.observe.hardware import Nvml, text
 
 HOT_C = 85  # a GPU this hot throttles its clocks
 CORES_PER_RANK = 4  # tokenising, collating, the optimizer and the noise draw (CPU float64) of one rank
@@ -54,20 +55,7 @@ def _cpus(m: Machine, root: Path) -> int:
     return cores
 
 
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _call(lib: Any, fn: str, *args: Any) -> Any:
-    try:
-        return getattr(lib, fn)(*args)
-    except Exception:  # NVMLError_NotSupported and friends: that figure is left out
-        return None
-
-
 def _gpus(m: Machine, nvml: Any) -> None:
-    from fedsecure.observe.hardware import Nvml
-
     session = nvml if isinstance(nvml, Nvml) else Nvml(nvml)
     lib = session.lib()
     if lib is None:
@@ -79,19 +67,19 @@ def _gpus(m: Machine, nvml: Any) -> None:
         m.add("OK", "GPU", "no GPU (NVML sees none): the site trains on the CPU with gloo")
         return
     handles = [lib.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-    driver = _call(lib, "nvmlSystemGetDriverVersion")
+    driver = session.read("nvmlSystemGetDriverVersion")
     for i, h in enumerate(handles):
-        mem = _call(lib, "nvmlDeviceGetMemoryInfo", h)
-        power = _call(lib, "nvmlDeviceGetEnforcedPowerLimit", h)
-        temp = _call(lib, "nvmlDeviceGetTemperature", h, lib.NVML_TEMPERATURE_GPU)
-        ecc = _call(lib, "nvmlDeviceGetEccMode", h)
-        errors = _call(lib, "nvmlDeviceGetTotalEccErrors", h, lib.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+        mem = session.read("nvmlDeviceGetMemoryInfo", h)
+        power = session.read("nvmlDeviceGetEnforcedPowerLimit", h)
+        temp = session.read("nvmlDeviceGetTemperature", h, lib.NVML_TEMPERATURE_GPU)
+        ecc = session.read("nvmlDeviceGetEccMode", h)
+        errors = session.read("nvmlDeviceGetTotalEccErrors", h, lib.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
                        lib.NVML_VOLATILE_ECC)
-        detail = (f"{_text(lib.nvmlDeviceGetName(h))}, {mem.total / 2**30:.0f} GiB" if mem else
-                  _text(lib.nvmlDeviceGetName(h)))
+        detail = (f"{text(lib.nvmlDeviceGetName(h))}, {mem.total / 2**30:.0f} GiB" if mem else
+                  text(lib.nvmlDeviceGetName(h)))
         detail += f", power limit {power / 1000:.0f} W" if power is not None else ""
         detail += f", {temp} C" if temp is not None else ""
-        detail += f", driver {_text(driver)}" if driver and i == 0 else ""
+        detail += f", driver {text(driver)}" if driver and i == 0 else ""
         status = "OK"
         if temp is not None and temp >= HOT_C:
             status, detail = "WARN", detail + f": hot (>= {HOT_C} C), its clocks throttle and it slows every rank. " \
@@ -102,25 +90,26 @@ def _gpus(m: Machine, nvml: Any) -> None:
         elif ecc is not None and isinstance(ecc, (list, tuple)) and int(ecc[0]) != lib.NVML_FEATURE_ENABLED:
             status, detail = "WARN", detail + ": ECC is off (a memory error would silently corrupt training)"
         m.add(status, f"GPU {i}", detail)
-    _links(m, lib, handles)
+    _links(m, session, handles)
 
 
-def _links(m: Machine, lib: Any, handles: list[Any]) -> None:
+def _links(m: Machine, session: Nvml, handles: list[Any]) -> None:
     if len(handles) < 2:
         return
+    lib = session.lib()
     read = lib.NVML_P2P_CAPS_INDEX_READ
     read = read[0] if isinstance(read, tuple) else read  # nvidia-ml-py defines it as a 1-tuple
     nvlinks = []
     for h in handles:
         active = 0
         for link in range(int(getattr(lib, "NVML_NVLINK_MAX_LINKS", 18))):
-            state = _call(lib, "nvmlDeviceGetNvLinkState", h, link)
+            state = session.read("nvmlDeviceGetNvLinkState", h, link)
             if state is None:
                 break
             active += int(state == lib.NVML_FEATURE_ENABLED)
         nvlinks.append(active)
     no_p2p = [(a, b) for a in range(len(handles)) for b in range(a + 1, len(handles))
-              if _call(lib, "nvmlDeviceGetP2PStatus", handles[a], handles[b], read) != lib.NVML_P2P_STATUS_OK]
+              if session.read("nvmlDeviceGetP2PStatus", handles[a], handles[b], read) != lib.NVML_P2P_STATUS_OK]
     m.nvlink_all_pairs = all(n > 0 for n in nvlinks) and not no_p2p
     links = ", ".join(f"GPU {i}: {n}" for i, n in enumerate(nvlinks))
     if no_p2p:

@@ -60,7 +60,8 @@ class GpuReading:
     throttle: float | None = None
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """An NVML string (bytes on older releases) as text."""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
@@ -84,7 +85,8 @@ class Nvml:
                     log.info("no GPU figures (NVML unavailable: %s)", self.why)
             return self._lib if self._ready else None
 
-    def _read(self, fn: str, *args: Any) -> Any:
+    def read(self, fn: str, *args: Any) -> Any:
+        """``fn(*args)`` of the NVML module, or None where the board does not support it."""
         try:
             return getattr(self._lib, fn)(*args)
         except Exception:  # NVMLError_NotSupported and friends: that series is left out
@@ -99,7 +101,7 @@ class Nvml:
         env = os.environ.get("CUDA_VISIBLE_DEVICES")
         if env is None:
             return list(range(count))
-        uuids = {_text(self._read("nvmlDeviceGetUUID", lib.nvmlDeviceGetHandleByIndex(i))): i for i in range(count)}
+        uuids = {text(self.read("nvmlDeviceGetUUID", lib.nvmlDeviceGetHandleByIndex(i))): i for i in range(count)}
         out = []
         for item in (x.strip() for x in env.split(",") if x.strip()):
             if item.isdigit() and int(item) < count:
@@ -118,21 +120,21 @@ class Nvml:
         out = []
         for i in (range(int(lib.nvmlDeviceGetCount())) if indices is None else indices):
             h = lib.nvmlDeviceGetHandleByIndex(i)
-            util, mem = self._read("nvmlDeviceGetUtilizationRates", h), self._read("nvmlDeviceGetMemoryInfo", h)
-            power = self._read("nvmlDeviceGetPowerUsage", h)
-            throttle = self._read("nvmlDeviceGetCurrentClocksEventReasons", h)
+            util, mem = self.read("nvmlDeviceGetUtilizationRates", h), self.read("nvmlDeviceGetMemoryInfo", h)
+            power = self.read("nvmlDeviceGetPowerUsage", h)
+            throttle = self.read("nvmlDeviceGetCurrentClocksEventReasons", h)
             if throttle is None:
-                throttle = self._read("nvmlDeviceGetCurrentClocksThrottleReasons", h)
+                throttle = self.read("nvmlDeviceGetCurrentClocksThrottleReasons", h)
             out.append(GpuReading(
-                index=i, uuid=_text(self._read("nvmlDeviceGetUUID", h) or ""),
-                name=_text(self._read("nvmlDeviceGetName", h) or ""),
+                index=i, uuid=text(self.read("nvmlDeviceGetUUID", h) or ""),
+                name=text(self.read("nvmlDeviceGetName", h) or ""),
                 gpu_util=None if util is None else float(util.gpu),
                 mem_util=None if util is None else float(util.memory),
                 fb_used_mib=None if mem is None else mem.used / 2**20,
                 fb_free_mib=None if mem is None else mem.free / 2**20,
-                temp_c=self._read("nvmlDeviceGetTemperature", h, getattr(lib, "NVML_TEMPERATURE_GPU", 0)),
+                temp_c=self.read("nvmlDeviceGetTemperature", h, getattr(lib, "NVML_TEMPERATURE_GPU", 0)),
                 power_w=None if power is None else power / 1000.0,
-                energy_mj=self._read("nvmlDeviceGetTotalEnergyConsumption", h),
+                energy_mj=self.read("nvmlDeviceGetTotalEnergyConsumption", h),
                 throttle=throttle))
         return out
 
@@ -141,7 +143,7 @@ class Nvml:
         lib, visible = self.lib(), self.visible()
         if lib is None or not visible:
             return None
-        counters = [self._read("nvmlDeviceGetTotalEnergyConsumption", lib.nvmlDeviceGetHandleByIndex(i))
+        counters = [self.read("nvmlDeviceGetTotalEnergyConsumption", lib.nvmlDeviceGetHandleByIndex(i))
                     for i in visible]  # only the counter: this runs around every round's training
         return None if any(c is None for c in counters) else float(sum(counters))
 

@@ -139,7 +139,7 @@ def train_local_rank(model: torch.nn.Module, data: TokenizedDataset, settings: T
     start = time.perf_counter()
     device = next(p for p in model.parameters() if p.requires_grad).device
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    hook_state = register_compression(ddp, compression)
+    register_compression(ddp, compression)
     mine = shard(len(data), rank, world)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     opt = torch.optim.AdamW(trainable_parameters(model), lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -157,25 +157,23 @@ def train_local_rank(model: torch.nn.Module, data: TokenizedDataset, settings: T
             opt.step()
             per_step.append((float(per_seq.detach().sum()), len(idx)))
     model.eval()
-    del hook_state
     result, _ = _gathered(per_step, 0, start, len(data), settings.local_steps)
     return result
 
 
-def register_compression(ddp: torch.nn.Module, compression: str) -> Any:
-    """bf16: each bucket all-reduced in bfloat16 (half the bytes); powersgd: rank-1 PowerSGD with error feedback."""
+def register_compression(ddp: torch.nn.Module, compression: str) -> None:
+    """bf16: each bucket all-reduced in bfloat16 (half the bytes); powersgd: rank-1 PowerSGD with error feedback
+    (DDP keeps the hook's state).
+    """
     if compression == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 
         ddp.register_comm_hook(None, bf16_compress_hook)
-        return None
-    if compression == "powersgd":
+    elif compression == "powersgd":
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2)
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-        return state
-    return None
 
 
 def _gathered(per_step: list[tuple[float, int]], draws: int, start: float, n: int, steps: int

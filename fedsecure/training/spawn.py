@@ -60,7 +60,6 @@ class RankJob:
     plan: DPStepPlan | None  # None: non-private training
     seed: int  # torch's seed (initialisation, dropout) and, non-private, the batch order
     grad_sample_mode: str = "hooks"
-    compression: str = "none"
 
 
 @dataclass(frozen=True)
@@ -92,18 +91,13 @@ def backend_for(training: SiteTraining, device: str) -> str:
     return "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
 
 
-def check_private_compression(training: SiteTraining) -> None:
-    """Under DP the ranks' sum must be exact before the noise covers it: PowerSGD is refused, saying why (bf16 is
-    taken, rounded after the noise: :func:`fedsecure.training.dpsgd._dp_optimizer`).
+def private_compression(training: SiteTraining) -> str:
+    """What a DP round sends between ranks: ``bf16`` (rounded after the noise) or the exact float32 sum. PowerSGD
+    projects each rank's partial sum of clipped gradients before the noise covers it (no per-record bound), so a
+    site that allows it for its non-private rounds trains a private round with the exact sum instead: a run may
+    always ask a site for more privacy.
     """
-    if training.gradient_compression != "powersgd":
-        return
-    raise FedSecureError(
-        "site.training.gradient_compression = powersgd: refused for DP training. PowerSGD projects each rank's "
-        "partial sum of clipped gradients onto a low-rank basis BEFORE the noise (added once, on rank 0) covers it, "
-        "with an error-feedback memory of earlier steps; the error depends on the other records, so no per-record "
-        "clipping bound holds after it and the accounted epsilon would be wrong. Fix: none or bf16 for private "
-        "training (bf16 rounds after the noise); PowerSGD is allowed where the site trains without DP.")
+    return "bf16" if training.gradient_compression == "bf16" else "none"
 
 
 def _noise_spec(randomness: Randomness, seed: int | None) -> dict[str, Any]:
@@ -130,15 +124,14 @@ def run_ranks(job: RankJob, global_state: dict[str, np.ndarray], *, world: int, 
     from safetensors.numpy import load, save
 
     backend = backend_for(training, device)
-    if job.plan is not None:
-        check_private_compression(training)
+    compression = private_compression(training) if job.plan is not None else training.gradient_compression
     cores = os.cpu_count() or 1
     threads = threads or max(1, cores // world)
     pool_header = {"backend": backend, "timeout_s": nccl.timeout_s, "model": to_dict(job.model), "threads": threads}
     header = {**pool_header, "data_dir": job.data_dir, "max_length": job.max_length, "train": to_dict(job.train),
               "plan": asdict(job.plan) if job.plan is not None else None, "seed": job.seed,
               "noise": _noise_spec(randomness, noise_seed) if job.plan is not None else {"kind": "none"},
-              "grad_sample_mode": job.grad_sample_mode, "compression": job.compression}
+              "grad_sample_mode": job.grad_sample_mode, "compression": compression}
     key = json.dumps([world, pool_header, nccl.environment()], sort_keys=True)
     pool = _POOLS.pop(key, None)
     if pool is None or not pool.alive():
@@ -183,6 +176,7 @@ class RankPool:
         read_end, write_end = os.pipe()
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Any] = []
+        self.results = os.fdopen(read_end, "rb")
         try:
             for rank in range(world):
                 self.logs.append(tempfile.TemporaryFile())
@@ -192,12 +186,10 @@ class RankPool:
                     stderr=self.logs[-1], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), **extra},
                     pass_fds=(write_end,) if rank == 0 else ()))
         except BaseException:
-            os.close(read_end)
             self.kill()
             raise
         finally:
             os.close(write_end)  # rank 0 holds the only other copy: its death ends our reads
-        self.results = os.fdopen(read_end, "rb")
 
     def alive(self) -> bool:
         """Whether every rank is still running (an idle pool whose rank died is replaced, not used)."""
@@ -246,7 +238,7 @@ class RankPool:
                     p.stdin.close()
                 except OSError:
                     pass
-        for f in [*self.logs, *([self.results] if hasattr(self, "results") else [])]:
+        for f in [*self.logs, self.results]:
             f.close()
         self.logs = []
 
